@@ -1,0 +1,113 @@
+"""Fixtures shared by every suite: real RabbitMQ vhosts and real MongoDB-wire databases.
+
+Each test that asks for them gets a private RabbitMQ vhost (through the management API)
+and a private database, both removed afterwards, so tests never see each other's queues or
+documents and the fixed contract names (``onerelation.inbound`` …) can be declared freely.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import aiohttp
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_MONGODB_URL = "mongodb://127.0.0.1:27017/m365sync"
+
+
+def base_amqp_url() -> str:
+    return os.environ.get("M365SYNC_AMQP_URL") or DEFAULT_AMQP_URL
+
+
+def base_mongodb_url() -> str:
+    return os.environ.get("M365SYNC_MONGODB_URL") or DEFAULT_MONGODB_URL
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    query = parts.query
+    if "directConnection" not in query and "+srv" not in parts.scheme:
+        query = "&".join(q for q in (query, "directConnection=true") if q)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, query, ""))
+
+
+def with_vhost(url: str, vhost: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, ""))
+
+
+class RabbitAdmin:
+    """The RabbitMQ management API of the broker behind ``M365SYNC_AMQP_URL``."""
+
+    def __init__(self, amqp_url: str) -> None:
+        parts = urlsplit(amqp_url)
+        self.base = f"http://{parts.hostname}:15672/api"
+        self.headers = {
+            "Authorization": aiohttp.encode_basic_auth(
+                parts.username or "guest", parts.password or "guest"
+            )
+        }
+
+    async def request(self, method: str, path: str, json: object | None = None) -> object:
+        async with (
+            aiohttp.ClientSession(headers=self.headers) as http,
+            http.request(method, self.base + path, json=json) as resp,
+        ):
+            if resp.status >= 400:
+                raise RuntimeError(f"{method} {path}: {resp.status} {await resp.text()}")
+            if resp.content_type == "application/json":
+                return await resp.json()
+            return None
+
+    async def queue(self, vhost: str, name: str) -> dict[str, object]:
+        result = await self.request(
+            "GET", f"/queues/{quote(vhost, safe='')}/{quote(name, safe='')}"
+        )
+        assert isinstance(result, dict)
+        return result
+
+
+@pytest.fixture
+def rabbit_admin() -> RabbitAdmin:
+    return RabbitAdmin(base_amqp_url())
+
+
+@pytest.fixture
+async def vhost(rabbit_admin: RabbitAdmin) -> AsyncIterator[str]:
+    """A private vhost on the real broker, deleted with everything in it afterwards."""
+    name = f"m365sync-test-{uuid.uuid4().hex[:12]}"
+    user = urlsplit(base_amqp_url()).username or "guest"
+    await rabbit_admin.request("PUT", f"/vhosts/{name}")
+    await rabbit_admin.request(
+        "PUT", f"/permissions/{name}/{user}", {"configure": ".*", "write": ".*", "read": ".*"}
+    )
+    yield name
+    await rabbit_admin.request("DELETE", f"/vhosts/{name}")
+
+
+@pytest.fixture
+def amqp_url(vhost: str) -> str:
+    return with_vhost(base_amqp_url(), vhost)
+
+
+@pytest.fixture
+def mongodb_url() -> str:
+    return with_database(base_mongodb_url(), f"m365sync_test_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+async def mongo_db(mongodb_url: str) -> AsyncIterator[AsyncDatabase[dict[str, object]]]:
+    """A private database on the real server, dropped afterwards."""
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+        mongodb_url, serverSelectionTimeoutMS=5000
+    )
+    db = client.get_default_database()
+    yield db
+    await client.drop_database(db.name)
+    await client.close()
