@@ -1,0 +1,99 @@
+"""Shapes of the messages the service publishes for itself and to 1Relation."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Any, Literal
+
+from processor.timeutil import isoformat_z
+
+INBOUND_SCHEMA = "m365sync.inbound.v1"
+LIFECYCLE_SCHEMA = "m365sync.lifecycle.v1"
+EVENT_CHANGE_SCHEMA = "m365sync.event-change.v1"
+
+InboundKind = Literal["change", "resync"]
+
+
+def b64(data: bytes) -> str:
+    """Bytes as standard base64 text (ciphertext travels in JSON this way)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    """The inverse of :func:`b64`; raises ``ValueError`` on malformed input."""
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def change_message(
+    *,
+    account_id: str,
+    change_type: str,
+    event_hash: str,
+    event_ref_ct: bytes,
+    received_at: datetime,
+) -> dict[str, Any]:
+    """A validated change notification: a hint to fetch one event's current state.
+
+    The Graph event id travels encrypted under the account's key (``event_ref``); the keyed
+    hash (``event_hash``) lets the worker coalesce duplicates without decrypting.
+    """
+    return {
+        "schema": INBOUND_SCHEMA,
+        "kind": "change",
+        "account_id": account_id,
+        "change_type": change_type,
+        "event_hash": event_hash,
+        "event_ref": b64(event_ref_ct),
+        "received_at": isoformat_z(received_at),
+    }
+
+
+def resync_message(
+    *, account_id: str, reason: str, full: bool, requested_at: datetime
+) -> dict[str, Any]:
+    """A request to run a delta pass for an account (``full`` drops the stored delta link)."""
+    return {
+        "schema": INBOUND_SCHEMA,
+        "kind": "resync",
+        "account_id": account_id,
+        "reason": reason,
+        "full": full,
+        "received_at": isoformat_z(requested_at),
+    }
+
+
+def lifecycle_message(
+    *, account_id: str, subscription_hash: str, lifecycle_event: str, received_at: datetime
+) -> dict[str, Any]:
+    """A validated lifecycle notification for the subscription manager."""
+    return {
+        "schema": LIFECYCLE_SCHEMA,
+        "account_id": account_id,
+        "subscription_hash": subscription_hash,
+        "lifecycle_event": lifecycle_event,
+        "received_at": isoformat_z(received_at),
+    }
+
+
+def event_change_body(
+    *,
+    account_id: str,
+    event_key: str,
+    change: str,
+    origin: str,
+    last_modified: datetime | None,
+    relation_event_id: str | None,
+) -> dict[str, Any]:
+    """CONTRACT §3 ``m365sync.event-change.v1``: identifiers and versions only, no content."""
+    body: dict[str, Any] = {
+        "schema": EVENT_CHANGE_SCHEMA,
+        "account_id": account_id,
+        "event_key": event_key,
+        "change": change,
+        "origin": origin,
+        "last_modified": isoformat_z(last_modified) if last_modified else None,
+    }
+    if relation_event_id is not None:
+        body["relation_event_id"] = relation_event_id
+    return body

@@ -1,0 +1,351 @@
+"""MongoDB: accounts, keys, token caches, subscriptions and leases.
+
+Nothing personal is stored in plaintext (CONTRACT §4): Microsoft's identifiers are kept as
+keyed hashes for lookup and as ciphertext where they are needed back; every ciphertext's
+associated data names its collection, account, record and field.
+
+FerretDB (the test database) updates documents by read-modify-write without re-checking
+the filter, so nothing here relies on an update being atomic against a concurrent writer:
+compare-and-swap and locks are built on unique-key inserts, and one account's event writes
+are serialized by the shard queues (see :mod:`processor.topology`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from crypto import CipherCache, DataCipher, DecryptionError, Hasher, KeyRing, WrappedKey
+from processor.errors import AccountUnavailable
+from processor.interfaces import SubscriptionRecord
+from processor.logs import get_logger
+from processor.timeutil import utcnow
+
+log = get_logger(__name__)
+
+SCHEMA_VERSION = 1
+
+Document = dict[str, Any]
+
+
+def aad(*parts: str) -> bytes:
+    """Associated data binding a ciphertext to its place: ``collection|account|record|field``."""
+    return "|".join(parts).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class AccountIdentity:
+    """The Microsoft identity an account is bound to (decrypted)."""
+
+    user_id: str
+    tenant_id: str
+
+
+class Store:
+    """The service's MongoDB collections, behind methods that encrypt and hash."""
+
+    def __init__(
+        self,
+        *,
+        db: AsyncDatabase[Document],
+        keyring: KeyRing,
+        hasher: Hasher,
+        cipher_cache: CipherCache | None = None,
+        subscription_cache_ttl_s: float = 2.0,
+    ) -> None:
+        self.db = db
+        self.keyring = keyring
+        self.hasher = hasher
+        self._ciphers = cipher_cache or CipherCache()
+        self.accounts = db["accounts"]
+        self.token_caches = db["token_caches"]
+        self.subscriptions = db["subscriptions"]
+        self.events = db["events"]
+        self.leases = db["leases"]
+        self._subscription_cache: dict[str, tuple[float, SubscriptionRecord | None]] = {}
+        self._subscription_cache_ttl_s = subscription_cache_ttl_s
+
+    async def ensure_indexes(self) -> None:
+        """Create the indexes (idempotent). No TTL or partial indexes: FerretDB lacks them."""
+        await self.token_caches.create_index(
+            [("account_id", ASCENDING), ("version", ASCENDING)], unique=True
+        )
+        await self.subscriptions.create_index("account_id")
+        await self.events.create_index([("account_id", ASCENDING), ("start", ASCENDING)])
+        await self.events.create_index("expires_at")
+        await self.leases.create_index("expires_at")
+
+    # ------------------------------------------------------------------ accounts and keys
+
+    async def create_account(self, account_id: str) -> DataCipher:
+        """Create the account with a fresh data key, or return the existing account's cipher."""
+        wrapped, cipher = self.keyring.new_data_key(account_id)
+        now = utcnow()
+        try:
+            await self.accounts.insert_one(
+                {
+                    "_id": account_id,
+                    "schema": SCHEMA_VERSION,
+                    "status": "backfilling",
+                    "status_reason": "",
+                    "data_key": wrapped.to_doc(),
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+        except DuplicateKeyError:
+            return await self.cipher_for(account_id)
+        self._ciphers.put(account_id, cipher)
+        return cipher
+
+    async def get_account(self, account_id: str) -> Document | None:
+        """The raw account document (ciphertext fields stay encrypted)."""
+        return await self.accounts.find_one({"_id": account_id})
+
+    async def cipher_for(self, account_id: str) -> DataCipher:
+        """The account's data cipher; :class:`AccountUnavailable` once it is erased."""
+        cached = self._ciphers.get(account_id)
+        if cached is not None:
+            return cached
+        doc = await self.accounts.find_one({"_id": account_id}, {"data_key": 1})
+        if doc is None or not doc.get("data_key"):
+            raise AccountUnavailable(account_id, "erased")
+        try:
+            cipher = self.keyring.unwrap(account_id, WrappedKey.from_doc(doc["data_key"]))
+        except DecryptionError as exc:
+            raise AccountUnavailable(account_id, "key unreadable") from exc
+        self._ciphers.put(account_id, cipher)
+        return cipher
+
+    def forget_cipher(self, account_id: str) -> None:
+        """Drop the cached key (after erasure or rotation)."""
+        self._ciphers.evict(account_id)
+
+    async def bind_identity(self, account_id: str, *, user_id: str, tenant_id: str) -> None:
+        """Record the Microsoft user and tenant the account is connected as."""
+        cipher = await self.cipher_for(account_id)
+        await self.accounts.update_one(
+            {"_id": account_id},
+            {
+                "$set": {
+                    "user_hash": self.hasher.hash_id("user", user_id.lower()),
+                    "user_ct": cipher.encrypt_str(user_id, aad("accounts", account_id, "user")),
+                    "tenant_hash": self.hasher.hash_id("tenant", tenant_id),
+                    "tenant_ct": cipher.encrypt_str(
+                        tenant_id, aad("accounts", account_id, "tenant")
+                    ),
+                    "updated_at": utcnow(),
+                }
+            },
+        )
+
+    async def identity(self, account_id: str) -> AccountIdentity:
+        """The decrypted user and tenant ids; :class:`AccountUnavailable` if not bound."""
+        doc = await self.get_account(account_id)
+        if doc is None or "user_ct" not in doc:
+            raise AccountUnavailable(account_id, "not connected")
+        cipher = await self.cipher_for(account_id)
+        return AccountIdentity(
+            user_id=cipher.decrypt_str(doc["user_ct"], aad("accounts", account_id, "user")),
+            tenant_id=cipher.decrypt_str(doc["tenant_ct"], aad("accounts", account_id, "tenant")),
+        )
+
+    async def set_status(self, account_id: str, status: str, reason: str = "") -> bool:
+        """Set the account's status; returns True when it changed."""
+        doc = await self.accounts.find_one({"_id": account_id}, {"status": 1})
+        if doc is None or (doc.get("status") == status and status == "connected"):
+            return False
+        changed = doc.get("status") != status
+        await self.accounts.update_one(
+            {"_id": account_id},
+            {"$set": {"status": status, "status_reason": reason, "updated_at": utcnow()}},
+        )
+        return changed
+
+    # ------------------------------------------------------------------ token caches
+
+    async def load_token_cache(self, account_id: str) -> tuple[str, int] | None:
+        """The newest serialized MSAL cache and its version, decrypted."""
+        doc = await self.token_caches.find_one(
+            {"account_id": account_id}, sort=[("version", DESCENDING)]
+        )
+        if doc is None:
+            return None
+        cipher = await self.cipher_for(account_id)
+        version = int(doc["version"])
+        text = cipher.decrypt_str(
+            doc["cache_ct"], aad("token_caches", account_id, str(version), "cache")
+        )
+        return text, version
+
+    async def save_token_cache(
+        self, account_id: str, serialized: str, expected_version: int
+    ) -> bool:
+        """Compare-and-swap: store version ``expected_version + 1`` unless someone did first.
+
+        Built on a unique (account_id, version) insert, which is atomic on FerretDB too,
+        where a conditional update is not.
+        """
+        cipher = await self.cipher_for(account_id)
+        version = expected_version + 1
+        try:
+            await self.token_caches.insert_one(
+                {
+                    "_id": f"{account_id}:{version}",
+                    "account_id": account_id,
+                    "version": version,
+                    "cache_ct": cipher.encrypt_str(
+                        serialized, aad("token_caches", account_id, str(version), "cache")
+                    ),
+                    "saved_at": utcnow(),
+                }
+            )
+        except DuplicateKeyError:
+            return False
+        # Older versions hold superseded refresh tokens: keep one back for readers mid-swap.
+        await self.token_caches.delete_many(
+            {"account_id": account_id, "version": {"$lt": version - 1}}
+        )
+        return True
+
+    async def delete_token_cache(self, account_id: str) -> None:
+        """Remove every stored token cache of the account."""
+        await self.token_caches.delete_many({"account_id": account_id})
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def save_subscription(
+        self,
+        account_id: str,
+        *,
+        subscription_id: str,
+        client_state: str,
+        user_id: str,
+        tenant_id: str,
+        expires_at: datetime,
+    ) -> str:
+        """Record a subscription we created; returns its keyed hash."""
+        cipher = await self.cipher_for(account_id)
+        sub_hash = self.hasher.hash_id("subscription", subscription_id)
+        now = utcnow()
+        await self.subscriptions.replace_one(
+            {"_id": sub_hash},
+            {
+                "_id": sub_hash,
+                "schema": SCHEMA_VERSION,
+                "account_id": account_id,
+                "subscription_ct": cipher.encrypt_str(
+                    subscription_id, aad("subscriptions", account_id, sub_hash, "id")
+                ),
+                "client_state_hash": self.hasher.hash_id("client_state", client_state),
+                "tenant_hash": self.hasher.hash_id("tenant", tenant_id),
+                "user_hash": self.hasher.hash_id("user", user_id.lower()),
+                "expires_at": expires_at,
+                "created_at": now,
+                "updated_at": now,
+            },
+            upsert=True,
+        )
+        self._subscription_cache.pop(sub_hash, None)
+        return sub_hash
+
+    async def find_subscription(self, subscription_hash: str) -> SubscriptionRecord | None:
+        """Our record of a subscription (briefly cached: the receiver asks on every item)."""
+        now = time.monotonic()
+        hit = self._subscription_cache.get(subscription_hash)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        doc = await self.subscriptions.find_one({"_id": subscription_hash})
+        record = None
+        if doc is not None:
+            record = SubscriptionRecord(
+                subscription_hash=subscription_hash,
+                account_id=doc["account_id"],
+                client_state_hash=doc["client_state_hash"],
+                tenant_hash=doc["tenant_hash"],
+                user_hash=doc["user_hash"],
+                expires_at=doc["expires_at"],
+            )
+        if len(self._subscription_cache) > 50_000:
+            self._subscription_cache.clear()
+        self._subscription_cache[subscription_hash] = (now + self._subscription_cache_ttl_s, record)
+        return record
+
+    async def subscription_id(self, account_id: str, subscription_hash: str) -> str | None:
+        """Graph's id of one of the account's subscriptions, decrypted."""
+        doc = await self.subscriptions.find_one(
+            {"_id": subscription_hash, "account_id": account_id}
+        )
+        if doc is None:
+            return None
+        cipher = await self.cipher_for(account_id)
+        return cipher.decrypt_str(
+            doc["subscription_ct"], aad("subscriptions", account_id, subscription_hash, "id")
+        )
+
+    async def delete_subscription(self, subscription_hash: str) -> None:
+        """Forget a subscription record."""
+        await self.subscriptions.delete_one({"_id": subscription_hash})
+        self._subscription_cache.pop(subscription_hash, None)
+
+    # ------------------------------------------------------------------ leases
+
+    async def try_lease(self, name: str, owner: str, *, ttl_s: float) -> bool:
+        """Take the named lease for ``ttl_s`` unless someone else holds a live one.
+
+        A unique-key insert decides the race; an expired lease is removed first (by its
+        exact expiry, so a lease renewed meanwhile is not removed).
+        """
+        now = utcnow()
+        current = await self.leases.find_one({"_id": name})
+        if current is not None:
+            if current["owner"] == owner:
+                await self.leases.update_one(
+                    {"_id": name, "owner": owner},
+                    {"$set": {"expires_at": now + timedelta(seconds=ttl_s)}},
+                )
+                return True
+            if current["expires_at"].replace(tzinfo=now.tzinfo) > now:
+                return False
+            await self.leases.delete_one({"_id": name, "expires_at": current["expires_at"]})
+        try:
+            await self.leases.insert_one(
+                {"_id": name, "owner": owner, "expires_at": now + timedelta(seconds=ttl_s)}
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease back if we still hold it."""
+        await self.leases.delete_one({"_id": name, "owner": owner})
+
+    async def sweep_expired(self) -> dict[str, int]:
+        """Remove expired records (FerretDB has no TTL indexes); returns counts per collection."""
+        now = utcnow()
+        counts = {}
+        for name in ("leases", "events"):
+            result = await self.db[name].delete_many({"expires_at": {"$lt": now}})
+            counts[name] = result.deleted_count
+        return counts
+
+
+async def wait_for_database(db: AsyncDatabase[Document], *, timeout_s: float) -> None:
+    """Ping until the database answers or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await db.command("ping")
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+        else:
+            return

@@ -1,0 +1,173 @@
+"""Broker topology: every exchange and queue name and argument, declared from one place.
+
+Per-account ordering and serialization: each account is routed (by a hash computed here,
+since RabbitMQ 3.10 has no modulus-hash exchange) to one of ``shard_count`` quorum queues
+per role, each with single active consumer. Whichever process is active on a shard is the
+only one working on that shard's accounts, so one account's writes never race across
+worker processes, and the per-mailbox Graph budget holds across any number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+# Contract names (CONTRACT §3).
+ONERELATION_OUTBOUND = "onerelation.outbound"
+ONERELATION_INBOUND = "onerelation.inbound"
+ONERELATION_INBOUND_QUEUE = "onerelation.inbound"
+
+# The service's own names.
+INBOUND_EXCHANGE = "m365sync.inbound"  # notifications and resync jobs, by shard
+INBOUND_QUEUE = "m365sync.inbound.{shard}"
+OUTBOUND_INTAKE_QUEUE = "m365sync.outbound.intake"  # bound to onerelation.outbound
+OUTBOUND_EXCHANGE = "m365sync.outbound"  # validated outbound messages, by shard
+OUTBOUND_QUEUE = "m365sync.outbound.{shard}"
+LIFECYCLE_EXCHANGE = "m365sync.lifecycle"
+LIFECYCLE_QUEUE = "m365sync.lifecycle"
+RETRY_EXCHANGE = "m365sync.retry.{target}"  # headers exchange, one per work exchange
+RETRY_QUEUE = "m365sync.retry.{target}.{delay_s}s"
+DEAD_EXCHANGE = "m365sync.dead"
+DEAD_QUEUE = "m365sync.dead-letters"
+
+#: Delay buckets of the retry queues, in seconds. A delayed message goes to the smallest
+#: bucket at least as long as the wait; its per-message TTL trims the wait to the asked value.
+RETRY_DELAYS_S: tuple[int, ...] = (1, 5, 30, 120, 600)
+DELAY_HEADER = "x-m365sync-delay"
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """The tunables the topology is declared with."""
+
+    shard_count: int = 8
+    delivery_limit: int = 5
+    dead_letter_ttl_days: int = 14
+
+
+def shard_of(account_id: str, shard_count: int) -> int:
+    """The shard an account's messages go to: stable across processes and restarts."""
+    digest = hashlib.blake2b(account_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shard_count
+
+
+def shard_routing_key(account_id: str, shard_count: int) -> str:
+    """Routing key of an account's shard (``shard.N``)."""
+    return f"shard.{shard_of(account_id, shard_count)}"
+
+
+def retry_delay_bucket(wait_s: float) -> int:
+    """The retry bucket a wait of ``wait_s`` seconds goes to."""
+    for delay in RETRY_DELAYS_S:
+        if wait_s <= delay:
+            return delay
+    return RETRY_DELAYS_S[-1]
+
+
+def _work_queue_arguments(config: TopologyConfig) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,
+        "x-delivery-limit": config.delivery_limit,
+        "x-dead-letter-exchange": DEAD_EXCHANGE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+async def _declare_retry(
+    channel: AbstractChannel, target: str, target_exchange: str
+) -> AbstractExchange:
+    """Retry queues for one work exchange: TTL buckets that dead-letter back to it.
+
+    Dead-lettering keeps the message's routing key (``shard.N``), so it lands back on the
+    same shard queue; at-least-once dead-lettering means the hand-back cannot lose it.
+    """
+    exchange = await channel.declare_exchange(
+        RETRY_EXCHANGE.format(target=target), aio_pika.ExchangeType.HEADERS, durable=True
+    )
+    for delay in RETRY_DELAYS_S:
+        queue = await channel.declare_queue(
+            RETRY_QUEUE.format(target=target, delay_s=delay),
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": target_exchange,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        await queue.bind(exchange, arguments={"x-match": "all", DELAY_HEADER: str(delay)})
+    return exchange
+
+
+async def declare_topology(channel: AbstractChannel, config: TopologyConfig) -> None:
+    """Declare every exchange, queue and binding (idempotent; same arguments everywhere)."""
+    dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+    dead_queue = await channel.declare_queue(
+        DEAD_QUEUE,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-message-ttl": config.dead_letter_ttl_days * 86_400_000,
+        },
+    )
+    await dead_queue.bind(dead)
+
+    # 1Relation's side of the contract.
+    await channel.declare_exchange(ONERELATION_OUTBOUND, aio_pika.ExchangeType.TOPIC, durable=True)
+    inbound_out = await channel.declare_exchange(
+        ONERELATION_INBOUND, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    announce_queue = await channel.declare_queue(
+        ONERELATION_INBOUND_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await announce_queue.bind(inbound_out, "#")
+
+    for target, exchange_name, queue_name in (
+        ("inbound", INBOUND_EXCHANGE, INBOUND_QUEUE),
+        ("outbound", OUTBOUND_EXCHANGE, OUTBOUND_QUEUE),
+    ):
+        exchange = await channel.declare_exchange(
+            exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        for shard in range(config.shard_count):
+            queue = await channel.declare_queue(
+                queue_name.format(shard=shard),
+                durable=True,
+                arguments=_work_queue_arguments(config),
+            )
+            await queue.bind(exchange, f"shard.{shard}")
+        await _declare_retry(channel, target, exchange_name)
+
+    intake_args = _work_queue_arguments(config)
+    del intake_args["x-single-active-consumer"]  # intake only validates and re-routes
+    intake = await channel.declare_queue(OUTBOUND_INTAKE_QUEUE, durable=True, arguments=intake_args)
+    for key in ("event.upsert", "event.delete"):
+        await intake.bind(ONERELATION_OUTBOUND, key)
+
+    lifecycle = await channel.declare_exchange(
+        LIFECYCLE_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    lifecycle_args = _work_queue_arguments(config)
+    del lifecycle_args["x-single-active-consumer"]
+    lifecycle_queue = await channel.declare_queue(
+        LIFECYCLE_QUEUE, durable=True, arguments=lifecycle_args
+    )
+    await lifecycle_queue.bind(lifecycle, "lifecycle")
+
+
+async def shard_queues(
+    channel: AbstractChannel, role: str, shard_count: int
+) -> list[AbstractQueue]:
+    """The (already declared) shard queues of ``role`` (``inbound`` or ``outbound``)."""
+    template = INBOUND_QUEUE if role == "inbound" else OUTBOUND_QUEUE
+    return [
+        await channel.get_queue(template.format(shard=shard), ensure=False)
+        for shard in range(shard_count)
+    ]
