@@ -528,6 +528,7 @@ class GraphClient:
                     self._tokens.invalidate(account_id)
                     log.info("graph.request.unauthorized", **ctx, code=code)
                     continue
+                self._tokens.invalidate(account_id)  # do not hand the refused token out again
                 self.stats["errors"] += 1
                 log.warning(
                     "graph.request.failed",
