@@ -1,0 +1,562 @@
+"""The receiver's aiohttp app: Graph webhooks, liveness, readiness and metrics (CONTRACT §2).
+
+Routes are registered by small ``add_*_routes`` functions so that other parts (connect,
+admin consent, ``/api/v1``) can add theirs to the same app. Every error answer is JSON
+``{"error": {"code": "...", "message": "..."}}``, including unknown routes.
+
+The webhook answers 202 only after the broker confirmed every accepted item, and 503 with
+``Retry-After`` otherwise, so that Graph retries (DESIGN "What must always hold" 1). Items
+that fail a check are dropped and counted; the sender still gets 202 and learns nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from crypto import DataCipher, Hasher
+from handlers.notifications import (
+    DEFAULT_MAX_ITEMS,
+    AcceptedLifecycle,
+    MalformedBody,
+    Rejected,
+    check_change,
+    check_lifecycle,
+    parse_collection,
+)
+from processor.errors import AccountUnavailable
+from processor.interfaces import (
+    CipherSource,
+    OutgoingMessage,
+    Publisher,
+    PublishError,
+    SubscriptionLookup,
+    SubscriptionRecord,
+)
+from processor.logs import correlation, get_logger
+from processor.messages import change_message, lifecycle_message
+from processor.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from processor.metrics import Metrics
+from processor.settings import Settings
+from processor.timeutil import utcnow
+from processor.topology import INBOUND_EXCHANGE, LIFECYCLE_EXCHANGE, shard_routing_key
+
+__all__ = [
+    "CORRELATION_HEADER",
+    "CORRELATION_ID",
+    "METRICS_KEY",
+    "SETTINGS_KEY",
+    "add_graph_routes",
+    "add_health_routes",
+    "build_app",
+    "correlation_middleware",
+    "error_middleware",
+    "json_error",
+]
+
+log = get_logger(__name__)
+
+NOTIFICATIONS_PATH: Final = "/graph/notifications"
+LIFECYCLE_PATH: Final = "/graph/lifecycle"
+LIFECYCLE_ROUTING_KEY: Final = "lifecycle"
+#: Longest validation token echoed; Graph's are about 100 characters.
+MAX_VALIDATION_TOKEN_CHARS: Final = 4096
+#: How long a client may take to send its body before it gets 408.
+BODY_READ_TIMEOUT_S: Final = 2.0
+READINESS_TIMEOUT_S: Final = 2.0
+RETRY_AFTER_S: Final = 5
+#: Time beyond the publisher's own timeout before the webhook gives up on it: a publish
+#: can hang while the connection recovers (aio-pika #636), and Graph gives up at 3 s.
+_PUBLISH_GRACE_S: Final = 0.2
+_MIN_PUBLISH_TIMEOUT_S: Final = 0.05
+
+CORRELATION_HEADER: Final = "X-Correlation-Id"
+_INCOMING_ID_HEADERS: Final = ("client-request-id", "request-id")
+_SANE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+CORRELATION_ID: Final = web.RequestKey("correlation_id", str)
+METRICS_KEY: Final = web.AppKey("m365sync.metrics", Metrics)
+SETTINGS_KEY: Final = web.AppKey("m365sync.settings", Settings)
+
+_ERROR_CODES: Final = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+# -- shared helpers -------------------------------------------------------------------------
+
+
+def json_error(
+    status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """An error answer in the contract's shape ``{"error": {"code", "message"}}``."""
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+def _unavailable(message: str) -> web.Response:
+    return json_error(503, "unavailable", message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def correlation_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a correlation id to the request's log events and return it as a header.
+
+    An incoming ``client-request-id``/``request-id`` (Graph sends them) is reused when it
+    is a short plain token, so that a request can be followed across both sides.
+    """
+    incoming = next(
+        (
+            value
+            for name in _INCOMING_ID_HEADERS
+            if (value := request.headers.get(name)) and _SANE_ID.fullmatch(value)
+        ),
+        None,
+    )
+    with correlation(incoming) as cid:
+        request[CORRELATION_ID] = cid
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # redirects pass through error_middleware
+            exc.headers[CORRELATION_HEADER] = cid
+            raise
+        response.headers[CORRELATION_HEADER] = cid
+        return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every HTTP error (unknown route, wrong method, crash) into the JSON error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.content_type == "application/json":
+            return exc
+        headers = {
+            name: value
+            for name, value in exc.headers.items()
+            if name.lower() not in ("content-type", "content-length")
+        }
+        return json_error(
+            exc.status,
+            _ERROR_CODES.get(exc.status, f"http_{exc.status}"),
+            exc.reason,
+            headers=headers,
+        )
+    except Exception:
+        log.exception("http.unhandled_error", route=_route_name(request), method=request.method)
+        return json_error(500, "internal_error", "internal error")
+
+
+# -- Graph webhooks -------------------------------------------------------------------------
+
+
+class _BodyTooLarge(Exception):
+    """The body is longer than the limit."""
+
+
+async def _read_body(request: web.Request, *, limit: int, timeout_s: float) -> bytes:
+    """The body, read as a stream: an oversize body is refused before it is buffered whole.
+
+    Raises :class:`_BodyTooLarge` past ``limit`` bytes and ``TimeoutError`` after ``timeout_s``.
+    """
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise _BodyTooLarge
+    body = bytearray()
+    async with asyncio.timeout(timeout_s):
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > limit:
+                raise _BodyTooLarge
+    return bytes(body)
+
+
+class _RequestLookups:
+    """Per-request memo: the items of one POST mostly share a subscription and an account."""
+
+    def __init__(self, lookup: SubscriptionLookup, ciphers: CipherSource) -> None:
+        self._lookup = lookup
+        self._ciphers = ciphers
+        self._records: dict[str, SubscriptionRecord | None] = {}
+        self._account_ciphers: dict[str, DataCipher | None] = {}
+
+    async def find_subscription(self, subscription_hash: str) -> SubscriptionRecord | None:
+        if subscription_hash not in self._records:
+            self._records[subscription_hash] = await self._lookup.find_subscription(
+                subscription_hash
+            )
+        return self._records[subscription_hash]
+
+    async def cipher_for(self, account_id: str) -> DataCipher | None:
+        """The account's cipher, or None when the account is gone (erased, disconnected)."""
+        if account_id not in self._account_ciphers:
+            try:
+                cipher: DataCipher | None = await self._ciphers.cipher_for(account_id)
+            except AccountUnavailable:
+                cipher = None
+            self._account_ciphers[account_id] = cipher
+        return self._account_ciphers[account_id]
+
+
+@dataclass
+class _Batch:
+    """What one request's items came to."""
+
+    messages: list[OutgoingMessage] = field(default_factory=list)
+    accepted: int = 0
+    rejected: Counter[tuple[str, str | None]] = field(default_factory=Counter)
+
+
+class _GraphWebhook:
+    """Handles one webhook route: validation handshake, checks, confirmed publish."""
+
+    def __init__(
+        self,
+        *,
+        route: str,
+        settings: Settings,
+        lookup: SubscriptionLookup,
+        publisher: Publisher,
+        hasher: Hasher,
+        ciphers: CipherSource,
+        metrics: Metrics,
+        clock: Callable[[], datetime],
+        body_read_timeout_s: float,
+        max_items: int,
+    ) -> None:
+        self._route = route
+        self._settings = settings
+        self._lookup = lookup
+        self._publisher = publisher
+        self._hasher = hasher
+        self._ciphers = ciphers
+        self._metrics = metrics
+        self._clock = clock
+        self._body_read_timeout_s = body_read_timeout_s
+        self._max_items = max_items
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        """GET is only ever the validation handshake."""
+        if "validationToken" in request.query:
+            return await self._observed(self._handshake(request))
+        return json_error(
+            405, "method_not_allowed", "GET only answers validation", headers={"Allow": "POST"}
+        )
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        """A validation handshake (query ``validationToken``) or a notification collection."""
+        if "validationToken" in request.query:
+            # Answered before the body is read: it is empty or plain text, never JSON.
+            return await self._observed(self._handshake(request))
+        return await self._observed(self._notifications(request))
+
+    async def _observed(self, answer: Awaitable[web.Response]) -> web.Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await answer
+            status = response.status
+            return response
+        finally:
+            self._metrics.webhook_requests.labels(route=self._route, status=str(status)).inc()
+            self._metrics.webhook_duration.observe(time.perf_counter() - started)
+
+    async def _handshake(self, request: web.Request) -> web.Response:
+        # request.query is already URL-decoded; echo it exactly, never escaped.
+        token = request.query.get("validationToken", "")
+        if not token or len(token) > MAX_VALIDATION_TOKEN_CHARS:
+            return json_error(400, "invalid_validation_token", "validationToken is empty or long")
+        log.info("webhook.validated", route=self._route)
+        return web.Response(
+            text=token,
+            content_type="text/plain",
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+        )
+
+    async def _notifications(self, request: web.Request) -> web.Response:
+        try:
+            body = await _read_body(
+                request,
+                limit=self._settings.max_body_bytes,
+                timeout_s=self._body_read_timeout_s,
+            )
+        except _BodyTooLarge:
+            log.info("webhook.malformed", route=self._route, reason="body_too_large")
+            return json_error(413, "payload_too_large", "the body is too large")
+        except TimeoutError:
+            log.info("webhook.malformed", route=self._route, reason="body_read_timeout")
+            return json_error(408, "request_timeout", "the body was not sent in time")
+        try:
+            items = parse_collection(body, max_items=self._max_items)
+        except MalformedBody as exc:
+            log.info("webhook.malformed", route=self._route, reason=exc.reason)
+            return json_error(400, "malformed_body", f"not a notification collection: {exc.reason}")
+        self._metrics.notifications_received.inc(len(items))
+
+        # One budget for checks and publish, so that the answer stays under Graph's 3 s.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.publish_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline + _PUBLISH_GRACE_S):
+                batch = await self._collect(items, request[CORRELATION_ID])
+        except Exception as exc:  # the subscription store or key source failed: let Graph retry
+            log.exception("webhook.check_failed", route=self._route, error=type(exc).__name__)
+            return _unavailable("notifications could not be checked")
+        self._count_rejections(batch)
+
+        if batch.messages:
+            try:
+                async with asyncio.timeout_at(deadline + _PUBLISH_GRACE_S):
+                    await self._publisher.publish_many(
+                        batch.messages,
+                        timeout_s=max(deadline - loop.time(), _MIN_PUBLISH_TIMEOUT_S),
+                    )
+            except (PublishError, TimeoutError) as exc:
+                return self._publish_failed(exc, len(batch.messages), traceback=False)
+            except Exception as exc:  # a broken channel or a bug: no 2xx without a confirm
+                return self._publish_failed(exc, len(batch.messages), traceback=True)
+
+        self._metrics.notifications_accepted.inc(batch.accepted)
+        log.info(
+            "webhook.accepted",
+            route=self._route,
+            items=len(items),
+            accepted=batch.accepted,
+            rejected=sum(batch.rejected.values()),
+            published=len(batch.messages),
+        )
+        return web.Response(status=202)
+
+    async def _collect(self, items: list[Any], correlation_id: str) -> _Batch:
+        """Check every item and build one message per distinct accepted notification."""
+        lookups = _RequestLookups(self._lookup, self._ciphers)
+        received_at = self._clock()
+        batch = _Batch()
+        seen: set[tuple[str, ...]] = set()
+        for item in items:
+            result = await (
+                check_lifecycle(item, lookup=lookups, hasher=self._hasher)
+                if isinstance(item, Mapping) and "lifecycleEvent" in item
+                else check_change(item, lookup=lookups, hasher=self._hasher)
+            )
+            if isinstance(result, Rejected):
+                batch.rejected[result.reason, result.subscription_hash] += 1
+                continue
+            # Duplicates within one POST are published once: every message is a hint to
+            # fetch current state, so one is as good as three.
+            key: tuple[str, ...]
+            if isinstance(result, AcceptedLifecycle):
+                key = ("lifecycle", result.subscription_hash, result.lifecycle_event)
+                if key not in seen:
+                    body = lifecycle_message(
+                        account_id=result.account_id,
+                        subscription_hash=result.subscription_hash,
+                        lifecycle_event=result.lifecycle_event,
+                        received_at=received_at,
+                    )
+                    batch.messages.append(
+                        self._message(
+                            LIFECYCLE_EXCHANGE, LIFECYCLE_ROUTING_KEY, body, correlation_id
+                        )
+                    )
+            else:
+                cipher = await lookups.cipher_for(result.account_id)
+                if cipher is None:  # the account is gone: its notifications are moot
+                    batch.rejected["account_unavailable", result.subscription_hash] += 1
+                    continue
+                event_hash = self._hasher.hash_id("event", result.account_id, result.event_id)
+                key = ("change", result.account_id, event_hash, result.change_type)
+                if key not in seen:
+                    body = change_message(
+                        account_id=result.account_id,
+                        change_type=result.change_type,
+                        event_hash=event_hash,
+                        event_ref_ct=cipher.encrypt_str(
+                            result.event_id, aad=f"inbound|{result.account_id}|event_ref".encode()
+                        ),
+                        received_at=received_at,
+                    )
+                    routing_key = shard_routing_key(result.account_id, self._settings.shard_count)
+                    batch.messages.append(
+                        self._message(INBOUND_EXCHANGE, routing_key, body, correlation_id)
+                    )
+            seen.add(key)
+            batch.accepted += 1
+        return batch
+
+    @staticmethod
+    def _message(
+        exchange: str, routing_key: str, body: Mapping[str, Any], correlation_id: str
+    ) -> OutgoingMessage:
+        return OutgoingMessage(
+            exchange=exchange,
+            routing_key=routing_key,
+            body=body,
+            message_id=uuid.uuid4().hex,
+            correlation_id=correlation_id,
+        )
+
+    def _publish_failed(self, exc: Exception, messages: int, *, traceback: bool) -> web.Response:
+        self._metrics.publish_failures.inc()
+        log.error(
+            "webhook.publish_failed",
+            route=self._route,
+            error=type(exc).__name__,
+            messages=messages,
+            exc_info=exc if traceback else None,
+        )
+        return _unavailable("notifications could not be queued")
+
+    def _count_rejections(self, batch: _Batch) -> None:
+        # One log event per (reason, subscription) rather than per item: a forged flood of
+        # a thousand items costs one line, not a thousand.
+        for (reason, subscription_hash), count in batch.rejected.items():
+            self._metrics.notifications_rejected.labels(reason=reason).inc(count)
+            log.warning(
+                "webhook.rejected",
+                route=self._route,
+                reason=reason,
+                subscription_hash=subscription_hash,
+                count=count,
+            )
+
+
+def add_graph_routes(
+    app: web.Application,
+    *,
+    settings: Settings,
+    lookup: SubscriptionLookup,
+    publisher: Publisher,
+    hasher: Hasher,
+    ciphers: CipherSource,
+    metrics: Metrics,
+    clock: Callable[[], datetime] = utcnow,
+    body_read_timeout_s: float = BODY_READ_TIMEOUT_S,
+    max_items: int = DEFAULT_MAX_ITEMS,
+) -> None:
+    """Register ``/graph/notifications`` and ``/graph/lifecycle`` (POST, and GET for validation).
+
+    Both routes take change and lifecycle items alike (an item is a lifecycle notification
+    when it has ``lifecycleEvent``), since a subscription may use one URL for both.
+    """
+    for route, path in (("notifications", NOTIFICATIONS_PATH), ("lifecycle", LIFECYCLE_PATH)):
+        webhook = _GraphWebhook(
+            route=route,
+            settings=settings,
+            lookup=lookup,
+            publisher=publisher,
+            hasher=hasher,
+            ciphers=ciphers,
+            metrics=metrics,
+            clock=clock,
+            body_read_timeout_s=body_read_timeout_s,
+            max_items=max_items,
+        )
+        app.router.add_post(path, webhook.post)
+        app.router.add_get(path, webhook.get, allow_head=False)
+
+
+# -- health and metrics ---------------------------------------------------------------------
+
+
+def add_health_routes(
+    app: web.Application,
+    *,
+    readiness: Callable[[], Awaitable[Mapping[str, bool]]],
+    metrics: Metrics,
+) -> None:
+    """Register ``/healthz`` (alive), ``/readyz`` (dependencies reachable) and ``/metrics``."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        try:
+            async with asyncio.timeout(READINESS_TIMEOUT_S):
+                checks = {name: bool(ok) for name, ok in (await readiness()).items()}
+        except Exception as exc:  # a failing check is an answer, not a crash
+            log.warning("readiness.failed", error=type(exc).__name__)
+            checks, failed = {}, True
+        else:
+            failed = not all(checks.values())
+        if not failed:
+            return web.json_response({"status": "ok", "checks": checks})
+        not_ready = sorted(name for name, ok in checks.items() if not ok) or ["readiness"]
+        return web.json_response(
+            {
+                "status": "unavailable",
+                "checks": checks,
+                "error": {"code": "not_ready", "message": "not ready: " + ", ".join(not_ready)},
+            },
+            status=503,
+        )
+
+    async def metrics_view(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+    app.router.add_get("/metrics", metrics_view, allow_head=False)
+
+
+def build_app(
+    *,
+    settings: Settings,
+    lookup: SubscriptionLookup,
+    publisher: Publisher,
+    hasher: Hasher,
+    ciphers: CipherSource,
+    readiness: Callable[[], Awaitable[Mapping[str, bool]]],
+    metrics: Metrics,
+    clock: Callable[[], datetime] = utcnow,
+    body_read_timeout_s: float = BODY_READ_TIMEOUT_S,
+) -> web.Application:
+    """The receiver app with the Graph webhook and health routes; others add theirs later."""
+    app = web.Application(
+        middlewares=[correlation_middleware, error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS_KEY] = settings
+    app[METRICS_KEY] = metrics
+    add_graph_routes(
+        app,
+        settings=settings,
+        lookup=lookup,
+        publisher=publisher,
+        hasher=hasher,
+        ciphers=ciphers,
+        metrics=metrics,
+        clock=clock,
+        body_read_timeout_s=body_read_timeout_s,
+    )
+    add_health_routes(app, readiness=readiness, metrics=metrics)
+    return app
