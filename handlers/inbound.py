@@ -1,0 +1,275 @@
+"""Inbound: a notification is a hint to fetch the event's current state and reconcile it.
+
+Deliveries for one account arrive here as a batch. Duplicates of the same event (Graph
+sends several per edit) are coalesced into one fetch; distinct events are fetched
+concurrently (the Graph client keeps the per-mailbox limit) and written one after another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from crypto import DataCipher, DecryptionError
+from processor.announce import Announcer
+from processor.broker import Outcome
+from processor.consumer import Delivery
+from processor.errors import (
+    AccountUnavailable,
+    PermanentError,
+    ThrottledError,
+    TransientError,
+)
+from processor.event_store import KEPT_FIELDS, Change, EventStore
+from processor.graph import GraphClient
+from processor.logs import get_logger
+from processor.messages import INBOUND_SCHEMA, unb64
+from processor.metrics import Metrics
+from processor.store import Store
+from processor.timeutil import utcnow
+from processor.tokens import ReauthorizationRequired
+
+log = get_logger(__name__)
+
+SELECT = ("id", *KEPT_FIELDS)
+#: Account statuses in which the service makes no Graph calls for the account.
+PAUSED_STATUSES = frozenset({"reauthorization_required", "admin_consent_required", "disconnected"})
+
+
+def validate_inbound(body: dict[str, Any]) -> str | None:
+    """Why an inbound message is malformed, or None if it is well-formed."""
+    if body.get("schema") != INBOUND_SCHEMA:
+        return f"unknown schema {str(body.get('schema'))[:64]!r}"
+    if not isinstance(body.get("account_id"), str) or not body["account_id"]:
+        return "account_id missing"
+    kind = body.get("kind")
+    if kind == "change":
+        if not isinstance(body.get("event_hash"), str) or not isinstance(
+            body.get("event_ref"), str
+        ):
+            return "change without event_hash/event_ref"
+        return None
+    if kind in ("resync", "announce"):
+        return None
+    return f"unknown kind {str(kind)[:32]!r}"
+
+
+@dataclass(frozen=True)
+class SyncWindow:
+    """How far back and ahead the service keeps an account's calendar."""
+
+    past_days: int
+    future_days: int
+
+    def bounds(self) -> tuple[Any, Any]:
+        """The window's start and end, from now."""
+        now = utcnow()
+        return now - timedelta(days=self.past_days), now + timedelta(days=self.future_days)
+
+
+DeltaRunner = Callable[[str, DataCipher, str, bool, str], Awaitable[list[Change]]]
+
+
+class InboundHandler:
+    """Handles one account's batch of inbound messages (changes, resyncs, outbox flushes)."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        events: EventStore,
+        graph: GraphClient,
+        announcer: Announcer,
+        metrics: Metrics,
+        window: SyncWindow,
+        run_delta: DeltaRunner | None = None,
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._graph = graph
+        self._announcer = announcer
+        self._metrics = metrics
+        self._window = window
+        self._run_delta = run_delta
+
+    async def handle_batch(self, account_id: str, deliveries: Sequence[Delivery]) -> None:
+        """Reconcile every change of the batch, then announce what really changed."""
+        try:
+            cipher = await self._store.cipher_for(account_id)
+            account = await self._store.get_account(account_id)
+        except AccountUnavailable:
+            # Erased: its messages still queued are dropped when reached (CONTRACT §4).
+            for delivery in deliveries:
+                delivery.outcome = Outcome.ack()
+            return
+        if account is None or account.get("status") in PAUSED_STATUSES or "user_ct" not in account:
+            # No Graph calls while paused; the resync that follows a reconnect repairs it.
+            for delivery in deliveries:
+                delivery.outcome = Outcome.ack()
+            return
+        user_id = (await self._store.identity(account_id)).user_id
+        changes: list[Change] = []
+        try:
+            changes += await self._handle_changes(account_id, user_id, cipher, deliveries)
+            for delivery in deliveries:
+                if delivery.body.get("kind") == "resync" and delivery.outcome is None:
+                    changes += await self._resync(account_id, user_id, cipher, delivery)
+        except ReauthorizationRequired as exc:
+            await self._store.set_status(account_id, "reauthorization_required", exc.reason)
+            for delivery in deliveries:
+                if delivery.outcome is None:
+                    delivery.outcome = Outcome.ack()
+        sweep_outbox = False
+        for delivery in deliveries:
+            if delivery.body.get("kind") == "announce" and delivery.outcome is None:
+                delivery.outcome = Outcome.ack()
+                sweep_outbox = True
+        # Announce this batch's changes; an "announce" message also sweeps what an earlier
+        # crash left in the outbox. A failed publish leaves the marks for the relay.
+        await self._announcer.flush(account_id, changes, sweep_outbox=sweep_outbox)
+
+    async def _resync(
+        self, account_id: str, user_id: str, cipher: DataCipher, delivery: Delivery
+    ) -> list[Change]:
+        if self._run_delta is None:
+            delivery.outcome = Outcome.dead_letter("this worker cannot run resyncs")
+            return []
+        try:
+            changes = await self._run_delta(
+                account_id,
+                cipher,
+                user_id,
+                bool(delivery.body.get("full")),
+                str(delivery.body.get("reason", "")),
+            )
+        except ThrottledError as exc:
+            delivery.outcome = Outcome.retry(exc.retry_after_s or 5.0)
+            return []
+        except TransientError as exc:
+            delivery.outcome = Outcome.requeue(str(exc))
+            return []
+        except PermanentError as exc:
+            delivery.outcome = Outcome.dead_letter(exc.reason)
+            return []
+        delivery.outcome = Outcome.ack()
+        return changes
+
+    async def _handle_changes(
+        self, account_id: str, user_id: str, cipher: DataCipher, deliveries: Sequence[Delivery]
+    ) -> list[Change]:
+        groups: dict[str, list[Delivery]] = {}
+        event_ids: dict[str, str] = {}
+        for delivery in deliveries:
+            if delivery.body.get("kind") != "change":
+                continue
+            event_hash = str(delivery.body["event_hash"])
+            if event_hash not in event_ids:
+                try:
+                    event_ids[event_hash] = cipher.decrypt_str(
+                        unb64(str(delivery.body["event_ref"])),
+                        f"inbound|{account_id}|event_ref".encode(),
+                    )
+                except (DecryptionError, ValueError):
+                    delivery.outcome = Outcome.dead_letter("event_ref does not decrypt")
+                    continue
+            groups.setdefault(event_hash, []).append(delivery)
+        if not groups:
+            return []
+
+        async def fetch(event_hash: str) -> dict[str, Any] | None | BaseException:
+            try:
+                return await self._graph.get_event(
+                    account_id, user_id, event_ids[event_hash], select=SELECT
+                )
+            except (TransientError, PermanentError, ReauthorizationRequired) as exc:
+                return exc
+
+        results = await asyncio.gather(*(fetch(h) for h in groups))
+        changes: list[Change] = []
+        for (event_hash, group), result in zip(groups.items(), results, strict=True):
+            if isinstance(result, ReauthorizationRequired):
+                raise result
+            if isinstance(result, BaseException):
+                outcome = _outcome_for(result)
+            else:
+                try:
+                    changes += await self._reconcile(
+                        account_id, user_id, cipher, event_hash, result
+                    )
+                    outcome = Outcome.ack()
+                except (TransientError, PermanentError) as exc:
+                    if isinstance(exc, ReauthorizationRequired):
+                        raise
+                    outcome = _outcome_for(exc)
+            for delivery in group:
+                delivery.outcome = outcome
+        return changes
+
+    async def _reconcile(
+        self,
+        account_id: str,
+        user_id: str,
+        cipher: DataCipher,
+        event_hash: str,
+        event: dict[str, Any] | None,
+    ) -> list[Change]:
+        """Write the fetched state of one event (None: Graph says it is gone)."""
+        if event is None:
+            changes = []
+            deleted = await self._events.mark_deleted(account_id, event_hash)
+            if deleted is not None:
+                changes.append(deleted)
+            # A deleted series master takes its occurrences and exceptions with it.
+            for key in await self._events.series_instance_keys(account_id, event_hash):
+                instance = await self._events.mark_deleted(account_id, key)
+                if instance is not None:
+                    changes.append(instance)
+            self._count(changes)
+            return changes
+        changes = []
+        written = await self._events.upsert_version(account_id, event, cipher=cipher)
+        if written is not None:
+            changes.append(written)
+        if event.get("type") == "seriesMaster":
+            changes += await self._refresh_series(account_id, user_id, cipher, event)
+        self._count(changes)
+        return changes
+
+    async def _refresh_series(
+        self, account_id: str, user_id: str, cipher: DataCipher, master: dict[str, Any]
+    ) -> list[Change]:
+        """Re-expand a series: Graph notifies only the master when one occurrence changes."""
+        start, end = self._window.bounds()
+        instances = await self._graph.list_instances(
+            account_id, user_id, str(master["id"]), start, end, select=SELECT
+        )
+        changes: list[Change] = []
+        seen: set[str] = set()
+        for instance in instances:
+            seen.add(self._events.event_key(account_id, str(instance["id"])))
+            written = await self._events.upsert_version(account_id, instance, cipher=cipher)
+            if written is not None:
+                changes.append(written)
+        series_key = self._events.event_key(account_id, str(master["id"]))
+        for key in await self._events.series_instance_keys(account_id, series_key) - seen:
+            gone = await self._events.mark_deleted(account_id, key)
+            if gone is not None:
+                changes.append(gone)
+        return changes
+
+    def _count(self, changes: list[Change]) -> None:
+        for change in changes:
+            self._metrics.events_reconciled.labels(change=change.change).inc()
+
+
+def _outcome_for(exc: BaseException) -> Outcome:
+    if isinstance(exc, ThrottledError):
+        return Outcome.retry(exc.retry_after_s or 5.0)
+    if isinstance(exc, TransientError):
+        return Outcome.requeue(str(exc)[:200])
+    if isinstance(exc, PermanentError):
+        return Outcome.dead_letter(exc.reason)
+    return Outcome.requeue(type(exc).__name__)

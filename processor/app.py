@@ -1,0 +1,268 @@
+"""The composition root: builds the object graph from Settings and runs the chosen roles.
+
+Every open has its close on one ``AsyncExitStack``. SIGTERM stops intake (the HTTP site
+stops accepting, consumers are cancelled), lets in-flight work finish within
+``shutdown_grace_s`` (keep it below Kubernetes' grace period), requeues the rest, then
+closes channels, the broker connection, HTTP sessions and the database client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from crypto import CipherCache, Hasher, KeyRing
+from handlers.inbound import InboundHandler, SyncWindow, validate_inbound
+from processor import broker as broker_mod
+from processor.announce import Announcer, OutboxRelay
+from processor.broker import ConfirmPublisher
+from processor.consumer import ShardConsumer
+from processor.event_store import EventStore
+from processor.graph import GraphClient, create_http_session
+from processor.logs import configure_logging, get_logger
+from processor.metrics import Metrics
+from processor.settings import Settings
+from processor.store import Document, Store, wait_for_database
+from processor.timeutil import utcnow
+from processor.tokens import MsalApps, MsalTokenProvider
+from processor.topology import TopologyConfig, declare_topology, shard_queues
+from processor.web import build_app
+
+log = get_logger(__name__)
+
+#: Inbound Graph budget per mailbox: Graph allows 4 concurrent requests per app and
+#: mailbox; the inbound worker takes 3 and the outbound writer 1 (see README).
+INBOUND_MAILBOX_CONCURRENCY = 3
+OUTBOUND_MAILBOX_CONCURRENCY = 1
+
+
+@dataclass
+class Runtime:
+    """Every collaborator, built once per process."""
+
+    settings: Settings
+    metrics: Metrics
+    mongo: AsyncMongoClient[Document]
+    db: AsyncDatabase[Document]
+    keyring: KeyRing
+    hasher: Hasher
+    store: Store
+    events: EventStore
+    connection: AbstractRobustConnection
+    publisher: ConfirmPublisher
+    http: aiohttp.ClientSession
+    tokens: MsalTokenProvider
+    graph: GraphClient
+    announcer: Announcer
+
+    async def readiness(self) -> dict[str, bool]:
+        """Readiness checks: the broker connection and the database answer."""
+        database = True
+        try:
+            async with asyncio.timeout(2):
+                await self.db.command("ping")
+        except Exception:  # any failure means "not ready"; the reason is in the logs
+            database = False
+        return {"broker": not self.connection.is_closed, "database": database}
+
+
+def mongo_client(url: str) -> AsyncMongoClient[Document]:
+    """A client with the options the service relies on (aware UTC datetimes)."""
+    return AsyncMongoClient(url, tz_aware=True, serverSelectionTimeoutMS=5000, maxPoolSize=20)
+
+
+async def build_runtime(
+    settings: Settings, stack: AsyncExitStack, *, mailbox_concurrency: int
+) -> Runtime:
+    """Connect to everything and wire the object graph; closes go on ``stack``."""
+    metrics = Metrics()
+    mongo = mongo_client(settings.mongodb_url)
+    stack.push_async_callback(mongo.close)
+    db = mongo[settings.database_name]
+    await wait_for_database(db, timeout_s=30)
+    keyring = KeyRing(settings.master_keys)
+    hasher = Hasher(settings.hash_key)
+    store = Store(db=db, keyring=keyring, hasher=hasher, cipher_cache=CipherCache())
+    await store.ensure_indexes()
+    events = EventStore(db=db, hasher=hasher, tombstone_ttl_s=settings.tombstone_ttl_days * 86400)
+
+    connection = await broker_mod.connect(settings.amqp_url, name=f"m365sync:{os.getpid()}")
+    stack.push_async_callback(connection.close)
+    channel = await connection.channel()
+    await declare_topology(
+        channel,
+        TopologyConfig(
+            shard_count=settings.shard_count,
+            delivery_limit=settings.delivery_limit,
+            dead_letter_ttl_days=settings.dead_letter_ttl_days,
+        ),
+    )
+    await channel.close()
+    publisher = await ConfirmPublisher.open(connection)
+    stack.push_async_callback(publisher.close)
+
+    http = create_http_session(ca_bundle=settings.ca_bundle, timeout_s=settings.graph_timeout_s)
+    stack.push_async_callback(http.close)
+    tokens = MsalTokenProvider(
+        apps=MsalApps(
+            client_id=settings.client_id,
+            client_secret=settings.client_secret,
+            authority_host=settings.authority_host,
+            ca_bundle=settings.ca_bundle,
+        ),
+        store=store,
+    )
+    graph = GraphClient(
+        session=http,
+        graph_url=settings.graph_url,
+        tokens=tokens,
+        max_concurrency_per_mailbox=mailbox_concurrency,
+        request_timeout_s=settings.graph_timeout_s,
+    )
+    announcer = Announcer(
+        publisher=publisher, events=events, metrics=metrics, timeout_s=settings.publish_timeout_s
+    )
+    return Runtime(
+        settings=settings,
+        metrics=metrics,
+        mongo=mongo,
+        db=db,
+        keyring=keyring,
+        hasher=hasher,
+        store=store,
+        events=events,
+        connection=connection,
+        publisher=publisher,
+        http=http,
+        tokens=tokens,
+        graph=graph,
+        announcer=announcer,
+    )
+
+
+@contextlib.asynccontextmanager
+async def receiver_role(rt: Runtime, *, sock: socket.socket | None = None) -> AsyncIterator[int]:
+    """Serve the HTTP app; yields the bound port. Stops accepting on exit."""
+    app = build_app(
+        settings=rt.settings,
+        lookup=rt.store,
+        publisher=rt.publisher,
+        hasher=rt.hasher,
+        ciphers=rt.store,
+        readiness=rt.readiness,
+        metrics=rt.metrics,
+    )
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=rt.settings.shutdown_grace_s)
+    await runner.setup()
+    if sock is not None:
+        site: web.BaseSite = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, rt.settings.http_host, rt.settings.http_port)
+    await site.start()
+    server = getattr(site, "_server", None)
+    sockets = getattr(server, "sockets", None) or []
+    port = sockets[0].getsockname()[1] if sockets else rt.settings.http_port
+    log.info("receiver.started", port=port)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+        log.info("receiver.stopped")
+
+
+@contextlib.asynccontextmanager
+async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
+    """Consume the inbound shard queues; drain within the grace period on exit."""
+    channel = await rt.connection.channel()
+    handler = InboundHandler(
+        store=rt.store,
+        events=rt.events,
+        graph=rt.graph,
+        announcer=rt.announcer,
+        metrics=rt.metrics,
+        window=SyncWindow(rt.settings.sync_window_past_days, rt.settings.sync_window_future_days),
+    )
+    consumer = ShardConsumer(
+        channel=channel,
+        queues=await shard_queues(channel, "inbound", rt.settings.shard_count),
+        handler=handler,
+        publisher=rt.publisher,
+        retry_target="inbound",
+        metrics=rt.metrics,
+        validate=validate_inbound,
+        prefetch=rt.settings.prefetch,
+    )
+    await consumer.start()
+    relay = OutboxRelay(
+        publisher=rt.publisher,
+        events=rt.events,
+        shard_count=rt.settings.shard_count,
+        timeout_s=rt.settings.publish_timeout_s,
+    )
+    background = asyncio.create_task(_every(30.0, lambda: _relay_and_sweep(rt, relay)))
+    log.info("worker.started", shards=rt.settings.shard_count)
+    try:
+        yield consumer
+    finally:
+        background.cancel()
+        await asyncio.gather(background, return_exceptions=True)
+        await consumer.stop(grace_s=rt.settings.shutdown_grace_s)
+        if not channel.is_closed:
+            await channel.close()
+        log.info("worker.stopped")
+
+
+async def _relay_and_sweep(rt: Runtime, relay: OutboxRelay) -> None:
+    await relay.run_once(older_than_s=60.0, now=utcnow())
+    await rt.store.sweep_expired()
+
+
+async def _every(interval_s: float, job: Callable[[], Awaitable[Any]]) -> None:
+    """Run ``job`` every ``interval_s`` until cancelled; a failed run is logged, not fatal."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await job()
+        except Exception:
+            log.exception("background.failed", job=getattr(job, "__name__", "job"))
+
+
+async def run_roles(settings: Settings, roles: Sequence[str]) -> int:
+    """Run ``roles`` in this process until SIGTERM or SIGINT; returns the exit code."""
+    configure_logging(settings.log_level)
+    missing = [r for r in roles if r in ("outbound", "subscriptions")]
+    if missing and len(roles) == 1:
+        from processor.cli import NotAvailableYet  # noqa: PLC0415
+
+        raise NotAvailableYet(f"the {roles[0]} role is not available in this version yet")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with AsyncExitStack() as stack:
+        concurrency = (
+            INBOUND_MAILBOX_CONCURRENCY if "worker" in roles else OUTBOUND_MAILBOX_CONCURRENCY
+        )
+        rt = await build_runtime(settings, stack, mailbox_concurrency=concurrency)
+        if "receiver" in roles:
+            await stack.enter_async_context(receiver_role(rt))
+        if "worker" in roles:
+            await stack.enter_async_context(worker_role(rt))
+        log.info("process.ready", roles=list(roles))
+        await stop.wait()
+        log.info("process.stopping")
+    log.info("process.stopped")
+    return 0

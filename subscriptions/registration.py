@@ -1,0 +1,90 @@
+"""Registering a connected account and creating its Graph subscription."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timedelta
+
+from processor.errors import PermanentError
+from processor.graph import GraphClient
+from processor.logs import get_logger
+from processor.store import Store
+from processor.timeutil import isoformat_z, parse_graph_datetime, utcnow
+
+log = get_logger(__name__)
+
+#: Graph's documented maximum lifetime of an Outlook event subscription (GRAPH-NOTES §3);
+#: newer documentation quotes 10,080 minutes, so that is asked first and this is the fallback.
+MAX_EVENT_SUBSCRIPTION_MINUTES = 4230
+OPTIMISTIC_SUBSCRIPTION_MINUTES = 10080
+
+
+async def register_account(
+    store: Store, *, account_id: str, serialized_cache: str, user_id: str, tenant_id: str
+) -> None:
+    """Create (or reuse) the account, bind its Microsoft identity and store its token cache."""
+    await store.create_account(account_id)
+    await store.bind_identity(account_id, user_id=user_id, tenant_id=tenant_id)
+    current = await store.load_token_cache(account_id)
+    version = current[1] if current is not None else 0
+    if not await store.save_token_cache(account_id, serialized_cache, version):
+        raise RuntimeError(f"token cache of {account_id} changed during registration")
+    await store.set_status(account_id, "connected")
+
+
+async def create_subscription(
+    store: Store,
+    graph: GraphClient,
+    *,
+    account_id: str,
+    public_url: str,
+    now: datetime | None = None,
+) -> tuple[str, datetime]:
+    """Create the account's event subscription with a fresh clientState.
+
+    Asks for the longest lifetime and reads the granted expiry back from the answer; a
+    400 for the optimistic lifetime is retried with the documented maximum.
+    """
+    identity = await store.identity(account_id)
+    client_state = secrets.token_urlsafe(48)  # 64 characters; Graph allows 128
+    now = now or utcnow()
+    body = {
+        "changeType": "created,updated,deleted",
+        "notificationUrl": f"{public_url}/graph/notifications",
+        "lifecycleNotificationUrl": f"{public_url}/graph/lifecycle",
+        "resource": f"users/{identity.user_id}/events",
+        "clientState": client_state,
+        "latestSupportedTlsVersion": "v1_2",
+    }
+    answer = None
+    for minutes in (OPTIMISTIC_SUBSCRIPTION_MINUTES, MAX_EVENT_SUBSCRIPTION_MINUTES - 5):
+        body["expirationDateTime"] = isoformat_z(now + timedelta(minutes=minutes))
+        try:
+            answer = await graph.create_subscription(account_id, body)
+            break
+        except PermanentError as exc:
+            log.info(
+                "subscription.create_rejected",
+                account_id=account_id,
+                minutes=minutes,
+                reason=exc.reason[:200],
+            )
+            last = exc
+    if answer is None:
+        raise last
+    expires_at = parse_graph_datetime(str(answer["expirationDateTime"]))
+    sub_hash = await store.save_subscription(
+        account_id,
+        subscription_id=str(answer["id"]),
+        client_state=client_state,
+        user_id=identity.user_id,
+        tenant_id=identity.tenant_id,
+        expires_at=expires_at,
+    )
+    log.info(
+        "subscription.created",
+        account_id=account_id,
+        subscription=sub_hash,
+        expires_at=isoformat_z(expires_at),
+    )
+    return sub_hash, expires_at

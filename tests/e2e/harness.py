@@ -1,0 +1,161 @@
+"""A whole m365sync stack for end-to-end tests: simulator, receiver, workers, real services."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from crypto import generate_master_key_spec
+from graphsim.client import SimControl
+from graphsim.server import SimConfig, Simulator
+from processor.app import Runtime, build_runtime, receiver_role, worker_role
+from processor.devsignin import sign_in_headless
+from processor.settings import Settings, load_settings
+from processor.tokens import MsalApps
+from processor.topology import ONERELATION_INBOUND_QUEUE
+from subscriptions.registration import create_subscription, register_account
+
+
+def service_env(
+    *, sim: Simulator, amqp_url: str, mongodb_url: str, public_url: str, **extra: str
+) -> dict[str, str]:
+    """The environment a service process needs to run against ``sim``."""
+    return {
+        "M365SYNC_AMQP_URL": amqp_url,
+        "M365SYNC_MONGODB_URL": mongodb_url,
+        "M365SYNC_GRAPH_URL": sim.graph_url,
+        "M365SYNC_AUTHORITY_HOST": sim.authority_host,
+        "M365SYNC_CA_BUNDLE": str(sim.ca_file),
+        "M365SYNC_CLIENT_ID": sim.client_id,
+        "M365SYNC_CLIENT_SECRET": sim.client_secret,
+        "M365SYNC_PUBLIC_URL": public_url,
+        "M365SYNC_HTTP_HOST": "127.0.0.1",
+        "M365SYNC_MASTER_KEYS": generate_master_key_spec("k1"),
+        "M365SYNC_HASH_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "M365SYNC_CONNECT_SECRET": base64.b64encode(os.urandom(32)).decode(),
+        "M365SYNC_API_TOKEN": base64.b64encode(os.urandom(24)).decode(),
+        "M365SYNC_RETURN_URL_ORIGINS": "http://127.0.0.1:9",
+        "M365SYNC_SHARDS": "4",
+        "M365SYNC_SHUTDOWN_GRACE_S": "5",
+        **extra,
+    }
+
+
+def free_socket() -> socket.socket:
+    """A listening-ready TCP socket bound to a free loopback port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@dataclass
+class Stack:
+    """A running stack and handles to drive and observe it."""
+
+    sim: Simulator
+    control: SimControl
+    settings: Settings
+    env: dict[str, str]
+    rt: Runtime
+    port: int
+    accounts: dict[str, str] = field(default_factory=dict)  # account_id -> mailbox user id
+
+    async def connect_account(self, account_id: str, user_id: str) -> None:
+        """Sign the user in through MSAL, register the account and subscribe to its events."""
+        await self.control.set_signin_user(user_id)
+        apps = MsalApps(
+            client_id=self.settings.client_id,
+            client_secret=self.settings.client_secret,
+            authority_host=self.settings.authority_host,
+            ca_bundle=self.settings.ca_bundle,
+        )
+        claims, cache = await sign_in_headless(
+            apps, ca_bundle=self.settings.ca_bundle, tenant=self.sim.tenant_id
+        )
+        await register_account(
+            self.rt.store,
+            account_id=account_id,
+            serialized_cache=cache,
+            user_id=claims["oid"],
+            tenant_id=claims["tid"],
+        )
+        await create_subscription(
+            self.rt.store, self.rt.graph, account_id=account_id, public_url=self.settings.public_url
+        )
+        self.accounts[account_id] = user_id
+
+    async def announcements(self) -> list[dict[str, Any]]:
+        """Drain ``onerelation.inbound`` (as 1Relation would) and return the bodies."""
+        import json
+
+        bodies = []
+        channel = await self.rt.connection.channel()
+        try:
+            queue = await channel.get_queue(ONERELATION_INBOUND_QUEUE, ensure=False)
+            while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                bodies.append({"routing_key": message.routing_key, **json.loads(message.body)})
+        finally:
+            await channel.close()
+        return bodies
+
+
+@asynccontextmanager
+async def running_stack(
+    tmp_path: Path,
+    *,
+    amqp_url: str,
+    mongodb_url: str,
+    roles: Sequence[str] = ("receiver", "worker"),
+    sim_config: dict[str, Any] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> AsyncIterator[Stack]:
+    """Start the simulator and the chosen roles in this process."""
+    async with AsyncExitStack() as stack:
+        sim = Simulator(SimConfig(state_dir=tmp_path / "sim", port=0, **(sim_config or {})))
+        await sim.start()
+        stack.push_async_callback(sim.stop)
+        sim.faults.update({"delivery_retry_base_s": 0.05, "delivery_retry_cap_s": 0.5})
+        control = await stack.enter_async_context(SimControl(sim.base_url, sim.ca_file))
+        sock = free_socket()
+        port = sock.getsockname()[1]
+        env = service_env(
+            sim=sim,
+            amqp_url=amqp_url,
+            mongodb_url=mongodb_url,
+            public_url=f"http://127.0.0.1:{port}",
+            **(extra_env or {}),
+        )
+        settings = load_settings(env)
+        rt = await build_runtime(settings, stack, mailbox_concurrency=3)
+        if "receiver" in roles:
+            await stack.enter_async_context(receiver_role(rt, sock=sock))
+        else:
+            sock.close()
+        if "worker" in roles:
+            await stack.enter_async_context(worker_role(rt))
+        yield Stack(sim=sim, control=control, settings=settings, env=env, rt=rt, port=port)
+
+
+async def eventually(predicate: Any, *, timeout_s: float = 20.0, interval_s: float = 0.1) -> Any:
+    """Poll an async predicate until it returns something truthy or the time runs out."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    last: Any = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = await predicate()
+        if last:
+            return last
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s} s (last: {last!r})")
+
+
+__all__ = ["Stack", "aio_pika", "eventually", "running_stack", "service_env"]
