@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -216,7 +217,7 @@ class MsalTokenProvider:
         self._held.pop(account_id, None)
 
     async def _acquire(self, account_id: str, stale: str | None) -> tuple[str, float]:
-        conflicted = False
+        ours: tuple[str, float] | None = None  # a token we got but lost the race to save
         while True:
             loaded = await self._store.load_token_cache(account_id)
             if loaded is None:
@@ -226,32 +227,41 @@ class MsalTokenProvider:
                     "no stored Microsoft sign-in for this account: the user must connect",
                 )
             serialized, version = loaded
-            silent = await self._silent(account_id, serialized, stale)
+            silent = await self._silent(
+                account_id, serialized, stale, refresh_if_stale=ours is None
+            )
             result = self._check(account_id, silent)
             token = str(result["access_token"])
             expires_in_s = float(result.get("expires_in") or 0)
+            if ours is not None:
+                # Retry on the winner's cache. If it only offers the token we already found
+                # stale, keep the one we were issued: it is valid, and refreshing again would
+                # just rotate the refresh token once more. The store keeps the winner's cache.
+                if token == stale:
+                    return ours
+                if silent.cache is None:
+                    return token, expires_in_s
             if silent.cache is not None:
                 saved = await self._store.save_token_cache(account_id, silent.cache, version)
-                if not saved and not conflicted:
-                    # Another process refreshed first: its (newer) cache wins in the store;
-                    # reload it and take the token from there.
-                    self._count("cas_conflicts")
-                    log.info("tokens.cache.conflict", account_id=account_id)
-                    conflicted = True
-                    stale = None
-                    continue
                 if not saved:
-                    # Lost twice: our token is still valid; leave the store to the winner.
                     self._count("cas_conflicts")
-                    log.info("tokens.cache.conflict", account_id=account_id, kept_ours=True)
+                    log.info("tokens.cache.conflict", account_id=account_id, retried=ours is None)
+                    if ours is None:
+                        # Another process saved first: its cache is the newest; reload it.
+                        ours = (token, expires_in_s)
+                        continue
             if result.get("token_source") != "cache":
                 self._count("refreshed")
                 log.info("tokens.refreshed", account_id=account_id, expires_in_s=expires_in_s)
             return token, expires_in_s
 
-    async def _silent(self, account_id: str, serialized: str, stale: str | None) -> _Silent:
+    async def _silent(
+        self, account_id: str, serialized: str, stale: str | None, *, refresh_if_stale: bool
+    ) -> _Silent:
         try:
-            return await asyncio.to_thread(self._silent_blocking, serialized, stale)
+            return await asyncio.to_thread(
+                self._silent_blocking, serialized, stale if refresh_if_stale else None
+            )
         except requests.RequestException as exc:
             self._count("transient_errors")
             log.warning("tokens.refresh.failed", account_id=account_id, reason=type(exc).__name__)
@@ -344,17 +354,22 @@ def initiate_flow(
     login_hint: str | None = None,
     domain_hint: str | None = None,
     tenant: str = "organizations",
+    response_mode: str = "form_post",
 ) -> dict[str, Any]:
     """Start an auth-code + PKCE flow; keep the whole dict server-side, send ``auth_uri``.
 
-    Blocking (MSAL fetches the discovery document): call it through ``asyncio.to_thread``
-    or use :func:`initiate_flow_async`.
+    ``response_mode="form_post"`` (RFC 9700's advice, and MSAL warns otherwise) makes the
+    callback a POST with the code in the form body; ``"query"`` puts it in the URL.
+    Blocking (MSAL fetches the discovery document): on the loop use :func:`initiate_flow_async`.
     """
-    app = apps.build(tenant=tenant)
-    flow: dict[str, Any] = app.initiate_auth_code_flow(
-        list(scopes), redirect_uri=redirect_uri, login_hint=login_hint, domain_hint=domain_hint
+    return _initiate(
+        apps.build(tenant=tenant),
+        redirect_uri=redirect_uri,
+        scopes=scopes,
+        login_hint=login_hint,
+        domain_hint=domain_hint,
+        response_mode=response_mode,
     )
-    return flow
 
 
 async def initiate_flow_async(
@@ -365,17 +380,43 @@ async def initiate_flow_async(
     login_hint: str | None = None,
     domain_hint: str | None = None,
     tenant: str = "organizations",
+    response_mode: str = "form_post",
 ) -> dict[str, Any]:
-    """:func:`initiate_flow` off the event loop."""
-    return await asyncio.to_thread(
-        initiate_flow,
-        apps,
+    """:func:`initiate_flow` with the blocking discovery off the event loop."""
+    app = await asyncio.to_thread(apps.build, tenant=tenant)
+    return _initiate(
+        app,
         redirect_uri=redirect_uri,
         scopes=scopes,
         login_hint=login_hint,
         domain_hint=domain_hint,
-        tenant=tenant,
+        response_mode=response_mode,
     )
+
+
+def _initiate(
+    app: msal.ConfidentialClientApplication,
+    *,
+    redirect_uri: str,
+    scopes: Sequence[str],
+    login_hint: str | None,
+    domain_hint: str | None,
+    response_mode: str,
+) -> dict[str, Any]:
+    if response_mode not in ("form_post", "query"):
+        raise ValueError(f"response_mode must be 'form_post' or 'query', not {response_mode!r}")
+    with warnings.catch_warnings():
+        # "query" is a deliberate choice here (e.g. an IdP without form_post): MSAL's advice
+        # to use form_post is known and need not fail a run with warnings as errors.
+        warnings.filterwarnings("ignore", message="response_mode='form_post'", category=UserWarning)
+        flow: dict[str, Any] = app.initiate_auth_code_flow(
+            list(scopes),
+            redirect_uri=redirect_uri,
+            login_hint=login_hint,
+            domain_hint=domain_hint,
+            response_mode=response_mode,
+        )
+    return flow
 
 
 async def redeem_auth_code(
