@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime, timedelta
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -66,8 +67,6 @@ class Clock:
         self.offset_s = 0.0
 
     def __call__(self) -> float:
-        import time
-
         return time.time() + self.offset_s
 
 
