@@ -158,8 +158,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        if exc.content_type == "application/json":
-            return exc
+        if exc.content_type == "application/json":  # already in shape: keep its body
+            return web.Response(status=exc.status, body=exc.body, headers=exc.headers)
         headers = {
             name: value
             for name, value in exc.headers.items()

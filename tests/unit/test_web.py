@@ -627,3 +627,28 @@ async def test_unhandled_error_is_500_json_and_logged() -> None:
         assert "X-Correlation-Id" in response.headers
     assert [e["event"] for e in events] == ["http.unhandled_error"]
     assert events[0]["route"] == "/crash"
+
+
+async def test_json_http_errors_raised_by_routes_keep_their_body() -> None:
+    """A route that raises an HTTP error with a JSON body (e.g. a 401 of /api/v1) keeps it."""
+
+    async def unauthorized(_: web.Request) -> web.Response:
+        raise web.HTTPUnauthorized(
+            text=json.dumps({"error": {"code": "unauthorized", "message": "bearer token"}}),
+            content_type="application/json",
+        )
+
+    app = build_app(
+        settings=Settings(),
+        lookup=FakeLookup(),
+        publisher=FakePublisher(),
+        hasher=HASHER,
+        ciphers=FakeCiphers(),
+        readiness=lambda: asyncio.sleep(0, {}),
+        metrics=Metrics(),
+    )
+    app.router.add_get("/api/v1/accounts/x", unauthorized)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/api/v1/accounts/x")
+        document = await assert_error(response, 401, "unauthorized")
+        assert document["error"]["message"] == "bearer token"
