@@ -49,6 +49,7 @@ _REAUTH_ERRORS: Final = frozenset(
     {"invalid_grant", "interaction_required", "consent_required", "login_required"}
 )
 _MSAL_TIMEOUT_S: Final = 30.0
+_RESERVED_SCOPES: Final = frozenset({"openid", "profile", "offline_access"})
 
 
 class ReauthorizationRequired(SyncError):
@@ -177,6 +178,9 @@ class MsalTokenProvider:
         refresh_margin_s: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        reserved = {s.lower() for s in scopes} & _RESERVED_SCOPES
+        if reserved:  # MSAL adds these itself and raises ValueError if given
+            raise ValueError(f"scopes must not include {sorted(reserved)}")
         self._apps = apps
         self._store = store
         self._scopes = list(scopes)

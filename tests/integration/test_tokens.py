@@ -293,6 +293,14 @@ async def test_invalidate_forgets_the_in_memory_token(
     assert connected.loads == loads + 1
 
 
+def test_reserved_scopes_are_refused(apps: MsalApps) -> None:
+    """Passing a scope MSAL adds itself (offline_access, openid, profile) fails at construction."""
+    with pytest.raises(ValueError, match="offline_access"):
+        MsalTokenProvider(
+            apps=apps, store=MemoryStore(), scopes=("Calendars.ReadWrite", "offline_access")
+        )
+
+
 def test_instance_discovery_only_for_microsoft_hosts() -> None:
     """Instance discovery stays on for Microsoft's authority hosts and is off for others."""
     microsoft = MsalApps(
