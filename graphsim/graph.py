@@ -238,8 +238,11 @@ class GraphApi:
                     perms & {"User.ReadBasic.All", "User.Read.All"}):
                 raise GraphError(403, "Authorization_RequestDenied",
                                  "Insufficient privileges to complete the operation.")
-            user = target
-            return "user.get", None, lambda: self._json(user.to_graph())
+            profile = target.to_graph()
+
+            async def get_user() -> web.Response:
+                return self._json(profile)
+            return "user.get", None, get_user
         user, rest = self._mailbox(ctx, segs)
         rest_low = [s.lower() for s in rest]
         if rest_low[:1] == ["calendar"] and rest_low[1:2] == ["events"]:
