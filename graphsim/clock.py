@@ -45,7 +45,7 @@ class SimClock:
         self._speed = speed
 
     def sim_to_real_s(self, sim_seconds: float) -> float:
-        """Real seconds until `sim_seconds` of sim time have passed (inf when the clock is stopped)."""
+        """Real seconds for `sim_seconds` of sim time to pass (inf when the clock is stopped)."""
         if self._speed == 0:
             return float("inf")
         return sim_seconds / self._speed

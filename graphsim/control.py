@@ -66,8 +66,7 @@ class ControlApi:
             result: web.StreamResponse = await handler(request)
             return result
         try:
-            result = await handler(request)
-            return result
+            return await handler(request)  # type: ignore[no-any-return]
         except GraphError as err:
             return _ok({"error": {"code": err.code, "message": err.message}}, err.status)
         except (KeyError, ValueError, TypeError) as err:
@@ -78,7 +77,7 @@ class ControlApi:
         raw = await request.read()
         data = json.loads(raw) if raw else {}
         if not isinstance(data, dict):
-            raise ValueError("body must be a JSON object")
+            raise TypeError("body must be a JSON object")
         return data
 
     def _user_id(self, request: web.Request) -> str:

@@ -165,8 +165,13 @@ class DeliveryEngine:
                     limit = self.faults.batch_max_items or MAX_ITEMS_PER_POST
                     if self.faults.batch_max_items and self.faults.batch_window_ms:
                         deadline = time.monotonic() + self.faults.batch_window_ms / 1000
-                        while len(q.items) < limit and time.monotonic() < deadline:
-                            await asyncio.sleep(0.005)
+                        while len(q.items) < limit:
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                break
+                            q.wake.clear()
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(q.wake.wait(), remaining)
                     batch: list[QueuedItem] = []
                     while q.items and len(batch) < limit:
                         item = q.items.popleft()

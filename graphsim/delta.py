@@ -65,7 +65,7 @@ class DeltaEngine:
         self.pages.clear()
 
     def expire(self, user_id: str | None, mode: str) -> int:
-        """Make existing tokens (of one user or all) fail: mode 'gone' (410) or 'syncStateNotFound'."""
+        """Make existing tokens (of one user or all) fail: 'gone' (410) or 'syncStateNotFound'."""
         if mode not in {"gone", "syncStateNotFound"}:
             raise ValueError("mode must be 'gone' or 'syncStateNotFound'")
         count = 0
@@ -117,10 +117,9 @@ class DeltaEngine:
         entries: list[tuple[str, InstanceKey]] = []
         seen: set[InstanceKey] = set()
         for key, version in new.versions.items():
-            if old.versions.get(key) != version:
-                entries.append(("item", key))
-                seen.add(key)
-            elif self.faults.delta_replay and self.faults.rng.random() < self.faults.delta_replay:
+            replay = bool(self.faults.delta_replay) and (
+                self.faults.rng.random() < self.faults.delta_replay)
+            if old.versions.get(key) != version or replay:
                 entries.append(("item", key))
                 seen.add(key)
         for key in old.versions:

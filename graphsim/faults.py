@@ -48,13 +48,14 @@ class Faults:
             if name not in known:
                 raise KeyError(name)
             current = getattr(self, name)
+            coerced = value
             if isinstance(current, bool):
-                value = bool(value)
-            elif isinstance(current, int) and not isinstance(current, bool):
-                value = int(value)
+                coerced = bool(value)
+            elif isinstance(current, int):
+                coerced = int(value)
             elif isinstance(current, float):
-                value = float(value)
+                coerced = float(value)
             elif name.endswith("retry_after") and value is not None:
-                value = str(value)
-            setattr(self, name, value)
+                coerced = str(value)
+            setattr(self, name, coerced)
         self.rng.seed(self.seed)

@@ -77,7 +77,8 @@ class Counters:
 
 
 def _deny() -> GraphError:
-    return GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+    return GraphError(403, "ErrorAccessDenied",
+                      "Access is denied. Check credentials and try again.")
 
 
 class GraphApi:

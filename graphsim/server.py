@@ -34,7 +34,7 @@ class SimConfig:
     port: int = 0
     state_dir: Path = Path(".graphsim")
     client_id: str = DEFAULT_CLIENT_ID
-    client_secret: str = "graphsim-client-secret"  # noqa: S105  a simulator default, not a secret
+    client_secret: str = "graphsim-client-secret"  # noqa: S105  a well-known simulator default
     tenant_id: str = DEFAULT_TENANT_ID
     tenant_domain: str = "contoso.example"
     # (displayName, userPrincipalName) of the mailboxes created at start; ids derive from the UPN
@@ -117,7 +117,7 @@ class Simulator:
         site = web.TCPSite(self._runner, self.config.host, self.config.port,
                            ssl_context=self._tls.server_context())
         await site.start()
-        server = site._server  # noqa: SLF001  aiohttp exposes the bound port only here
+        server = site._server
         assert server is not None
         sockets = getattr(server, "sockets", None) or []
         self._port = sockets[0].getsockname()[1] if sockets else self.config.port
@@ -151,7 +151,7 @@ class Simulator:
         self.delta.reset()
         self.graph.reset()
         self.identity.state = type(self.identity.state)()
-        self.faults.update({k: v for k, v in Faults(seed=self.config.seed).to_json().items()})
+        self.faults.update(Faults(seed=self.config.seed).to_json())
         self.clock.reset()
         self.clock.set_speed(self.config.clock_speed)
         self._seed_directory()

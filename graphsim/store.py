@@ -478,10 +478,10 @@ class Store:
         if end < start:
             raise _bad("The end date occurs before the start date.",
                        "ErrorCalendarEndDateIsEarlierThanStartDate")
-        if all_day:
-            if start.time() != dt.time(0) or end.time() != dt.time(0) or end <= start:
-                raise _bad("If the event is an all-day event, start and end must be at midnight "
-                           "and span at least one day.", "ErrorPropertyValidationFailure")
+        if all_day and (start.time() != dt.time(0) or end.time() != dt.time(0)
+                        or end <= start):
+            raise _bad("If the event is an all-day event, start and end must be at midnight "
+                       "and span at least one day.", "ErrorPropertyValidationFailure")
 
     def create_event(self, user_id: str, payload: dict[str, Any], *,
                      notify: bool = True) -> tuple[EventRecord, bool]:

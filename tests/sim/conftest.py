@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import secrets
 import ssl
@@ -168,8 +169,6 @@ SubscribeFn = Callable[..., Awaitable[tuple[int, Any]]]
 @pytest.fixture
 def subscribe(sim: Simulator, receiver: Receiver) -> Callable[[Graph], SubscribeFn]:
     """subscribe(graph)(resource=..., **overrides) -> (status, body)."""
-    import datetime as dt
-
     def bind(graph: Graph) -> SubscribeFn:
         async def create(resource: str = "me/events", *, headers: dict[str, str] | None = None,
                          **overrides: Any) -> tuple[int, Any]:

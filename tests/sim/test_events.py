@@ -14,7 +14,7 @@ IMMUTABLE = {"Prefer": 'IdType="ImmutableId"'}
 
 async def test_create_get_patch_delete(me_graph: Graph) -> None:
     """An event round-trips; PATCH bumps changeKey even when nothing changes; DELETE → 404."""
-    status, created, headers = await me_graph.call("POST", "/me/events", event_body(
+    status, created, _headers = await me_graph.call("POST", "/me/events", event_body(
         location={"displayName": "Room 4"},
         attendees=[{"emailAddress": {"address": "zed@example.com"}, "type": "required"}]))
     assert status == 201
@@ -27,23 +27,28 @@ async def test_create_get_patch_delete(me_graph: Graph) -> None:
     assert "transactionId" not in created
     eid = created["id"]
     status, same, _ = await me_graph.call("PATCH", f"/me/events/{eid}", {})
-    assert status == 200 and same["changeKey"] != created["changeKey"]
+    assert status == 200
+    assert same["changeKey"] != created["changeKey"]
     status, patched, _ = await me_graph.call("PATCH", f"/me/events/{eid}", {"subject": "New"})
-    assert patched["subject"] == "New" and patched["location"]["displayName"] == "Room 4"
+    assert patched["subject"] == "New"
+    assert patched["location"]["displayName"] == "Room 4"
     status, got, _ = await me_graph.call("GET", f"/me/events/{eid}?$select=subject,start")
     assert set(got) == {"@odata.etag", "id", "subject", "start"}
     assert (await me_graph.call("DELETE", f"/me/events/{eid}"))[0] == 204
     status, err, _ = await me_graph.call("GET", f"/me/events/{eid}")
-    assert status == 404 and err["error"]["code"] == "ErrorItemNotFound"
+    assert status == 404
+    assert err["error"]["code"] == "ErrorItemNotFound"
 
 
 async def test_immutable_ids_and_both_forms_accepted(me_graph: Graph) -> None:
     """Prefer IdType=ImmutableId returns the immutable form; either form finds the event."""
     _, rest, _ = await me_graph.call("POST", "/me/events", event_body())
     status, imm, _ = await me_graph.call("GET", f"/me/events/{rest['id']}", headers=IMMUTABLE)
-    assert status == 200 and imm["id"] != rest["id"]
+    assert status == 200
+    assert imm["id"] != rest["id"]
     status, again, _ = await me_graph.call("GET", f"/me/events/{imm['id']}")
-    assert status == 200 and again["id"] == rest["id"]
+    assert status == 200
+    assert again["id"] == rest["id"]
 
 
 async def test_transaction_id_dedupes_creates(me_graph: Graph, control: SimControl,
@@ -52,7 +57,8 @@ async def test_transaction_id_dedupes_creates(me_graph: Graph, control: SimContr
     body = event_body(transactionId="txn-1")
     _, first, _ = await me_graph.call("POST", "/me/events", body)
     _, second, _ = await me_graph.call("POST", "/me/events", body)
-    assert first["id"] == second["id"] and first["transactionId"] == "txn-1"
+    assert first["id"] == second["id"]
+    assert first["transactionId"] == "txn-1"
     assert len(await control.events(ann)) == 1
 
 
@@ -67,7 +73,8 @@ async def test_time_zones(me_graph: Graph) -> None:
     assert shown["start"] == {"dateTime": "2026-12-03T01:00:00.0000000",
                               "timeZone": "Pacific Standard Time"}
     status, err, _ = await me_graph.call("POST", "/me/events", event_body(tz="Europe/Paris"))
-    assert status == 400 and err["error"]["code"] == "ErrorTimeZoneNotSupported"
+    assert status == 400
+    assert err["error"]["code"] == "ErrorTimeZoneNotSupported"
 
 
 async def test_extended_properties_expand_and_filter(me_graph: Graph) -> None:
@@ -83,7 +90,8 @@ async def test_extended_properties_expand_and_filter(me_graph: Graph) -> None:
     status, found, _ = await me_graph.call(
         "GET", f"/me/events?$filter=singleValueExtendedProperties/Any(ep: ep/id eq '{pid}' "
                "and ep/value eq 'rel-1')")
-    assert status == 200 and [e["id"] for e in found["value"]] == [created["id"]]
+    assert status == 200
+    assert [e["id"] for e in found["value"]] == [created["id"]]
 
 
 async def test_list_paging(app_graph: Graph, control: SimControl, ann: str) -> None:
@@ -105,7 +113,8 @@ async def test_delegated_token_cannot_read_other_mailbox(me_graph: Graph,
     bob = sim.store.find_user("bob@contoso.example")
     assert bob is not None
     status, err, _ = await me_graph.call("GET", f"/users/{bob.id}/events")
-    assert status == 403 and err["error"]["code"] == "ErrorAccessDenied"
+    assert status == 403
+    assert err["error"]["code"] == "ErrorAccessDenied"
 
 
 async def test_series_expansion_and_occurrence_edit(me_graph: Graph) -> None:
@@ -117,7 +126,8 @@ async def test_series_expansion_and_occurrence_edit(me_graph: Graph) -> None:
                           "range": {"type": "numbered", "startDate": "2026-12-07",
                                     "numberOfOccurrences": 6}})
     status, master, _ = await me_graph.call("POST", "/me/events", body)
-    assert status == 201 and master["type"] == "seriesMaster"
+    assert status == 201
+    assert master["type"] == "seriesMaster"
     window = "startDateTime=2026-12-01T00:00:00Z&endDateTime=2027-01-31T00:00:00Z"
     _, view, _ = await me_graph.call("GET", f"/me/calendarView?{window}&$top=50")
     occ = view["value"]
@@ -128,7 +138,9 @@ async def test_series_expansion_and_occurrence_edit(me_graph: Graph) -> None:
     assert len({o["iCalUId"] for o in occ}) == 6
     status, exc, _ = await me_graph.call("PATCH", f"/me/events/{occ[2]['id']}",
                                          {"subject": "Moved standup"})
-    assert status == 200 and exc["type"] == "exception" and exc["id"] == occ[2]["id"]
+    assert status == 200
+    assert exc["type"] == "exception"
+    assert exc["id"] == occ[2]["id"]
     assert (await me_graph.call("DELETE", f"/me/events/{occ[3]['id']}"))[0] == 204
     _, inst, _ = await me_graph.call("GET", f"/me/events/{master['id']}/instances?{window}")
     assert [i["type"] for i in inst["value"]].count("exception") == 1
@@ -145,7 +157,8 @@ async def test_concurrency_throttling(app_graph: Graph, control: SimControl, ann
     results = await asyncio.gather(*[app_graph.call("GET", f"/users/{ann}/events/{ids[0]}")
                                      for _ in range(8)])
     statuses = sorted(r[0] for r in results)
-    assert statuses.count(200) == 4 and statuses.count(429) == 4
+    assert statuses.count(200) == 4
+    assert statuses.count(429) == 4
     throttled = next(r for r in results if r[0] == 429)
     assert throttled[1]["error"]["code"] == "ApplicationThrottled"
     assert throttled[2]["Retry-After"] == "0.25"
@@ -156,4 +169,5 @@ async def test_random_503(app_graph: Graph, control: SimControl, ann: str) -> No
     """With random_503_rate=1 every Graph request answers 503 serviceNotAvailable."""
     await control.set_faults(random_503_rate=1.0)
     status, err, _ = await app_graph.call("GET", f"/users/{ann}/events")
-    assert status == 503 and err["error"]["code"] == "serviceNotAvailable"
+    assert status == 503
+    assert err["error"]["code"] == "serviceNotAvailable"

@@ -52,16 +52,19 @@ async def test_msal_auth_code_refresh_and_revocation(
     claims = result["id_token_claims"]
     ann = sim.store.find_user("ann@contoso.example")
     assert ann is not None
-    assert claims["oid"] == ann.id and claims["tid"] == sim.tenant_id
+    assert claims["oid"] == ann.id
+    assert claims["tid"] == sim.tenant_id
     assert claims["preferred_username"] == "ann@contoso.example"
     status, me, _ = await Graph(sim, http, result["access_token"]).call("GET", "/me")
-    assert status == 200 and me["id"] == ann.id
+    assert status == 200
+    assert me["id"] == ann.id
 
     accounts = await asyncio.to_thread(app.get_accounts)
     assert len(accounts) == 1
     refreshed = await asyncio.to_thread(app.acquire_token_silent, SCOPES, accounts[0],
                                         force_refresh=True)
-    assert refreshed and "access_token" in refreshed, refreshed
+    assert refreshed, "acquire_token_silent found nothing to refresh"
+    assert "access_token" in refreshed, refreshed
     assert refreshed["access_token"] != result["access_token"]
 
     await control.revoke_tokens(ann.id)
@@ -79,7 +82,8 @@ async def test_msal_client_credentials(sim: Simulator, http: aiohttp.ClientSessi
     assert "access_token" in result, result
     status, user, _ = await Graph(sim, http, result["access_token"]).call(
         "GET", "/users/bob@contoso.example")
-    assert status == 200 and user["userPrincipalName"] == "bob@contoso.example"
+    assert status == 200
+    assert user["userPrincipalName"] == "bob@contoso.example"
 
 
 async def test_refresh_tokens_rotate_and_old_ones_stay_valid(
@@ -138,7 +142,8 @@ async def test_consent_required_and_admin_consent(
     async with http.get(f"{sim.base_url}/{sim.tenant_id}/v2.0/adminconsent", params=consent,
                         allow_redirects=False) as resp:
         granted = parse_qs(urlsplit(resp.headers["Location"]).query)
-    assert granted["admin_consent"] == ["True"] and granted["tenant"] == [sim.tenant_id]
+    assert granted["admin_consent"] == ["True"]
+    assert granted["tenant"] == [sim.tenant_id]
     assert granted["state"] == ["adm"]
     assert (await delegated_tokens(sim, http))["access_token"]
 
@@ -160,7 +165,8 @@ async def test_graph_rejects_bad_and_revoked_access_tokens(
         sim: Simulator, http: aiohttp.ClientSession, control: SimControl, ann: str) -> None:
     """Graph answers 401 InvalidAuthenticationToken for garbage, expired and revoked tokens."""
     status, body, _ = await Graph(sim, http, "garbage").call("GET", "/me")
-    assert status == 401 and body["error"]["code"] == "InvalidAuthenticationToken"
+    assert status == 401
+    assert body["error"]["code"] == "InvalidAuthenticationToken"
     assert "request-id" in body["error"]["innerError"]
     token = (await delegated_tokens(sim, http))["access_token"]
     graph = Graph(sim, http, token)

@@ -35,8 +35,11 @@ async def test_handshake_validates_both_urls(
     validations = await control.deliveries(kind="validation")
     assert [v["url"] for v in validations] == [f"{receiver.url}/notify?tenant=acme",
                                                f"{receiver.url}/lifecycle"]
-    assert body["clientState"] == "sub-secret-1" and body["notificationQueryOptions"] is None
-    assert body["applicationId"] and body["creatorId"] and body["id"]
+    assert body["clientState"] == "sub-secret-1"
+    assert body["notificationQueryOptions"] is None
+    assert body["applicationId"]
+    assert body["creatorId"]
+    assert body["id"]
     assert body["latestSupportedTlsVersion"] == "v1_2"
 
 
@@ -76,7 +79,8 @@ async def test_renew_and_list_and_delete(me_graph: Graph, sim: Simulator,
     new_expiry = (sim.clock.now() + dt.timedelta(hours=60)).isoformat()
     status, renewed, _ = await me_graph.call("PATCH", f"/subscriptions/{sub['id']}",
                                              {"expirationDateTime": new_expiry})
-    assert status == 200 and renewed["expirationDateTime"] != sub["expirationDateTime"]
+    assert status == 200
+    assert renewed["expirationDateTime"] != sub["expirationDateTime"]
     _, listed, _ = await me_graph.call("GET", "/subscriptions")
     assert [s["id"] for s in listed["value"]] == [sub["id"]]
     assert (await me_graph.call("DELETE", f"/subscriptions/{sub['id']}"))[0] == 204
@@ -125,7 +129,7 @@ async def test_undeliverable_items_dropped_after_4h_with_missed(
         app_graph: Graph, control: SimControl, receiver: Receiver, ann: str,
         subscribe: Callable[[Graph], SubscribeFn]) -> None:
     """After 4 h of sim time of failures the items are dropped and `missed` is sent."""
-    _, sub = await subscribe(app_graph)(
+    _, _sub = await subscribe(app_graph)(
         resource=f"users/{ann}/events",
         notificationUrl=f"{receiver.url}/notify", lifecycleNotificationUrl=f"{receiver.url}/lc")
     receiver.fail_next = 10_000
