@@ -179,7 +179,7 @@ class InboundHandler:
         if not groups:
             return []
 
-        async def fetch(event_hash: str) -> dict[str, Any] | None | BaseException:
+        async def fetch(event_hash: str) -> dict[str, Any] | BaseException | None:
             try:
                 return await self._graph.get_event(
                     account_id, user_id, event_ids[event_hash], select=SELECT

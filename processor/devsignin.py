@@ -25,9 +25,11 @@ async def sign_in_headless(
 ) -> tuple[dict[str, Any], str]:
     """Run the authorization-code flow; returns (ID-token claims, serialized token cache)."""
     flow = await initiate_flow_async(
-        apps, redirect_uri=redirect_uri, scopes=DEFAULT_SCOPES, tenant=tenant
+        apps, response_mode="query", redirect_uri=redirect_uri, scopes=DEFAULT_SCOPES, tenant=tenant
     )
-    context = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else None
+    context: ssl.SSLContext | bool = (
+        ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
+    )
     async with (
         aiohttp.ClientSession(trust_env=False) as http,
         http.get(flow["auth_uri"], allow_redirects=False, ssl=context) as resp,

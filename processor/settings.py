@@ -245,7 +245,8 @@ def load_settings(
     merged.update({key: value for key, value in env.items() if value.strip()})
     r = _Reader(merged, required)
     defaults = Settings()
-    master_keys = r.parse("M365SYNC_MASTER_KEYS", parse_master_keys, ())
+    no_keys: tuple[MasterKey, ...] = ()
+    master_keys = r.parse("M365SYNC_MASTER_KEYS", parse_master_keys, no_keys)
     hash_key = r.parse("M365SYNC_HASH_KEY", parse_hash_key, b"")
     public_url = r.get("M365SYNC_PUBLIC_URL")
     return Settings(

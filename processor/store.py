@@ -13,6 +13,7 @@ are serialized by the shard queues (see :mod:`processor.topology`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -65,6 +66,10 @@ class Store:
         self.hasher = hasher
         self._ciphers = cipher_cache or CipherCache()
         self.accounts = db["accounts"]
+        # Data keys live apart from the account document: only creation, rotation and
+        # erasure write them, so a rotation never races a status update (FerretDB's
+        # updates are not atomic against concurrent writers).
+        self.data_keys = db["data_keys"]
         self.token_caches = db["token_caches"]
         self.subscriptions = db["subscriptions"]
         self.events = db["events"]
@@ -89,20 +94,25 @@ class Store:
         wrapped, cipher = self.keyring.new_data_key(account_id)
         now = utcnow()
         try:
+            await self.data_keys.insert_one(
+                {"_id": account_id, "schema": SCHEMA_VERSION, **wrapped.to_doc(), "created_at": now}
+            )
+        except DuplicateKeyError:
+            cipher = await self.cipher_for(account_id)
+        else:
+            self._ciphers.put(account_id, cipher)
+        # Reconnecting keeps the account, its data and its mapping.
+        with contextlib.suppress(DuplicateKeyError):
             await self.accounts.insert_one(
                 {
                     "_id": account_id,
                     "schema": SCHEMA_VERSION,
                     "status": "backfilling",
                     "status_reason": "",
-                    "data_key": wrapped.to_doc(),
                     "created_at": now,
                     "updated_at": now,
                 }
             )
-        except DuplicateKeyError:
-            return await self.cipher_for(account_id)
-        self._ciphers.put(account_id, cipher)
         return cipher
 
     async def get_account(self, account_id: str) -> Document | None:
@@ -114,15 +124,42 @@ class Store:
         cached = self._ciphers.get(account_id)
         if cached is not None:
             return cached
-        doc = await self.accounts.find_one({"_id": account_id}, {"data_key": 1})
-        if doc is None or not doc.get("data_key"):
+        doc = await self.data_keys.find_one({"_id": account_id})
+        if doc is None:
             raise AccountUnavailable(account_id, "erased")
         try:
-            cipher = self.keyring.unwrap(account_id, WrappedKey.from_doc(doc["data_key"]))
+            cipher = self.keyring.unwrap(account_id, WrappedKey.from_doc(doc))
         except DecryptionError as exc:
             raise AccountUnavailable(account_id, "key unreadable") from exc
         self._ciphers.put(account_id, cipher)
         return cipher
+
+    async def rotate_data_keys(self) -> tuple[int, int]:
+        """Rewrap every data key not under the active master key; returns (rewrapped, total).
+
+        Data ciphertext is untouched (envelope encryption), so this runs beside live
+        traffic: a process holding an old wrapped key in its cache still has the same data
+        key, and one that reads the new wrapping unwraps it with the new master key.
+        """
+        rewrapped = total = 0
+        async for doc in self.data_keys.find({}):
+            total += 1
+            wrapped = WrappedKey.from_doc(doc)
+            if not self.keyring.needs_rewrap(wrapped):
+                continue
+            account_id = str(doc["_id"])
+            fresh = self.keyring.rewrap(account_id, wrapped)
+            await self.data_keys.update_one(
+                {"_id": account_id, "kid": wrapped.master_key_id},
+                {"$set": {**fresh.to_doc(), "rotated_at": utcnow()}},
+            )
+            rewrapped += 1
+        return rewrapped, total
+
+    async def destroy_data_key(self, account_id: str) -> None:
+        """Crypto-shred the account: without its data key none of its ciphertext reads."""
+        await self.data_keys.delete_one({"_id": account_id})
+        self._ciphers.evict(account_id)
 
     def forget_cipher(self, account_id: str) -> None:
         """Drop the cached key (after erasure or rotation)."""

@@ -358,12 +358,12 @@ def initiate_flow(
     login_hint: str | None = None,
     domain_hint: str | None = None,
     tenant: str = "organizations",
-    response_mode: str = "form_post",
+    response_mode: str = "query",
 ) -> dict[str, Any]:
     """Start an auth-code + PKCE flow; keep the whole dict server-side, send ``auth_uri``.
 
-    ``response_mode="form_post"`` (RFC 9700's advice, and MSAL warns otherwise) makes the
-    callback a POST with the code in the form body; ``"query"`` puts it in the URL.
+    The default ``"query"`` puts the code in the callback URL, because CONTRACT §2 fixes
+    ``GET /auth/callback``; ``"form_post"`` (RFC 9700's advice) would make it a POST.
     Blocking (MSAL fetches the discovery document): on the loop use :func:`initiate_flow_async`.
     """
     return _initiate(
@@ -384,7 +384,7 @@ async def initiate_flow_async(
     login_hint: str | None = None,
     domain_hint: str | None = None,
     tenant: str = "organizations",
-    response_mode: str = "form_post",
+    response_mode: str = "query",
 ) -> dict[str, Any]:
     """:func:`initiate_flow` with the blocking discovery off the event loop."""
     app = await asyncio.to_thread(apps.build, tenant=tenant)

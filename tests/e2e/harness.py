@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -96,8 +97,6 @@ class Stack:
 
     async def announcements(self) -> list[dict[str, Any]]:
         """Drain ``onerelation.inbound`` (as 1Relation would) and return the bodies."""
-        import json
-
         bodies = []
         channel = await self.rt.connection.channel()
         try:

@@ -293,7 +293,6 @@ async def test_subscription_create_renew_reauthorize_list_delete(
     assert await graph.list_subscriptions(ACCOUNT) == []
 
 
-@pytest.mark.xfail(reason="graphsim answers GET /me with 500 (handler not awaitable)", strict=False)
 async def test_me_returns_the_signed_in_user(
     graph_for: Callable[..., GraphClient], ann: str
 ) -> None:
