@@ -56,7 +56,7 @@ def describe_dead_letter(message: AbstractIncomingMessage) -> dict[str, Any]:
     origin_queue = headers.get(ORIGIN_QUEUE_HEADER)
     if reason is None and isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
         first = deaths[0]
-        reason = f"broker: {first.get('reason')} (after {first.get('count')} deaths)"
+        reason = f"broker: {first.get('reason')!s} (after {first.get('count')!s} deaths)"
         origin_queue = first.get("queue")
     if reason == "broker: delivery_limit (after 1 deaths)":
         reason = "delivery limit reached: the message kept failing with transient errors"
@@ -87,7 +87,7 @@ async def _read_dead_letters(
     connection = await broker_mod.connect(settings.amqp_url, name="m365sync:dlq")
     channel = await connection.channel()
     queue = await channel.get_queue(DEAD_QUEUE, ensure=False)
-    messages = []
+    messages: list[AbstractIncomingMessage] = []
     while len(messages) < MAX_DEAD_LETTERS:
         message = await queue.get(no_ack=False, fail=False)
         if message is None:
