@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 demo: venv services
 	$(BIN)/m365sync demo
 
-test: venv services
+test: venv services lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 venv: $(STAMP)
