@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from crypto import DataCipher, DecryptionError
+from processor.accounts import AccountStatuses, record_sync
 from processor.announce import Announcer
 from processor.broker import Outcome
 from processor.consumer import Delivery
@@ -83,10 +84,12 @@ class InboundHandler:
         events: EventStore,
         graph: GraphClient,
         announcer: Announcer,
+        statuses: AccountStatuses,
         metrics: Metrics,
         window: SyncWindow,
         run_delta: DeltaRunner | None = None,
     ) -> None:
+        self._statuses = statuses
         self._store = store
         self._events = events
         self._graph = graph
@@ -118,7 +121,14 @@ class InboundHandler:
                 if delivery.body.get("kind") == "resync" and delivery.outcome is None:
                     changes += await self._resync(account_id, user_id, cipher, delivery)
         except ReauthorizationRequired as exc:
-            await self._store.set_status(account_id, "reauthorization_required", exc.reason)
+            # Graph calls stop for this account; its messages are acked, not dead-lettered:
+            # the resync that follows a reconnect repairs whatever they pointed at.
+            try:
+                await self._statuses.set(account_id, "reauthorization_required", exc.reason)
+            except TransientError as publish_failure:
+                for delivery in deliveries:
+                    delivery.outcome = Outcome.requeue(str(publish_failure))
+                return
             for delivery in deliveries:
                 if delivery.outcome is None:
                     delivery.outcome = Outcome.ack()
@@ -130,6 +140,8 @@ class InboundHandler:
         # Announce this batch's changes; an "announce" message also sweeps what an earlier
         # crash left in the outbox. A failed publish leaves the marks for the relay.
         await self._announcer.flush(account_id, changes, sweep_outbox=sweep_outbox)
+        if any(d.outcome is not None and d.outcome.action == "ack" for d in deliveries):
+            await record_sync(self._store, account_id)
 
     async def _resync(
         self, account_id: str, user_id: str, cipher: DataCipher, delivery: Delivery

@@ -27,6 +27,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from crypto import CipherCache, Hasher, KeyRing
 from handlers.inbound import InboundHandler, SyncWindow, validate_inbound
 from processor import broker as broker_mod
+from processor.accounts import AccountStatuses
 from processor.announce import Announcer, OutboxRelay
 from processor.broker import ConfirmPublisher
 from processor.consumer import ShardConsumer
@@ -67,6 +68,7 @@ class Runtime:
     tokens: MsalTokenProvider
     graph: GraphClient
     announcer: Announcer
+    statuses: AccountStatuses
 
     async def readiness(self) -> dict[str, bool]:
         """Readiness checks: the broker connection and the database answer."""
@@ -135,7 +137,11 @@ async def build_runtime(
     announcer = Announcer(
         publisher=publisher, events=events, metrics=metrics, timeout_s=settings.publish_timeout_s
     )
+    statuses = AccountStatuses(
+        store=store, events=events, publisher=publisher, timeout_s=settings.publish_timeout_s
+    )
     return Runtime(
+        statuses=statuses,
         settings=settings,
         metrics=metrics,
         mongo=mongo,
@@ -192,6 +198,7 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         events=rt.events,
         graph=rt.graph,
         announcer=rt.announcer,
+        statuses=rt.statuses,
         metrics=rt.metrics,
         window=SyncWindow(rt.settings.sync_window_past_days, rt.settings.sync_window_future_days),
     )

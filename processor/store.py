@@ -33,6 +33,10 @@ log = get_logger(__name__)
 
 SCHEMA_VERSION = 1
 
+#: Collections whose documents carry ``expires_at`` and are removed by the sweeper
+#: (FerretDB has no TTL indexes). Modules that add such a collection list it here.
+EXPIRING_COLLECTIONS: list[str] = ["leases", "events"]
+
 Document = dict[str, Any]
 
 
@@ -368,7 +372,7 @@ class Store:
         """Remove expired records (FerretDB has no TTL indexes); returns counts per collection."""
         now = utcnow()
         counts = {}
-        for name in ("leases", "events"):
+        for name in EXPIRING_COLLECTIONS:
             result = await self.db[name].delete_many({"expires_at": {"$lt": now}})
             counts[name] = result.deleted_count
         return counts

@@ -1,0 +1,132 @@
+"""Account status: the closed list of CONTRACT §2, its document, and ``account.status``."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Final
+
+from processor.errors import TransientError
+from processor.event_store import EventStore
+from processor.interfaces import OutgoingMessage, Publisher, PublishError
+from processor.logs import get_logger
+from processor.store import Store, aad
+from processor.timeutil import isoformat_z, utcnow
+from processor.topology import ONERELATION_INBOUND
+
+log = get_logger(__name__)
+
+STATUSES: Final = frozenset(
+    {
+        "connected",
+        "backfilling",
+        "reauthorization_required",
+        "admin_consent_required",
+        "deletions_paused",
+        "disconnected",
+    }
+)
+
+#: What a person can do about each status (the default ``status_reason``).
+DEFAULT_REASONS: Final = {
+    "connected": "",
+    "backfilling": "The calendar is being copied for the first time; this takes a few minutes.",
+    "reauthorization_required": (
+        "Microsoft no longer accepts the stored sign-in: the user must click "
+        "'Connect to Microsoft' again."
+    ),
+    "admin_consent_required": (
+        "An administrator of the user's Microsoft 365 organisation must approve the app "
+        "before the user can connect."
+    ),
+    "deletions_paused": (
+        "Microsoft reported far more deletions than usual, so deleting was paused to protect "
+        "the data; an operator or a resync releases it."
+    ),
+    "disconnected": "The account is not connected to Microsoft 365.",
+}
+
+SYNC_STATE = "sync_state"
+
+
+class AccountStatuses:
+    """Changes account statuses and tells 1Relation (``account.status``) when one changes."""
+
+    def __init__(
+        self, *, store: Store, events: EventStore, publisher: Publisher, timeout_s: float
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._publisher = publisher
+        self._timeout_s = timeout_s
+
+    async def set(self, account_id: str, status: str, reason: str | None = None) -> bool:
+        """Set the status; publish ``account.status`` if it changed. Returns whether it did.
+
+        The message is published with confirms after the write; if the broker does not
+        confirm, :class:`TransientError` is raised so the caller's message is retried
+        (setting the same status again is harmless and publishes again).
+        """
+        if status not in STATUSES:
+            raise ValueError(f"unknown account status {status!r}")
+        text = DEFAULT_REASONS[status] if reason is None else reason
+        changed = await self._store.set_status(account_id, status, text)
+        if changed:
+            log.info("account.status_changed", account_id=account_id, status=status)
+            await self.publish(account_id)
+        return changed
+
+    async def publish(self, account_id: str) -> None:
+        """Publish the account's current status document on ``onerelation.inbound``."""
+        document = await self.document(account_id)
+        if document is None:
+            return
+        try:
+            await self._publisher.publish(
+                OutgoingMessage(
+                    exchange=ONERELATION_INBOUND,
+                    routing_key="account.status",
+                    body=document,
+                    message_id=uuid.uuid4().hex,
+                ),
+                timeout_s=self._timeout_s,
+            )
+        except PublishError as exc:
+            raise TransientError(f"account.status not confirmed: {exc}") from exc
+
+    async def document(self, account_id: str) -> dict[str, Any] | None:
+        """The status document of CONTRACT §2, or None for an unknown account."""
+        account = await self._store.get_account(account_id)
+        if account is None:
+            return None
+        sync = await self._store.db[SYNC_STATE].find_one({"_id": account_id}) or {}
+        tenant_id = None
+        if "tenant_ct" in account:
+            cipher = await self._store.cipher_for(account_id)
+            tenant_id = cipher.decrypt_str(
+                account["tenant_ct"], aad("accounts", account_id, "tenant")
+            )
+        expiries = [
+            doc["expires_at"]
+            async for doc in self._store.subscriptions.find(
+                {"account_id": account_id}, {"expires_at": 1}
+            )
+        ]
+        last_sync = sync.get("last_sync_at")
+        return {
+            "account_id": account_id,
+            "status": account.get("status", "disconnected"),
+            "status_reason": account.get("status_reason", ""),
+            "tenant_id": tenant_id,
+            "last_sync_at": isoformat_z(last_sync) if last_sync else None,
+            "subscription_expires_at": isoformat_z(max(expiries)) if expiries else None,
+            "event_count": await self._events.count_live(account_id),
+            "last_error": sync.get("last_error"),
+        }
+
+
+async def record_sync(store: Store, account_id: str, *, error: str | None = None) -> None:
+    """Note a finished sync step (written only by the account's shard owner)."""
+    fields: dict[str, Any] = {"last_error": error, "updated_at": utcnow()}
+    if error is None:
+        fields["last_sync_at"] = utcnow()
+    await store.db[SYNC_STATE].update_one({"_id": account_id}, {"$set": fields}, upsert=True)
