@@ -45,9 +45,15 @@ ORIGIN_QUEUE_HEADER = "x-m365sync-origin-queue"
 RETRIES_HEADER = "x-m365sync-retries"
 
 
-async def connect(url: str, *, name: str) -> AbstractRobustConnection:
+async def connect(
+    url: str, *, name: str, reconnect_interval_s: float = 2.0
+) -> AbstractRobustConnection:
     """Open the process's robust connection (reconnects and restores consumers itself)."""
-    return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+    return await aio_pika.connect_robust(
+        url,
+        client_properties={"connection_name": name},
+        reconnect_interval=reconnect_interval_s,
+    )
 
 
 class ConfirmPublisher:

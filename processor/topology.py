@@ -37,7 +37,8 @@ DEAD_QUEUE = "m365sync.dead-letters"
 #: Delay buckets of the retry queues, in seconds. A delayed message goes to the smallest
 #: bucket at least as long as the wait; its per-message TTL trims the wait to the asked value.
 RETRY_DELAYS_S: tuple[int, ...] = (1, 5, 30, 120, 600)
-DELAY_HEADER = "x-m365sync-delay"
+#: Matched by the retry headers exchange; RabbitMQ ignores ``x-`` headers when matching.
+DELAY_HEADER = "m365sync-delay"
 
 
 @dataclass(frozen=True)
