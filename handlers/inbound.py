@@ -110,6 +110,10 @@ class InboundHandler:
             return
         if account is None or account.get("status") in PAUSED_STATUSES or "user_ct" not in account:
             # No Graph calls while paused; the resync that follows a reconnect repairs it.
+            # Announcing what is already stored needs no Graph call, so the outbox still goes.
+            sweep = any(d.body.get("kind") == "announce" for d in deliveries)
+            if sweep and account is not None:
+                await self._announcer.flush(account_id, [], sweep_outbox=True)
             for delivery in deliveries:
                 delivery.outcome = Outcome.ack()
             return
