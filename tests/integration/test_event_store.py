@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -69,10 +70,14 @@ async def test_a_tombstone_is_not_resurrected_by_a_late_fetch_of_an_old_version(
     change = await events.upsert_version("acc-1", version(T2, "ck2"), cipher=cipher)
     assert change is not None
     deleted = await events.mark_deleted("acc-1", change.event_key)
-    assert deleted is not None and deleted.change == "deleted"
+    assert deleted is not None
+    assert deleted.change == "deleted"
     assert await events.mark_deleted("acc-1", change.event_key) is None
     tomb = await events.collection.find_one({"_id": change.event_key})
-    assert tomb is not None and tomb["deleted"] is True and "doc_ct" not in tomb and tomb["expires_at"]
+    assert tomb is not None
+    assert tomb["deleted"] is True
+    assert "doc_ct" not in tomb
+    assert tomb["expires_at"]
     assert await events.upsert_version("acc-1", version(T2, "ck2"), cipher=cipher) is None
     assert await events.upsert_version("acc-1", version(T1, "ck1"), cipher=cipher) is None
     assert await events.upsert_version("acc-1", version(T3, "ck3"), cipher=cipher) is not None
@@ -86,7 +91,8 @@ async def test_the_outbox_mark_is_cleared_only_for_its_own_change(
     cipher = await store.create_account("acc-1")
     old = await events.upsert_version("acc-1", version(T1, "ck1"), cipher=cipher)
     new = await events.upsert_version("acc-1", version(T2, "ck2"), cipher=cipher)
-    assert old is not None and new is not None
+    assert old is not None
+    assert new is not None
     await events.clear_announcement(old)
     assert [c.seq for c in await events.pending_announcements("acc-1")] == [new.seq]
     await events.clear_announcement(new)
@@ -97,7 +103,7 @@ async def test_token_cache_compare_and_swap_has_one_winner(
     mongo_db: AsyncDatabase[dict[str, Any]],
 ) -> None:
     """Two processes saving over the same version: exactly one succeeds (unique insert)."""
-    import asyncio
+
 
     store, _ = make_store(mongo_db)
     await store.ensure_indexes()
@@ -106,4 +112,5 @@ async def test_token_cache_compare_and_swap_has_one_winner(
     results = await asyncio.gather(*(store.save_token_cache("acc-1", f"cache-2-{i}", 1) for i in range(6)))
     assert results.count(True) == 1
     text, version_ = await store.load_token_cache("acc-1") or ("", 0)
-    assert version_ == 2 and text.startswith("cache-2-")
+    assert version_ == 2
+    assert text.startswith("cache-2-")
