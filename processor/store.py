@@ -35,7 +35,14 @@ SCHEMA_VERSION = 1
 
 #: Collections whose documents carry ``expires_at`` and are removed by the sweeper
 #: (FerretDB has no TTL indexes). Modules that add such a collection list it here.
-EXPIRING_COLLECTIONS: list[str] = ["leases", "events"]
+EXPIRING_COLLECTIONS: list[str] = [
+    "leases",
+    "events",
+    # Connect and consent (subscriptions/connect.py, consent.py, links.py).
+    "used_links",
+    "connect_flows",
+    "consent_flows",
+]
 
 Document = dict[str, Any]
 
@@ -376,6 +383,37 @@ class Store:
             result = await self.db[name].delete_many({"expires_at": {"$lt": now}})
             counts[name] = result.deleted_count
         return counts
+
+    # ------------------------------------------------------------------ service keys
+
+    async def service_cipher(self, purpose: str) -> DataCipher:
+        """A data key of the service itself (e.g. ``"connect"`` for flow state in progress).
+
+        Kept in ``data_keys`` as ``_service:<purpose>`` beside the accounts' keys, so that
+        ``keys rotate`` rewraps it too; 1Relation account ids never start with ``_``. The
+        first process to need it creates it (a unique-key insert decides a race).
+        """
+        key_id = f"_service:{purpose}"
+        cached = self._ciphers.get(key_id)
+        if cached is not None:
+            return cached
+        if await self.data_keys.find_one({"_id": key_id}, {"_id": 1}) is None:
+            wrapped, cipher = self.keyring.new_data_key(key_id)
+            try:
+                await self.data_keys.insert_one(
+                    {
+                        "_id": key_id,
+                        "schema": SCHEMA_VERSION,
+                        **wrapped.to_doc(),
+                        "created_at": utcnow(),
+                    }
+                )
+            except DuplicateKeyError:
+                pass
+            else:
+                self._ciphers.put(key_id, cipher)
+                return cipher
+        return await self.cipher_for(key_id)
 
 
 async def wait_for_database(db: AsyncDatabase[Document], *, timeout_s: float) -> None:
