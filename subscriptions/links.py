@@ -1,0 +1,257 @@
+"""Connect and consent links: the HS256 JWTs 1Relation signs (CONTRACT §2).
+
+A link is checked completely (format, algorithm, signature under any configured secret,
+claims, ``return_url`` origin) before its ``jti`` is consumed, so a rejected token never
+uses up anything. The ``jti`` is consumed by a unique-key insert into ``used_links``,
+atomic on FerretDB too (an update would not be); the record expires a while after the
+token does, when a replay would fail on ``exp`` anyway, and the sweeper removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol
+from urllib.parse import urlsplit
+
+import jwt
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from crypto import Hasher
+from processor.settings import canonical_origin
+from processor.store import SCHEMA_VERSION, Document
+from processor.timeutil import utcnow
+
+__all__ = [
+    "ACCOUNT_ID_PATTERN",
+    "USED_LINKS",
+    "Link",
+    "LinkRejected",
+    "LinkVerifier",
+    "MongoUsedLinks",
+    "UsedLinkStore",
+    "is_account_id",
+    "is_guid",
+]
+
+USED_LINKS: Final = "used_links"
+ALGORITHM: Final = "HS256"
+#: Longest token looked at; a real link is a few hundred characters.
+MAX_TOKEN_CHARS: Final = 4096
+#: Clock skew tolerated between 1Relation and us on ``exp``/``nbf``/``iat``.
+LEEWAY_S: Final = 30
+#: Longest lifetime accepted: CONTRACT suggests 15 minutes; an hour allows for slow clocks
+#: and keeps the used-link records (which live as long as the token) short-lived.
+MAX_LIFETIME_S: Final = 3600
+#: How long a used ``jti`` is kept beyond the token's expiry (more than the leeway).
+USED_LINK_MARGIN_S: Final = 600
+MAX_RETURN_URL_CHARS: Final = 2048
+#: 1Relation account ids: a conservative charset, safe in URLs, logs and lease names.
+ACCOUNT_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_JWS: Final = jwt.PyJWS()
+_JTI: Final = re.compile(r"[\x21-\x7e]{1,256}")
+_GUID: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+_DOMAIN: Final = re.compile(
+    r"(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+)
+
+
+def is_guid(value: object) -> bool:
+    """True when ``value`` is a GUID (a tenant id, as opposed to a domain)."""
+    return isinstance(value, str) and _GUID.fullmatch(value) is not None
+
+
+def is_account_id(value: object) -> bool:
+    """True when ``value`` is a well-formed 1Relation account id."""
+    return isinstance(value, str) and ACCOUNT_ID_PATTERN.fullmatch(value) is not None
+
+
+class LinkRejected(Exception):
+    """A link that starts nothing: ``status`` 400 (not a JWT) or 403, and a stable ``code``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Link:
+    """A verified, consumed link."""
+
+    account_id: str
+    jti: str
+    expires_at: datetime
+    return_url: str | None
+    tenant: str | None
+
+    @property
+    def tenant_is_guid(self) -> bool:
+        """True when ``tenant`` names a tenant id rather than a domain."""
+        return is_guid(self.tenant)
+
+
+class UsedLinkStore(Protocol):
+    """Remembers consumed link ids."""
+
+    async def consume(self, link_hash: str, *, expires_at: datetime) -> bool:
+        """Record the id; False when it was recorded before (a replay)."""
+
+
+class MongoUsedLinks:
+    """``used_links``: one document per consumed ``jti`` (keyed hash), with ``expires_at``."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self._collection = db[USED_LINKS]
+
+    async def consume(self, link_hash: str, *, expires_at: datetime) -> bool:
+        """A unique-key insert: exactly one concurrent caller wins."""
+        try:
+            await self._collection.insert_one(
+                {
+                    "_id": link_hash,
+                    "schema": SCHEMA_VERSION,
+                    "used_at": utcnow(),
+                    "expires_at": expires_at,
+                }
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
+
+def _forbidden(code: str, message: str) -> LinkRejected:
+    return LinkRejected(403, code, message)
+
+
+class LinkVerifier:
+    """Verifies connect and consent tokens exactly as CONTRACT §2 says, then consumes them."""
+
+    def __init__(
+        self,
+        *,
+        secrets: tuple[str, ...],
+        return_url_origins: tuple[str, ...],
+        used: UsedLinkStore,
+        hasher: Hasher,
+        max_lifetime_s: float = MAX_LIFETIME_S,
+    ) -> None:
+        if not secrets:
+            raise ValueError("at least one connect secret is required")
+        self._secrets = tuple(s.encode("utf-8") for s in secrets)
+        self._origins = frozenset(canonical_origin(o) for o in return_url_origins)
+        self._used = used
+        self._hasher = hasher
+        self._max_lifetime_s = max_lifetime_s
+
+    async def verify(self, token: str | None) -> Link:
+        """Check ``token`` completely, then consume its ``jti``; raises :class:`LinkRejected`."""
+        link = self.check(token)
+        consumed = await self._used.consume(
+            self._hasher.hash_id("link_jti", link.jti),
+            expires_at=link.expires_at + timedelta(seconds=LEEWAY_S + USED_LINK_MARGIN_S),
+        )
+        if not consumed:
+            raise _forbidden("token_replayed", "this link was used already; ask for a new one")
+        return link
+
+    def check(self, token: str | None) -> Link:
+        """Format, algorithm, signature and claims; consumes nothing."""
+        if not token or len(token) > MAX_TOKEN_CHARS or token.count(".") != 2:
+            raise LinkRejected(400, "invalid_token", "the token is not a JWT")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise LinkRejected(400, "invalid_token", "the token is not a JWT") from None
+        if header.get("alg") != ALGORITHM:
+            raise _forbidden("unsupported_algorithm", "the token must be signed with HS256")
+        claims = self._decode(token)
+        return self._claims(claims)
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        for secret in self._secrets:
+            try:
+                payload = _JWS.decode(token, secret, algorithms=[ALGORITHM])
+            except jwt.InvalidSignatureError:
+                continue  # try the next secret (rotation)
+            except jwt.InvalidTokenError:
+                raise LinkRejected(400, "invalid_token", "the token is not a JWT") from None
+            try:
+                body = json.loads(payload)
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):  # a JWS, but its payload is no claims set
+                raise LinkRejected(400, "invalid_token", "the token is not a JWT")
+            return self._validated(token, secret)
+        raise _forbidden("bad_signature", "the token's signature does not verify")
+
+    @staticmethod
+    def _validated(token: str, secret: bytes) -> dict[str, Any]:
+        """The registered claims checked by PyJWT (signature known good by now)."""
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                secret,
+                algorithms=[ALGORITHM],
+                leeway=LEEWAY_S,
+                options={"require": ["exp", "sub", "jti"], "verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise _forbidden("token_expired", "the link has expired; ask for a new one") from None
+        except jwt.ImmatureSignatureError:
+            raise _forbidden("token_not_yet_valid", "the link is not valid yet") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise _forbidden("invalid_claims", f"the token lacks {exc.claim!r}") from None
+        except jwt.InvalidTokenError as exc:  # exp/iat/nbf/sub/jti of the wrong type
+            raise _forbidden("invalid_claims", f"the token's claims are invalid: {exc}") from None
+        return claims
+
+    def _claims(self, claims: dict[str, Any]) -> Link:
+        sub, jti, exp = claims.get("sub"), claims.get("jti"), claims.get("exp")
+        if not is_account_id(sub):
+            raise _forbidden("invalid_claims", "sub is not a valid account id")
+        if not isinstance(jti, str) or not _JTI.fullmatch(jti):
+            raise _forbidden("invalid_claims", "jti must be a short printable string")
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise _forbidden("invalid_claims", "exp must be a number")
+        if exp > time.time() + self._max_lifetime_s + LEEWAY_S:
+            raise _forbidden("lifetime_too_long", "the link's exp is too far in the future")
+        return Link(
+            account_id=str(sub),
+            jti=jti,
+            expires_at=datetime.fromtimestamp(float(exp), UTC),
+            return_url=self._return_url(claims.get("return_url")),
+            tenant=_tenant(claims.get("tenant")),
+        )
+
+    def _return_url(self, value: object) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value or len(value) > MAX_RETURN_URL_CHARS:
+            raise _forbidden("return_url_not_allowed", "return_url is not a usable URL")
+        try:
+            parts = urlsplit(value)
+            origin = canonical_origin(value)
+        except ValueError:
+            raise _forbidden("return_url_not_allowed", "return_url is not a usable URL") from None
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.username is not None
+            or origin not in self._origins
+        ):
+            raise _forbidden("return_url_not_allowed", "return_url's origin is not allowed")
+        return value
+
+
+def _tenant(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and (_GUID.fullmatch(value) or _DOMAIN.fullmatch(value)):
+        return value.lower()
+    raise _forbidden("invalid_claims", "tenant must be a tenant id (GUID) or a domain")
