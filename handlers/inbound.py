@@ -27,6 +27,7 @@ from processor.errors import (
 from processor.event_store import KEPT_FIELDS, Change, EventStore
 from processor.graph import GraphClient
 from processor.logs import get_logger
+from processor.mapping import LinkStore
 from processor.messages import INBOUND_SCHEMA, unb64
 from processor.metrics import Metrics
 from processor.store import Store
@@ -87,8 +88,10 @@ class InboundHandler:
         statuses: AccountStatuses,
         metrics: Metrics,
         window: SyncWindow,
+        links: LinkStore | None = None,
         run_delta: DeltaRunner | None = None,
     ) -> None:
+        self._links = links
         self._statuses = statuses
         self._store = store
         self._events = events
@@ -246,7 +249,18 @@ class InboundHandler:
             self._count(changes)
             return changes
         changes = []
-        written = await self._events.upsert_version(account_id, event, cipher=cipher)
+        echo, relation_event_id = False, None
+        if self._links is not None:
+            echo, relation_event_id = await self._links.echo_of(
+                account_id, event_hash, event, cipher
+            )
+        if echo:
+            # The notification about our own write for 1Relation: store Graph's version,
+            # tell 1Relation nothing (it made the change).
+            self._metrics.echoes_suppressed.inc()
+        written = await self._events.upsert_version(
+            account_id, event, cipher=cipher, announce=not echo, relation_event_id=relation_event_id
+        )
         if written is not None:
             changes.append(written)
         if event.get("type") == "seriesMaster":

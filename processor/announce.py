@@ -40,7 +40,7 @@ class Announcer:
         self._metrics = metrics
         self._timeout_s = timeout_s
 
-    def message_for(self, change: Change, relation_event_id: str | None = None) -> OutgoingMessage:
+    def message_for(self, change: Change) -> OutgoingMessage:
         """The announcement of one change (its id is stable, so a re-send is recognisable)."""
         return OutgoingMessage(
             exchange=ONERELATION_INBOUND,
@@ -51,7 +51,7 @@ class Announcer:
                 change=change.change,
                 origin="microsoft",
                 last_modified=change.last_modified,
-                relation_event_id=relation_event_id,
+                relation_event_id=change.relation_event_id,
             ),
             message_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{change.event_key}:{change.seq}")),
         )

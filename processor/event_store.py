@@ -55,6 +55,7 @@ class Change:
     change: str  # "upserted" | "deleted"
     last_modified: datetime | None
     seq: int
+    relation_event_id: str | None = None
 
 
 class EventStore:
@@ -72,7 +73,13 @@ class EventStore:
         return self._hasher.hash_id("event", account_id, graph_id)
 
     async def upsert_version(
-        self, account_id: str, event: Mapping[str, Any], *, cipher: DataCipher
+        self,
+        account_id: str,
+        event: Mapping[str, Any],
+        *,
+        cipher: DataCipher,
+        announce: bool = True,
+        relation_event_id: str | None = None,
     ) -> Change | None:
         """Store ``event`` unless the stored version is the same or newer; None when stale.
 
@@ -100,13 +107,19 @@ class EventStore:
             "end": end,
             "type": event.get("type", "singleInstance"),
             "series": self.event_key(account_id, str(series_id)) if series_id else None,
-            "announce": {
+            "relation_event_id": relation_event_id,
+            "updated_at": utcnow(),
+        }
+        unset: dict[str, str] = {"expires_at": ""}
+        if announce:
+            fields["announce"] = {
                 "seq": seq,
                 "change": "upserted",
                 "last_modified": last_modified,
-            },
-            "updated_at": utcnow(),
-        }
+                "relation_event_id": relation_event_id,
+            }
+        # Without a mark the write is our own echo: nothing to tell 1Relation (an older
+        # change's unannounced mark, if any, is left for the outbox to send).
         try:
             await self.collection.update_one(
                 {
@@ -116,12 +129,14 @@ class EventStore:
                         {"lm": last_modified, "ck": {"$ne": change_key}},
                     ],
                 },
-                {"$set": fields, "$unset": {"expires_at": ""}},
+                {"$set": fields, "$unset": unset},
                 upsert=True,
             )
         except DuplicateKeyError:
             return None
-        return Change(account_id, key, "upserted", last_modified, seq)
+        if not announce:
+            return None
+        return Change(account_id, key, "upserted", last_modified, seq, relation_event_id)
 
     async def mark_deleted(self, account_id: str, event_key: str) -> Change | None:
         """Turn a live event into a tombstone (content erased); None if absent or deleted.
@@ -130,7 +145,8 @@ class EventStore:
         one cannot resurrect the event; it expires after the tombstone TTL.
         """
         doc = await self.collection.find_one(
-            {"_id": event_key, "account_id": account_id}, {"deleted": 1, "lm": 1}
+            {"_id": event_key, "account_id": account_id},
+            {"deleted": 1, "lm": 1, "relation_event_id": 1},
         )
         if doc is None or doc.get("deleted"):
             return None
@@ -142,13 +158,20 @@ class EventStore:
                 "$set": {
                     "deleted": True,
                     "expires_at": now + timedelta(seconds=self._tombstone_ttl_s),
-                    "announce": {"seq": seq, "change": "deleted", "last_modified": doc.get("lm")},
+                    "announce": {
+                        "seq": seq,
+                        "change": "deleted",
+                        "last_modified": doc.get("lm"),
+                        "relation_event_id": doc.get("relation_event_id"),
+                    },
                     "updated_at": now,
                 },
                 "$unset": {"doc_ct": ""},
             },
         )
-        return Change(account_id, event_key, "deleted", doc.get("lm"), seq)
+        return Change(
+            account_id, event_key, "deleted", doc.get("lm"), seq, doc.get("relation_event_id")
+        )
 
     async def series_instance_keys(self, account_id: str, series_key: str) -> set[str]:
         """Keys of the live stored occurrences and exceptions of a series."""
@@ -178,6 +201,7 @@ class EventStore:
                 doc["announce"]["change"],
                 doc["announce"].get("last_modified"),
                 int(doc["announce"]["seq"]),
+                doc["announce"].get("relation_event_id"),
             )
             async for doc in cursor
         ]

@@ -97,8 +97,13 @@ def amqp_url(vhost: str) -> str:
 
 
 @pytest.fixture
-def mongodb_url() -> str:
-    return with_database(base_mongodb_url(), f"m365sync_test_{uuid.uuid4().hex[:12]}")
+async def mongodb_url() -> AsyncIterator[str]:
+    """A private database's URL; the database is dropped afterwards, whoever used it."""
+    url = with_database(base_mongodb_url(), f"m365sync_test_{uuid.uuid4().hex[:12]}")
+    yield url
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(url, serverSelectionTimeoutMS=5000)
+    await client.drop_database(client.get_default_database().name)
+    await client.close()
 
 
 @pytest.fixture
@@ -109,5 +114,4 @@ async def mongo_db(mongodb_url: str) -> AsyncIterator[AsyncDatabase[dict[str, ob
     )
     db = client.get_default_database()
     yield db
-    await client.drop_database(db.name)
     await client.close()

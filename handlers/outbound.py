@@ -1,0 +1,526 @@
+"""Outbound: 1Relation's changes written to Microsoft 365, in order, once, without echo.
+
+Two consumers. The *intake* takes ``onerelation.outbound``, validates each message, turns
+an invalid one into a dead letter plus ``event.rejected``, encrypts a valid one under the
+account's key and routes it to the account's outbound shard. The *applier* is the single
+active consumer of that shard: it applies one account's changes in revision order.
+
+Rules (README "Outbound"): a revision at or below the applied one is a no-op; a create
+carries a ``transactionId`` derived from account and 1Relation id, so a retry after a crash
+cannot create a second event; an update PATCHes only the fields that differ from what
+Outlook has; a field group changed on both sides since the last sync goes to the newer
+change, and a lost 1Relation change is reported as ``event.conflict``; a meeting the
+account does not organise is not written; Graph's 404 on PATCH means the user deleted it
+in Outlook: it is not recreated, and 1Relation hears ``event.deleted`` from Microsoft.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from crypto import DataCipher, DecryptionError
+from handlers.outbound_validation import (
+    FIELD_GROUPS,
+    MAX_MESSAGE_BYTES,
+    InvalidMessage,
+    OutboundChange,
+    validate_message,
+)
+from processor.accounts import AccountStatuses
+from processor.broker import Outcome
+from processor.consumer import Delivery
+from processor.errors import (
+    AccountUnavailable,
+    PermanentError,
+    ThrottledError,
+    TransientError,
+)
+from processor.event_store import EventStore
+from processor.graph import GraphClient
+from processor.interfaces import OutgoingMessage, Publisher, PublishError
+from processor.logs import get_logger
+from processor.mapping import Link, LinkStore, comparable
+from processor.messages import b64, event_change_body, unb64
+from processor.metrics import Metrics
+from processor.store import Store
+from processor.timeutil import isoformat_z, parse_graph_datetime
+from processor.tokens import ReauthorizationRequired
+from processor.topology import ONERELATION_INBOUND, OUTBOUND_EXCHANGE, shard_routing_key
+
+log = get_logger(__name__)
+
+OUTBOUND_SCHEMA = "m365sync.outbound.v1"
+#: Marks events the service created in Outlook (a single-value extended property).
+ORIGIN_PROPERTY_ID = "String {7d3f3b4e-6f1c-4c55-9a0e-2b8f6a1d9c21} Name m365syncOrigin"
+TRANSACTION_NAMESPACE = uuid.UUID("0f8d4c1e-9a57-4b7e-8f2d-3c6b5a4e1d90")
+PAUSED_STATUSES = frozenset({"reauthorization_required", "admin_consent_required", "disconnected"})
+
+#: How a cleared (null) field is written to Graph.
+_CLEARED: Mapping[str, Any] = {
+    "subject": "",
+    "body": {"contentType": "text", "content": ""},
+    "location": {"displayName": ""},
+    "attendees": [],
+    "categories": [],
+    "recurrence": None,
+    "showAs": "busy",
+    "sensitivity": "normal",
+}
+
+
+def _aad(account_id: str, relation_event_id: str, revision: int) -> bytes:
+    return f"outbound|{account_id}|{relation_event_id}|{revision}|event".encode()
+
+
+def transaction_id(account_id: str, relation_event_id: str, generation: int) -> str:
+    """The create's ``transactionId``: the same for every retry of one creation."""
+    return str(
+        uuid.uuid5(TRANSACTION_NAMESPACE, f"{account_id}\x00{relation_event_id}\x00{generation}")
+    )
+
+
+def to_graph(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The Graph body for ``fields`` (null means cleared)."""
+    return {
+        name: (_CLEARED.get(name) if value is None else value) for name, value in fields.items()
+    }
+
+
+class Reporter:
+    """Publishes ``event.rejected``, ``event.conflict`` and ``event.deleted`` to 1Relation."""
+
+    def __init__(self, *, publisher: Publisher, metrics: Metrics, timeout_s: float) -> None:
+        self._publisher = publisher
+        self._metrics = metrics
+        self._timeout_s = timeout_s
+        self.rejected = metrics.counter(
+            "outbound_rejected_total", "Outbound messages rejected, by kind of problem.", ("kind",)
+        )
+
+    async def _send(self, routing_key: str, body: dict[str, Any]) -> None:
+        try:
+            await self._publisher.publish(
+                OutgoingMessage(
+                    exchange=ONERELATION_INBOUND,
+                    routing_key=routing_key,
+                    body=body,
+                    message_id=uuid.uuid4().hex,
+                ),
+                timeout_s=self._timeout_s,
+            )
+        except PublishError as exc:
+            raise TransientError(f"{routing_key} not confirmed") from exc
+
+    async def rejected_change(
+        self,
+        account_id: str | None,
+        relation_event_id: str | None,
+        revision: Any,
+        reason: str,
+        kind: str,
+    ) -> None:
+        """``event.rejected``: the message could not be applied, and why."""
+        self.rejected.labels(kind=kind).inc()
+        if relation_event_id is None:
+            return  # nothing 1Relation could match it to; the dead letter keeps it
+        await self._send(
+            "event.rejected",
+            {
+                "schema": "m365sync.event-rejected.v1",
+                "account_id": account_id,
+                "relation_event_id": relation_event_id,
+                "revision": revision if isinstance(revision, int) else None,
+                "reason": reason,
+            },
+        )
+
+    async def conflict(
+        self, link: Link, change: OutboundChange, lost: Sequence[str], lm: Any
+    ) -> None:
+        """``event.conflict``: 1Relation's change to these fields lost to a newer Outlook one."""
+        body = event_change_body(
+            account_id=link.account_id,
+            event_key=link.event_key or "",
+            change="conflict",
+            origin="microsoft",
+            last_modified=lm,
+            relation_event_id=link.relation_event_id,
+        )
+        body["lost_fields"] = sorted(lost)
+        body["revision"] = change.revision
+        await self._send("event.conflict", body)
+
+    async def deleted_in_outlook(self, link: Link) -> None:
+        """``event.deleted`` from Microsoft: the user deleted the event in Outlook."""
+        await self._send(
+            "event.deleted",
+            event_change_body(
+                account_id=link.account_id,
+                event_key=link.event_key or "",
+                change="deleted",
+                origin="microsoft",
+                last_modified=None,
+                relation_event_id=link.relation_event_id,
+            ),
+        )
+
+
+def validate_intake(body: dict[str, Any]) -> str | None:
+    """Grouping needs an account id; everything else is checked by the intake handler."""
+    return None if isinstance(body.get("account_id"), str) else "account_id missing or not text"
+
+
+def validate_shard(body: dict[str, Any]) -> str | None:
+    """Shape of the service's own outbound shard messages."""
+    if body.get("schema") != OUTBOUND_SCHEMA or not isinstance(body.get("account_id"), str):
+        return "not an m365sync.outbound.v1 message"
+    return None
+
+
+class IntakeHandler:
+    """Validates 1Relation's messages and routes valid ones, encrypted, to account shards."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        publisher: Publisher,
+        reporter: Reporter,
+        shard_count: int,
+        timeout_s: float,
+    ) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._reporter = reporter
+        self._shard_count = shard_count
+        self._timeout_s = timeout_s
+
+    async def handle_batch(self, account_id: str, deliveries: Sequence[Delivery]) -> None:
+        """Validate and route each delivery (the intake has no ordering duty)."""
+        for delivery in deliveries:
+            try:
+                delivery.outcome = await self._one(delivery)
+            except TransientError as exc:
+                delivery.outcome = Outcome.requeue(str(exc))
+
+    async def _one(self, delivery: Delivery) -> Outcome:
+        body = delivery.body
+        if len(delivery.message.body) > MAX_MESSAGE_BYTES:
+            return await self._reject(
+                body, f"message is larger than {MAX_MESSAGE_BYTES} bytes", "size"
+            )
+        try:
+            change = validate_message(body)
+        except InvalidMessage as exc:
+            return await self._reject(body, exc.reason, "invalid")
+        try:
+            cipher = await self._store.cipher_for(change.account_id)
+        except AccountUnavailable:
+            return await self._reject(
+                body, "the account is not connected to Microsoft 365", "account"
+            )
+        routed = _shard_body(change, cipher)
+        try:
+            await self._publisher.publish(
+                OutgoingMessage(
+                    exchange=OUTBOUND_EXCHANGE,
+                    routing_key=shard_routing_key(change.account_id, self._shard_count),
+                    body=routed,
+                    message_id=str(delivery.message.message_id or uuid.uuid4().hex),
+                    correlation_id=delivery.message.correlation_id,
+                ),
+                timeout_s=self._timeout_s,
+            )
+        except PublishError as exc:
+            return Outcome.requeue(f"shard publish not confirmed: {exc}")
+        return Outcome.ack()
+
+    async def _reject(self, body: Mapping[str, Any], reason: str, kind: str) -> Outcome:
+        account_id = body.get("account_id") if isinstance(body.get("account_id"), str) else None
+        relation_id = body.get("relation_event_id")
+        relation_id = (
+            relation_id if isinstance(relation_id, str) and len(relation_id) <= 128 else None
+        )
+        await self._reporter.rejected_change(
+            account_id, relation_id, body.get("revision"), reason, kind
+        )
+        return Outcome.dead_letter(reason)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    delivery: Delivery | None
+    change: OutboundChange
+    parked_id: str | None = None
+
+
+class OutboundHandler:
+    """Applies one account's outbound changes to Graph, in revision order."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        events: EventStore,
+        links: LinkStore,
+        graph: GraphClient,
+        statuses: AccountStatuses,
+        reporter: Reporter,
+        metrics: Metrics,
+        tombstone_ttl_s: float,
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._links = links
+        self._graph = graph
+        self._statuses = statuses
+        self._reporter = reporter
+        self._metrics = metrics
+        self._tombstone_ttl_s = tombstone_ttl_s
+        self.writes = metrics.counter(
+            "outbound_writes_total", "Graph writes made for 1Relation, by kind.", ("kind",)
+        )
+
+    def _decode(self, body: Mapping[str, Any], cipher: DataCipher) -> OutboundChange:
+        event = None
+        if body.get("event_ct"):
+            event = cipher.decrypt_json(
+                unb64(str(body["event_ct"])),
+                _aad(
+                    str(body["account_id"]), str(body["relation_event_id"]), int(body["revision"])
+                ),
+            )
+        return OutboundChange(
+            account_id=str(body["account_id"]),
+            relation_event_id=str(body["relation_event_id"]),
+            revision=int(body["revision"]),
+            op=str(body["op"]),
+            occurred_at=parse_graph_datetime(str(body["occurred_at"])),
+            event=event,
+        )
+
+    async def handle_batch(self, account_id: str, deliveries: Sequence[Delivery]) -> None:
+        """Apply parked changes first (after a reconnect), then this batch, in order."""
+        try:
+            cipher = await self._store.cipher_for(account_id)
+        except AccountUnavailable:
+            for delivery in deliveries:  # erased: queued messages are dropped when reached
+                delivery.outcome = Outcome.ack()
+            return
+        account = await self._store.get_account(account_id)
+        todo: list[_Pending] = []
+        for delivery in deliveries:
+            if delivery.body.get("kind") != "change":
+                delivery.outcome = Outcome.ack()  # "replay" only wakes the shard up
+                continue
+            try:
+                todo.append(_Pending(delivery, self._decode(delivery.body, cipher)))
+            except (DecryptionError, ValueError, KeyError) as exc:
+                delivery.outcome = Outcome.dead_letter(
+                    f"undecodable shard message: {type(exc).__name__}"
+                )
+        paused = (
+            account is None or account.get("status") in PAUSED_STATUSES or "user_ct" not in account
+        )
+        if paused:
+            for item in todo:
+                await self._park(item, cipher)
+            return
+        parked = [
+            _Pending(None, self._decode(doc["body"], cipher), parked_id=str(doc["_id"]))
+            for doc in await self._links.parked_for(account_id)
+        ]
+        ordered = sorted(
+            parked + todo, key=lambda p: (p.change.relation_event_id, p.change.revision)
+        )
+        user_id = (await self._store.identity(account_id)).user_id
+        for index, item in enumerate(ordered):
+            try:
+                await self._apply(item.change, cipher, user_id)
+            except ReauthorizationRequired as exc:
+                await self._statuses.set(account_id, "reauthorization_required", exc.reason)
+                for rest in ordered[index:]:
+                    await self._park(rest, cipher)
+                return
+            except ThrottledError as exc:
+                self._settle(item, Outcome.retry(exc.retry_after_s or 5.0))
+                continue
+            except TransientError as exc:
+                self._settle(item, Outcome.requeue(str(exc)[:200]))
+                continue
+            except PermanentError as exc:
+                await self._reporter.rejected_change(
+                    account_id,
+                    item.change.relation_event_id,
+                    item.change.revision,
+                    exc.reason,
+                    "graph",
+                )
+                self._settle(item, Outcome.dead_letter(exc.reason))
+            else:
+                self._settle(item, Outcome.ack())
+            if item.parked_id is not None:
+                await self._links.unpark(item.parked_id)
+
+    def _settle(self, item: _Pending, outcome: Outcome) -> None:
+        if item.delivery is not None:
+            item.delivery.outcome = outcome
+
+    async def _park(self, item: _Pending, cipher: DataCipher) -> None:
+        """Keep the change, encrypted, for replay after reconnect; ack it from the queue."""
+        if item.delivery is not None:
+            await self._links.park(
+                item.change.account_id,
+                item.change.relation_event_id,
+                item.change.revision,
+                _shard_body(item.change, cipher),
+            )
+            item.delivery.outcome = Outcome.ack()
+
+    async def _apply(self, change: OutboundChange, cipher: DataCipher, user_id: str) -> None:
+        link = await self._links.get(change.account_id, change.relation_event_id, cipher)
+        if change.revision <= link.applied_revision or (
+            link.deleted and change.revision <= link.deleted_revision
+        ):
+            return  # redelivered or reordered: already applied or superseded
+        if change.op == "delete":
+            if link.graph_id is not None and not link.deleted:
+                await self._graph.delete_event(change.account_id, user_id, link.graph_id)
+                self.writes.labels(kind="delete").inc()
+            await self._links.record_deleted(
+                link, change.revision, tombstone_ttl_s=self._tombstone_ttl_s
+            )
+            return
+        assert change.event is not None
+        if link.graph_id is None or link.deleted:
+            await self._create(link, change, cipher, user_id)
+        else:
+            await self._update(link, change, cipher, user_id)
+
+    async def _create(
+        self, link: Link, change: OutboundChange, cipher: DataCipher, user_id: str
+    ) -> None:
+        assert change.event is not None
+        fields = {k: v for k, v in change.event.items() if v is not None}
+        await self._links.record_intent(
+            link, revision=change.revision, intended=fields, cipher=cipher
+        )
+        body = {
+            **to_graph(fields),
+            "singleValueExtendedProperties": [{"id": ORIGIN_PROPERTY_ID, "value": "1relation"}],
+        }
+        created = await self._graph.create_event(
+            change.account_id,
+            user_id,
+            body,
+            transaction_id=transaction_id(
+                change.account_id, change.relation_event_id, link.generation
+            ),
+        )
+        self.writes.labels(kind="create").inc()
+        await self._links.record_written(
+            link,
+            revision=change.revision,
+            graph_id=str(created["id"]),
+            event_key=self._events.event_key(change.account_id, str(created["id"])),
+            state=fields,
+            change_key=created.get("changeKey"),
+            last_modified=_lm(created),
+            cipher=cipher,
+        )
+
+    async def _update(
+        self, link: Link, change: OutboundChange, cipher: DataCipher, user_id: str
+    ) -> None:
+        assert change.event is not None
+        assert link.graph_id is not None
+        assert link.event_key is not None
+        seen = await self._events.collection.find_one({"_id": link.event_key, "deleted": False})
+        outlook: dict[str, Any] = dict(link.state)
+        outlook_lm = link.base_lm
+        if seen is not None:
+            outlook = self._events.decrypt(seen, cipher)[1]
+            outlook_lm = seen.get("lm")
+            if outlook.get("isOrganizer") is False:
+                raise PermanentError(
+                    "the account does not organise this meeting, so the change is not written "
+                    "(it would fail or send attendees a misleading update)"
+                )
+        outlook_changed = (
+            seen is not None
+            and link.base_lm is not None
+            and outlook_lm is not None
+            and outlook_lm > link.base_lm
+        )
+        patch: dict[str, Any] = {}
+        lost: list[str] = []
+        for names in FIELD_GROUPS.values():
+            mine = {n: change.event[n] for n in names if n in change.event}
+            if not mine:
+                continue
+            current = {n: outlook.get(n) for n in mine}
+            if comparable(mine) == comparable(current):
+                continue  # Outlook already shows it: never PATCH a field that did not change
+            base = {n: link.state.get(n) for n in mine}
+            theirs_changed = outlook_changed and comparable(current) != comparable(base)
+            if theirs_changed and outlook_lm is not None and outlook_lm > change.occurred_at:
+                lost.extend(mine)  # both sides changed this group; Outlook's change is newer
+                continue
+            patch.update(mine)
+        if lost:
+            await self._reporter.conflict(link, change, lost, outlook_lm)
+        if not patch:
+            await self._links.record_revision(link, change.revision)
+            return
+        await self._links.record_intent(
+            link, revision=change.revision, intended=patch, cipher=cipher
+        )
+        updated = await self._graph.update_event(
+            change.account_id, user_id, link.graph_id, to_graph(patch)
+        )
+        self.writes.labels(kind="update").inc()
+        if updated is None:
+            # Deleted in Outlook: not recreated (the user meant it); 1Relation is told.
+            await self._links.record_deleted(
+                link, change.revision, tombstone_ttl_s=self._tombstone_ttl_s
+            )
+            await self._reporter.deleted_in_outlook(link)
+            return
+        await self._links.record_written(
+            link,
+            revision=change.revision,
+            graph_id=link.graph_id,
+            event_key=link.event_key,
+            state={**link.state, **patch},
+            change_key=updated.get("changeKey"),
+            last_modified=_lm(updated),
+            cipher=cipher,
+        )
+
+
+def _lm(event: Mapping[str, Any]) -> Any:
+    value = event.get("lastModifiedDateTime")
+    return parse_graph_datetime(str(value)) if value else None
+
+
+def _shard_body(change: OutboundChange, cipher: DataCipher) -> dict[str, Any]:
+    event_ct = (
+        cipher.encrypt_json(
+            change.event, _aad(change.account_id, change.relation_event_id, change.revision)
+        )
+        if change.event is not None
+        else None
+    )
+    return {
+        "schema": OUTBOUND_SCHEMA,
+        "kind": "change",
+        "account_id": change.account_id,
+        "relation_event_id": change.relation_event_id,
+        "revision": change.revision,
+        "op": change.op,
+        "occurred_at": isoformat_z(change.occurred_at),
+        "event_ct": b64(event_ct) if event_ct is not None else None,
+    }

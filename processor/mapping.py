@@ -1,0 +1,280 @@
+"""Links between 1Relation's events and Graph's, with what is needed to suppress echoes.
+
+A link is written only by the outbound consumer that is the single active consumer of the
+account's outbound shard. The inbound worker only reads links: to recognise the
+notification about the service's own write (an *echo*) and to name the
+``relation_event_id`` in announcements. No document is written by two roles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from crypto import DataCipher, Hasher
+from processor.store import SCHEMA_VERSION, Document, aad
+from processor.timeutil import utcnow
+from processor.timezones import event_time_to_utc
+
+#: How long a write in flight makes a matching notification count as our echo.
+PENDING_ECHO_WINDOW_S = 120.0
+#: How many of our own change keys a link remembers.
+ECHO_MEMORY = 10
+
+
+@dataclass
+class Link:
+    """A decrypted view of one link."""
+
+    link_id: str
+    account_id: str
+    relation_event_id: str
+    applied_revision: int
+    graph_id: str | None
+    event_key: str | None
+    state: dict[str, Any]
+    base_lm: datetime | None
+    deleted: bool
+    deleted_revision: int
+    generation: int
+
+
+def comparable(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Field values normalised so that what we sent equals what Graph returns for it."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name in ("start", "end"):
+            out[name] = event_time_to_utc(value) if value is not None else None
+        elif name == "body":
+            out[name] = (value or {}).get("content", "").strip() if value else None
+        elif name == "attendees":
+            out[name] = sorted(
+                ((a.get("emailAddress") or {}).get("address", "").lower(), a.get("type"))
+                for a in value or []
+            )
+        elif name == "location":
+            out[name] = (value or {}).get("displayName", "") if value else ""
+        elif name == "categories":
+            out[name] = sorted(value or [])
+        else:
+            out[name] = value
+    return out
+
+
+class LinkStore:
+    """The ``links`` collection and its ``link_index`` (event key → link)."""
+
+    def __init__(self, *, db: AsyncDatabase[Document], hasher: Hasher) -> None:
+        self.links = db["links"]
+        self.index = db["link_index"]
+        self.parked = db["parked"]
+        self._hasher = hasher
+
+    def link_id(self, account_id: str, relation_event_id: str) -> str:
+        """The link's key: a keyed hash of account and 1Relation event id."""
+        return self._hasher.hash_id("link", account_id, relation_event_id)
+
+    async def get(self, account_id: str, relation_event_id: str, cipher: DataCipher) -> Link:
+        """The link, or a fresh empty one (not yet stored)."""
+        link_id = self.link_id(account_id, relation_event_id)
+        doc = await self.links.find_one({"_id": link_id})
+        if doc is None:
+            return Link(
+                link_id, account_id, relation_event_id, -1, None, None, {}, None, False, -1, 0
+            )
+        return self._decode(doc, cipher)
+
+    def _decode(self, doc: Mapping[str, Any], cipher: DataCipher) -> Link:
+        account_id = str(doc["account_id"])
+        link_id = str(doc["_id"])
+        graph_id = None
+        if doc.get("gid_ct"):
+            graph_id = cipher.decrypt_str(doc["gid_ct"], aad("links", account_id, link_id, "gid"))
+        state: dict[str, Any] = {}
+        if doc.get("state_ct"):
+            state = cipher.decrypt_json(doc["state_ct"], aad("links", account_id, link_id, "state"))
+        return Link(
+            link_id=link_id,
+            account_id=account_id,
+            relation_event_id=str(doc["relation_event_id"]),
+            applied_revision=int(doc.get("applied_revision", -1)),
+            graph_id=graph_id,
+            event_key=doc.get("event_key"),
+            state=state,
+            base_lm=doc.get("base_lm"),
+            deleted=bool(doc.get("deleted")),
+            deleted_revision=int(doc.get("deleted_revision", -1)),
+            generation=int(doc.get("generation", 0)),
+        )
+
+    async def record_intent(
+        self, link: Link, *, revision: int, intended: Mapping[str, Any], cipher: DataCipher
+    ) -> None:
+        """Before a Graph write: remember what is about to be written (its echo may arrive
+        before the write returns)."""
+        await self.links.update_one(
+            {"_id": link.link_id},
+            {
+                "$set": {
+                    "schema": SCHEMA_VERSION,
+                    "account_id": link.account_id,
+                    "relation_event_id": link.relation_event_id,
+                    "pending": {
+                        "revision": revision,
+                        "started_at": utcnow(),
+                        "intended_ct": cipher.encrypt_json(
+                            dict(intended), aad("links", link.account_id, link.link_id, "pending")
+                        ),
+                    },
+                },
+                "$setOnInsert": {"applied_revision": -1, "generation": link.generation},
+            },
+            upsert=True,
+        )
+
+    async def record_written(
+        self,
+        link: Link,
+        *,
+        revision: int,
+        graph_id: str,
+        event_key: str,
+        state: Mapping[str, Any],
+        change_key: str | None,
+        last_modified: datetime | None,
+        cipher: DataCipher,
+    ) -> None:
+        """After a Graph write: the mapping, the new base state and our change key."""
+        doc = await self.links.find_one({"_id": link.link_id}, {"echo": 1})
+        echo = list((doc or {}).get("echo") or [])
+        if change_key:
+            echo.append(self._hasher.hash_id("change_key", link.account_id, change_key))
+        await self.links.update_one(
+            {"_id": link.link_id},
+            {
+                "$set": {
+                    "applied_revision": revision,
+                    "gid_ct": cipher.encrypt_str(
+                        graph_id, aad("links", link.account_id, link.link_id, "gid")
+                    ),
+                    "event_key": event_key,
+                    "state_ct": cipher.encrypt_json(
+                        dict(state), aad("links", link.account_id, link.link_id, "state")
+                    ),
+                    "base_lm": last_modified,
+                    "echo": echo[-ECHO_MEMORY:],
+                    "deleted": False,
+                    "updated_at": utcnow(),
+                },
+                "$unset": {"pending": "", "expires_at": ""},
+            },
+        )
+        with contextlib.suppress(DuplicateKeyError):  # already indexed
+            await self.index.insert_one(
+                {"_id": event_key, "link_id": link.link_id, "account_id": link.account_id}
+            )
+
+    async def record_revision(self, link: Link, revision: int) -> None:
+        """A revision that needed no Graph write (nothing changed) is still applied."""
+        await self.links.update_one(
+            {"_id": link.link_id},
+            {
+                "$set": {"applied_revision": revision, "updated_at": utcnow()},
+                "$unset": {"pending": ""},
+            },
+        )
+
+    async def record_deleted(self, link: Link, revision: int, *, tombstone_ttl_s: float) -> None:
+        """The event is gone: keep a tombstone so an older upsert cannot resurrect it."""
+        await self.links.update_one(
+            {"_id": link.link_id},
+            {
+                "$set": {
+                    "schema": SCHEMA_VERSION,
+                    "account_id": link.account_id,
+                    "relation_event_id": link.relation_event_id,
+                    "applied_revision": revision,
+                    "deleted": True,
+                    "deleted_revision": revision,
+                    "generation": link.generation + 1,
+                    "expires_at": utcnow() + timedelta(seconds=tombstone_ttl_s),
+                    "updated_at": utcnow(),
+                },
+                "$unset": {"pending": "", "state_ct": "", "gid_ct": ""},
+            },
+            upsert=True,
+        )
+        if link.event_key:
+            await self.index.delete_one({"_id": link.event_key})
+
+    # ------------------------------------------------------------------ read by inbound
+
+    async def echo_of(
+        self, account_id: str, event_key: str, event: Mapping[str, Any], cipher: DataCipher
+    ) -> tuple[bool, str | None]:
+        """Whether ``event`` (as just fetched) is our own write, and the linked 1Relation id."""
+        entry = await self.index.find_one({"_id": event_key})
+        if entry is None:
+            return False, None
+        doc = await self.links.find_one({"_id": entry["link_id"]})
+        if doc is None:
+            return False, None
+        relation_event_id = str(doc["relation_event_id"])
+        change_key = event.get("changeKey")
+        if change_key and self._hasher.hash_id("change_key", account_id, str(change_key)) in (
+            doc.get("echo") or []
+        ):
+            return True, relation_event_id
+        pending = doc.get("pending")
+        if pending and (utcnow() - pending["started_at"]).total_seconds() < PENDING_ECHO_WINDOW_S:
+            intended = cipher.decrypt_json(
+                pending["intended_ct"], aad("links", account_id, str(doc["_id"]), "pending")
+            )
+            fetched = comparable({k: event.get(k) for k in intended})
+            if fetched == comparable(intended):
+                return True, relation_event_id
+        return False, relation_event_id
+
+    # ------------------------------------------------------------------ parked messages
+
+    async def park(
+        self, account_id: str, relation_event_id: str, revision: int, body: Mapping[str, Any]
+    ) -> None:
+        """Keep a message of an account that cannot write; replayed in order on reconnect.
+
+        ``body`` is the shard message, whose event content is already ciphertext.
+        """
+        with contextlib.suppress(DuplicateKeyError):  # a redelivery of a parked message
+            await self.parked.insert_one(
+                {
+                    "_id": self._hasher.hash_id(
+                        "parked", account_id, relation_event_id, str(revision)
+                    ),
+                    "account_id": account_id,
+                    "relation_event_id": relation_event_id,
+                    "revision": revision,
+                    "seq": time.time_ns(),
+                    "body": dict(body),
+                    "parked_at": utcnow(),
+                }
+            )
+
+    async def parked_for(self, account_id: str) -> list[Document]:
+        """The account's parked messages, oldest first."""
+        cursor = self.parked.find({"account_id": account_id}).sort("seq", 1)
+        return [doc async for doc in cursor]
+
+    async def unpark(self, parked_id: str) -> None:
+        """Remove a parked message once it has been applied."""
+        await self.parked.delete_one({"_id": parked_id})
+
+    async def accounts_with_parked(self) -> set[str]:
+        """Accounts that have messages waiting."""
+        return {doc["account_id"] async for doc in self.parked.find({}, {"account_id": 1})}
