@@ -21,6 +21,7 @@ class Faults:
     random_503_rate: float = 0.0       # probability of a 503 serviceNotAvailable per request
     random_503_retry_after: str | None = "1"
     latency_ms: int = 0                # added to every Graph request
+    write_answer_delay_ms: int = 0     # writes are applied at once, their answer comes late
     delta_replay: float = 0.0          # probability per unchanged item to be replayed in delta
     max_concurrent_per_mailbox: int = 4
     mailbox_budget: int = 10_000       # requests per app+mailbox per budget window
