@@ -217,8 +217,15 @@ class MsalTokenProvider:
             return token
 
     def invalidate(self, account_id: str) -> None:
-        """Forget the in-memory token (Graph refused it); the next call asks MSAL again."""
-        self._held.pop(account_id, None)
+        """Graph refused the token: the next call must not be served that token again.
+
+        The refused token is kept, already expired, so that if MSAL's own cache hands the
+        same token back (it still looks valid to MSAL) the refresh is forced; forgetting it
+        would let a revoked access token be served until its natural expiry.
+        """
+        held = self._held.get(account_id)
+        if held is not None:
+            self._held[account_id] = _Held(held.token, float("-inf"))
 
     async def _acquire(self, account_id: str, stale: str | None) -> tuple[str, float]:
         ours: tuple[str, float] | None = None  # a token we got but lost the race to save
