@@ -24,14 +24,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+
 from crypto import generate_master_key_spec
-from processor.app import build_runtime, mongo_client, receiver_role, worker_role
+from processor.app import build_runtime, mongo_client, outbound_role, receiver_role, worker_role
 from processor.devsignin import sign_in_headless
 from processor.logs import configure_logging
 from processor.settings import SERVICE_REQUIRED, database_name_from_url, load_settings
 from processor.timeutil import isoformat_z
 from processor.tokens import MsalApps
-from processor.topology import ONERELATION_INBOUND_QUEUE
+from processor.topology import ONERELATION_INBOUND_QUEUE, ONERELATION_OUTBOUND
 from processor.verify import diff_account, expected_events
 from subscriptions.registration import create_subscription, register_account
 
@@ -109,6 +111,7 @@ async def run_demo(*, changes: int = 40) -> int:
         rt = await build_runtime(settings, stack, mailbox_concurrency=3)
         await stack.enter_async_context(receiver_role(rt))
         await stack.enter_async_context(worker_role(rt))
+        await stack.enter_async_context(outbound_role(rt))
         _say(f"receiver on {settings.public_url}, worker consuming {settings.shard_count} shards")
 
         # Drop announcements left by earlier demo runs: the scripted 1Relation reads fresh.
@@ -180,6 +183,15 @@ async def run_demo(*, changes: int = 40) -> int:
             "429s, 503s and late notifications switched on"
         )
 
+        # The scripted 1Relation: creates, moves and deletes events of its own.
+        crm_messages = _crm_script(rng)
+        await _publish_to_onerelation_outbound(rt, crm_messages)
+        crm_expected = _crm_final_subjects(crm_messages)
+        _say(
+            f"1Relation published {len(crm_messages)} outbound changes "
+            f"({len(crm_expected)} of its events should remain in Outlook)"
+        )
+
         window_start = datetime.now(UTC) - timedelta(days=settings.sync_window_past_days)
         window_end = datetime.now(UTC) + timedelta(days=settings.sync_window_future_days)
         deadline = time.monotonic() + 120
@@ -191,7 +203,13 @@ async def run_demo(*, changes: int = 40) -> int:
                 ),
             )
             diff = await diff_account(rt.store, rt.events, DEMO_ACCOUNT, expected)
-            if (diff.ok and await control.is_idle()) or time.monotonic() > deadline:
+            crm_in_outlook = sorted(
+                str(e["subject"])
+                for e in expected.values()
+                if str(e.get("subject", "")).startswith("CRM:")
+            )
+            done = diff.ok and crm_in_outlook == crm_expected and await control.is_idle()
+            if done or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.3)
         converged_s = time.monotonic() - script_started
@@ -201,28 +219,90 @@ async def run_demo(*, changes: int = 40) -> int:
         queue = await channel.get_queue(ONERELATION_INBOUND_QUEUE, ensure=False)
         announced: dict[str, int] = {}
         while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            body = json.loads(message.body)
-            announced[body["change"]] = announced.get(body["change"], 0) + 1
+            if json.loads(message.body).get("account_id") == DEMO_ACCOUNT:
+                key = str(message.routing_key)
+                announced[key] = announced.get(key, 0) + 1
         await channel.close()
         counters = await control.counters()
+        echoes = int(sum(m.samples[0].value for m in rt.metrics.echoes_suppressed.collect()))
 
     summary = {
         "converged": diff.ok,
         "events_in_outlook": len(expected),
         "events_in_database": diff.compared,
         "outlook_changes": made,
+        "relation_changes": len(crm_messages),
+        "relation_events_in_outlook_as_intended": crm_in_outlook == crm_expected,
         "announced_to_1relation": announced,
+        "echoes_suppressed": echoes,
         "graph_requests": counters["total"],
         "graph_answers_by_status": counters["by_status"],
         "seconds_to_converge": round(converged_s, 2),
         "seconds_total": round(time.monotonic() - started, 2),
     }
     _say("summary " + json.dumps(summary))
-    if not diff.ok:
-        _say(f"NOT converged: {diff.summary()}")
+    if not diff.ok or crm_in_outlook != crm_expected:
+        _say(f"NOT converged: {diff.summary()}; 1Relation's events in Outlook: {crm_in_outlook}")
         return 1
     _say("the decrypted database equals Microsoft's ground truth, field by field")
     return 0
+
+
+def _crm_script(rng: random.Random) -> list[dict[str, Any]]:
+    """1Relation's side: six events, three moved once, one deleted, sent out of order."""
+    messages = []
+    for n in range(6):
+        event = {**_script_event(rng, 100 + n), "subject": f"CRM: account review {n}"}
+        messages.append(_crm_message(f"crm-{n}", 1, event))
+        if n % 2:
+            moved = {**event, "subject": f"CRM: account review {n} (moved)"}
+            messages.append(_crm_message(f"crm-{n}", 2, moved))
+    messages.append(_crm_message("crm-0", 2, None))
+    rng.shuffle(messages)
+    return messages
+
+
+def _crm_message(relation_id: str, revision: int, event: dict[str, Any] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "schema": "onerelation.event.v1",
+        "op": "upsert" if event is not None else "delete",
+        "account_id": DEMO_ACCOUNT,
+        "relation_event_id": relation_id,
+        "revision": revision,
+        "occurred_at": isoformat_z(datetime.now(UTC)),
+    }
+    if event is not None:
+        body["event"] = {
+            **event,
+            "start": {**event["start"], "timeZone": "Europe/Copenhagen"},
+            "end": {**event["end"], "timeZone": "Europe/Copenhagen"},
+        }
+    return body
+
+
+def _crm_final_subjects(messages: list[dict[str, Any]]) -> list[str]:
+    latest: dict[str, dict[str, Any]] = {}
+    for body in messages:
+        current = latest.get(body["relation_event_id"])
+        if current is None or body["revision"] > current["revision"]:
+            latest[body["relation_event_id"]] = body
+    return sorted(b["event"]["subject"] for b in latest.values() if b["op"] == "upsert")
+
+
+async def _publish_to_onerelation_outbound(rt: Any, messages: list[dict[str, Any]]) -> None:
+    channel = await rt.connection.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(ONERELATION_OUTBOUND, ensure=False)
+    for body in messages:
+        await exchange.publish(
+            aio_pika.Message(
+                json.dumps(body).encode(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=f"{body['relation_event_id']}:{body['revision']}:{body['op']}",
+            ),
+            routing_key=f"event.{body['op']}",
+        )
+    await channel.close()
 
 
 def _free_port() -> int:

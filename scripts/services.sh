@@ -102,6 +102,9 @@ ferretdb_up() {
   if [ -d /dev/shm ] && [ -w /dev/shm ]; then
     data="/dev/shm/m365sync-ferretdb-$(printf '%s' "$root" | sha256sum | cut -c1-8)"
   fi
+  # Disposable development data: start empty, so a file left half-written by a killed
+  # server cannot keep the next one from starting (FerretDB refuses such a file).
+  rm -rf "$data"
   mkdir -p "$data"
   log "FerretDB: starting on 127.0.0.1:27017 (SQLite in $data)"
   nohup "$run_dir/ferretdb-embed" -listen-addr 127.0.0.1:27017 -sqlite-dir "$data" \
