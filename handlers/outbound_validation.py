@@ -120,7 +120,10 @@ def validate_event(event: Mapping[str, Any]) -> dict[str, Any]:
     """Check the event's fields and convert time zones; returns the Graph-ready fields."""
     unknown = sorted(set(event) - MANAGED_FIELDS)
     if unknown:
-        raise InvalidMessage(f"event has fields 1Relation does not manage: {', '.join(unknown)}")
+        # Names are 1Relation's input too: shown escaped and cut short, like any value.
+        shown = ", ".join(_show(name) for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise InvalidMessage(f"event has fields 1Relation does not manage: {shown}{more}")
     out: dict[str, Any] = {}
     for name, value in event.items():
         if value is None:
@@ -180,7 +183,9 @@ def _check_times(start: Mapping[str, str], end: Mapping[str, str], all_day: bool
 
     start_utc = event_time_to_utc(start)
     end_utc = event_time_to_utc(end)
-    if start_utc is None or end_utc is None or end_utc <= start_utc:
+    if start_utc is None or end_utc is None:
+        raise InvalidMessage("event.start or event.end is outside the supported range of dates")
+    if end_utc <= start_utc:
         raise InvalidMessage("event.end must be after event.start")
     if (end_utc - start_utc).days > 366 * 5:
         raise InvalidMessage("event lasts more than five years")

@@ -18,6 +18,8 @@ def parse_graph_datetime(value: str) -> datetime:
 
     Python's parser accepts at most 6 fractional digits, so the fraction is cut to
     microseconds first. A value without an offset is taken as UTC, as Graph means it.
+    Raises ``ValueError`` for text that is no timestamp, or one outside datetime's range
+    once in UTC (``9999-12-31T23:59:59-12:00``).
     """
     text = value.strip()
     if text.endswith(("Z", "z")):
@@ -26,7 +28,10 @@ def parse_graph_datetime(value: str) -> datetime:
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"timestamp out of range in UTC: {value[:40]!r}") from None
 
 
 def isoformat_z(value: datetime) -> str:

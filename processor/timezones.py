@@ -52,4 +52,7 @@ def event_time_to_utc(value: Any) -> datetime | None:
     except ValueError:
         return None
     zone = zone_for(str(value.get("timeZone") or "UTC")) or ZoneInfo("UTC")
-    return local.replace(tzinfo=zone).astimezone(UTC)
+    try:
+        return local.replace(tzinfo=zone).astimezone(UTC)
+    except OverflowError:  # 9999-12-31 west of UTC, 0001-01-01 east of it
+        return None
