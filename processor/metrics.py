@@ -41,6 +41,13 @@ class Metrics:
             "Notification items dropped, by reason (counted when decided).",
             ("reason",),
         )
+        self.webhook_malformed = self.counter(
+            "webhook_malformed_total",
+            "Webhook requests refused before any item was checked, by route and reason "
+            "(body_too_large, body_read_timeout, invalid_json, not_an_object, missing_value, "
+            "too_many_items).",
+            ("route", "reason"),
+        )
         self.webhook_requests = self.counter(
             "webhook_requests_total",
             "Webhook requests by route and HTTP status.",

@@ -310,15 +310,15 @@ class _GraphWebhook:
                 timeout_s=self._body_read_timeout_s,
             )
         except _BodyTooLarge:
-            log.info("webhook.malformed", route=self._route, reason="body_too_large")
+            self._malformed("body_too_large")
             return json_error(413, "payload_too_large", "the body is too large")
         except TimeoutError:
-            log.info("webhook.malformed", route=self._route, reason="body_read_timeout")
+            self._malformed("body_read_timeout")
             return json_error(408, "request_timeout", "the body was not sent in time")
         try:
             items = parse_collection(body, max_items=self._max_items)
         except MalformedBody as exc:
-            log.info("webhook.malformed", route=self._route, reason=exc.reason)
+            self._malformed(exc.reason)
             return json_error(400, "malformed_body", f"not a notification collection: {exc.reason}")
         self._metrics.notifications_received.inc(len(items))
 
@@ -435,6 +435,10 @@ class _GraphWebhook:
             exc_info=exc if traceback else None,
         )
         return _unavailable("notifications could not be queued")
+
+    def _malformed(self, reason: str) -> None:
+        self._metrics.webhook_malformed.labels(route=self._route, reason=reason).inc()
+        log.info("webhook.malformed", route=self._route, reason=reason)
 
     def _count_rejections(self, batch: _Batch) -> None:
         # One log event per (reason, subscription) rather than per item: a forged flood of
