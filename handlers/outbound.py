@@ -216,6 +216,11 @@ class IntakeHandler:
             change = validate_message(body)
         except InvalidMessage as exc:
             return await self._reject(body, exc.reason, "invalid")
+        except Exception as exc:  # a validator bug must not requeue a poison message forever
+            log.exception("outbound.validation_failed", error=type(exc).__name__)
+            return await self._reject(
+                body, f"the message could not be validated ({type(exc).__name__})", "invalid"
+            )
         try:
             cipher = await self._store.cipher_for(change.account_id)
         except AccountUnavailable:

@@ -62,6 +62,14 @@ class Metrics:
             buckets=_WEBHOOK_BUCKETS_S,
         )
 
+        # Every HTTP route (webhooks, connect, consent, /api/v1, health).
+        self.http_responses = self.counter(
+            "http_responses_total",
+            "HTTP answers by route template and status (401 on /api/v1 is a missing or "
+            "wrong bearer token, 400/403 on /connect a refused link).",
+            ("route", "status"),
+        )
+
         # Consumers, Graph client and reconciliation.
         self.messages_processed = self.counter(
             "messages_processed_total",

@@ -145,9 +145,17 @@ async def correlation_middleware(request: web.Request, handler: Handler) -> web.
             response = await handler(request)
         except web.HTTPException as exc:  # redirects pass through error_middleware
             exc.headers[CORRELATION_HEADER] = cid
+            _count_response(request, exc.status)
             raise
         response.headers[CORRELATION_HEADER] = cid
+        _count_response(request, response.status)
         return response
+
+
+def _count_response(request: web.Request, status: int) -> None:
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        metrics.http_responses.labels(route=_route_name(request), status=str(status)).inc()
 
 
 @web.middleware
