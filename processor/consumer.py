@@ -77,7 +77,14 @@ class ShardConsumer:
     async def start(self) -> None:
         """Set the prefetch and start consuming every queue."""
         await self._channel.set_qos(prefetch_count=self._prefetch)
-        for queue in self._queues:
+        for index, given in enumerate(self._queues):
+            # After a reconnect aio-pika re-declares and re-consumes only the queues that
+            # were declared through the robust channel; a queue object from
+            # ``get_queue(ensure=False)`` is not among them, and its consumer silently stays
+            # gone: the "0 consumers after a broker restart" failure (RELIABILITY-NOTES 2.5).
+            # A passive declare registers the queue for restore without touching its arguments.
+            queue = await self._channel.declare_queue(given.name, passive=True)
+            self._queues[index] = queue
             tag = await queue.consume(self._on_message(queue.name))
             self._tags.append((queue, tag))
 
