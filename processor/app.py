@@ -29,6 +29,7 @@ from handlers.inbound import InboundHandler, SyncWindow, validate_inbound
 from processor import broker as broker_mod
 from processor.accounts import AccountStatuses
 from processor.announce import Announcer, OutboxRelay
+from processor.api import add_account_routes
 from processor.broker import ConfirmPublisher
 from processor.consumer import ShardConsumer
 from processor.event_store import EventStore
@@ -171,6 +172,7 @@ async def receiver_role(rt: Runtime, *, sock: socket.socket | None = None) -> As
         readiness=rt.readiness,
         metrics=rt.metrics,
     )
+    close_account_routes = await add_account_routes(app, rt)  # connect, consent, /api/v1
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=rt.settings.shutdown_grace_s)
     await runner.setup()
     if sock is not None:
@@ -186,6 +188,7 @@ async def receiver_role(rt: Runtime, *, sock: socket.socket | None = None) -> As
         yield port
     finally:
         await runner.cleanup()
+        close_account_routes()
         log.info("receiver.stopped")
 
 

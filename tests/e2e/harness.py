@@ -158,3 +158,107 @@ async def eventually(predicate: Any, *, timeout_s: float = 20.0, interval_s: flo
 
 
 __all__ = ["Stack", "aio_pika", "eventually", "running_stack", "service_env"]
+
+
+# -- connect, consent and the 1Relation API as their clients use them -----------------------
+
+#: A return URL whose origin ``service_env`` allows (nothing listens there: never followed).
+RETURN_URL = "http://127.0.0.1:9/calendar/connected?tab=sync"
+
+
+def mint_link(stack: Stack, account_id: str, *, secret: str | None = None, **claims: Any) -> str:
+    """A connect/consent token as 1Relation signs it (claims set to None are left out)."""
+    import time  # noqa: PLC0415  kept local: the helpers below were appended to this module
+    import uuid  # noqa: PLC0415
+
+    import jwt  # noqa: PLC0415
+
+    body: dict[str, Any] = {
+        "sub": account_id,
+        "exp": int(time.time()) + 600,
+        "jti": uuid.uuid4().hex,
+        "return_url": RETURN_URL,
+        **claims,
+    }
+    return jwt.encode(
+        {k: v for k, v in body.items() if v is not None},
+        secret or stack.settings.connect_secrets[0],
+        algorithm="HS256",
+    )
+
+
+@dataclass
+class BrowserRun:
+    """Where a browser ended up: the last answer's status, Location and body."""
+
+    status: int
+    location: str
+    body: str
+    hops: list[str] = field(default_factory=list)
+
+    def query(self) -> dict[str, str]:
+        """The query of the final Location (the return URL's ``status`` and ``reason``)."""
+        from urllib.parse import parse_qsl, urlsplit  # noqa: PLC0415
+
+        return dict(parse_qsl(urlsplit(self.location).query))
+
+
+async def browse(stack: Stack, path: str, *, max_hops: int = 3) -> BrowserRun:
+    """GET ``path`` on the receiver and follow redirects by hand, as a browser would, until
+    the answer is not a redirect or points outside the receiver and the simulator."""
+    import ssl  # noqa: PLC0415
+
+    import aiohttp  # noqa: PLC0415
+
+    base = f"http://127.0.0.1:{stack.port}"
+    url = base + path
+    context = ssl.create_default_context(cafile=str(stack.sim.ca_file))
+    hops: list[str] = []
+    async with aiohttp.ClientSession(trust_env=False) as http:
+        for _ in range(max_hops):
+            hops.append(url.split("?")[0])
+            async with http.get(url, allow_redirects=False, ssl=context) as resp:
+                status, body = resp.status, await resp.text()
+                location = resp.headers.get("Location", "")
+            ours = location.startswith((base, stack.sim.base_url, stack.sim.authority_host))
+            if status != 302 or not ours:
+                return BrowserRun(status, location, body, hops)
+            url = location
+    return BrowserRun(status, location, body, hops)
+
+
+async def browser_connect(
+    stack: Stack, account_id: str, *, user_id: str | None = None, **claims: Any
+) -> BrowserRun:
+    """The user clicks "Connect to Microsoft": /connect → authorize → /auth/callback."""
+    from urllib.parse import quote  # noqa: PLC0415
+
+    if user_id is not None:
+        await stack.control.set_signin_user(user_id)
+    token = mint_link(stack, account_id, **claims)
+    run = await browse(stack, f"/connect?token={quote(token)}")
+    if user_id is not None and run.status == 302 and run.query().get("status") == "connected":
+        stack.accounts[account_id] = user_id
+    return run
+
+
+async def api(
+    stack: Stack, method: str, path: str, *, token: str | None = "", **kwargs: Any
+) -> tuple[int, Any, dict[str, str]]:
+    """Call the 1Relation API (``token=""`` uses the configured token, None sends none)."""
+    import aiohttp  # noqa: PLC0415
+
+    headers = dict(kwargs.pop("headers", {}))
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token or stack.settings.api_tokens[0]}"
+    async with (
+        aiohttp.ClientSession(trust_env=False) as http,
+        http.request(
+            method, f"http://127.0.0.1:{stack.port}{path}", headers=headers, **kwargs
+        ) as resp,
+    ):
+        text = await resp.text()
+        body: Any = None
+        if resp.content_type == "application/json":
+            body = json.loads(text)
+        return resp.status, body, dict(resp.headers)

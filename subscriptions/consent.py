@@ -1,0 +1,134 @@
+"""Organisation approval: ``GET /admin-consent?token=JWT`` and its callback (CONTRACT §2).
+
+The link is verified like a connect link; a random state is kept server-side (encrypted,
+expiring, taken once, see :class:`subscriptions.connect.FlowStore`) and the administrator
+is sent to the tenant's admin consent page. The callback records the tenant's approval only
+for a state we issued, and only for the tenant that state was started for when the link
+named one: the ``tenant`` parameter Microsoft appends is never trusted on its own
+(GRAPH-NOTES §8). Approvals are kept in ``tenants`` by keyed hash of the tenant id.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Final
+from urllib.parse import quote, urlencode
+
+from aiohttp import web
+from pymongo.errors import DuplicateKeyError
+
+from processor.logs import get_logger
+from processor.settings import Settings
+from processor.store import SCHEMA_VERSION, Store
+from processor.timeutil import utcnow
+from processor.web import json_error
+from subscriptions.connect import FlowStore, html_page, redirect, with_status
+from subscriptions.links import LinkRejected, LinkVerifier, is_guid
+
+__all__ = ["CONSENT_FLOWS", "TENANTS", "add_consent_routes"]
+
+log = get_logger(__name__)
+
+CONSENT_FLOWS: Final = "consent_flows"
+TENANTS: Final = "tenants"
+CALLBACK_PATH: Final = "/admin-consent/callback"
+#: Application permissions are asked for as the resource's ``.default`` scope.
+CONSENT_SCOPE: Final = "https://graph.microsoft.com/.default"
+
+
+class _Consent:
+    def __init__(self, *, settings: Settings, store: Store, links: LinkVerifier) -> None:
+        self._settings = settings
+        self._store = store
+        self._links = links
+        self._flows = FlowStore(store=store, collection=CONSENT_FLOWS)
+        self._tenants = store.db[TENANTS]
+
+    async def start(self, request: web.Request) -> web.Response:
+        """Verify the link, keep a state, send the administrator to Microsoft."""
+        try:
+            link = await self._links.verify(request.query.get("token"))
+        except LinkRejected as exc:
+            log.info("consent.rejected", code=exc.code)
+            return json_error(exc.status, exc.code, exc.message)
+        state = secrets.token_urlsafe(32)
+        await self._flows.put(
+            state, link.account_id, {"return_url": link.return_url, "tenant": link.tenant}
+        )
+        # Not "common": the admin consent endpoint needs a tenant or "organizations".
+        segment = quote(link.tenant or "organizations", safe="")
+        query = urlencode(
+            {
+                "client_id": self._settings.client_id,
+                "scope": CONSENT_SCOPE,
+                "redirect_uri": f"{self._settings.public_url}{CALLBACK_PATH}",
+                "state": state,
+            }
+        )
+        log.info("consent.started", account_id=link.account_id, tenant_hint=link.tenant is not None)
+        return redirect(f"{self._settings.authority_host}/{segment}/v2.0/adminconsent?{query}")
+
+    async def callback(self, request: web.Request) -> web.Response:
+        """Record the approval for a state we issued; redirect to the link's ``return_url``."""
+        taken = await self._flows.take(request.query.get("state"))
+        if taken is None:
+            log.info("consent.failed", reason="unknown_state")
+            return json_error(
+                400,
+                "invalid_state",
+                "this approval is unknown, expired or finished already: start again",
+            )
+        account_id, data = taken
+        return_url = data.get("return_url") if isinstance(data.get("return_url"), str) else None
+        expected = data.get("tenant")
+        tenant = request.query.get("tenant", "")
+        if "error" in request.query:
+            return self._failed(account_id, return_url, "admin_consent_declined")
+        if request.query.get("admin_consent", "").lower() != "true" or not is_guid(tenant):
+            return self._failed(account_id, return_url, "admin_consent_declined")
+        if is_guid(expected) and str(expected).lower() != tenant.lower():
+            return self._failed(account_id, return_url, "wrong_tenant")
+        await self._record(tenant.lower())
+        log.info("consent.completed", account_id=account_id)
+        if return_url is not None:
+            return redirect(with_status(return_url, "connected"))
+        return html_page(
+            "Approved",
+            "Your organisation approved the app; its users can now connect their calendars.",
+        )
+
+    async def _record(self, tenant_id: str) -> None:
+        key = self._store.hasher.hash_id("tenant", tenant_id)
+        now = utcnow()
+        for _ in range(2):  # an upsert race ends in a duplicate key on FerretDB: retry once
+            try:
+                await self._tenants.update_one(
+                    {"_id": key},
+                    {
+                        "$set": {"approved_at": now, "schema": SCHEMA_VERSION},
+                        "$setOnInsert": {"first_approved_at": now},
+                    },
+                    upsert=True,
+                )
+            except DuplicateKeyError:
+                continue
+            return
+
+    def _failed(self, account_id: str, return_url: str | None, reason: str) -> web.Response:
+        log.info("consent.failed", account_id=account_id, reason=reason)
+        if return_url is not None:
+            return redirect(with_status(return_url, "error", reason))
+        message = {
+            "admin_consent_declined": "The administrator did not approve the app.",
+            "wrong_tenant": "The approval came from another organisation than the link named.",
+        }[reason]
+        return json_error(403, reason, message)
+
+
+def add_consent_routes(
+    app: web.Application, *, settings: Settings, store: Store, links: LinkVerifier
+) -> None:
+    """Register ``GET /admin-consent`` and ``GET /admin-consent/callback``."""
+    routes = _Consent(settings=settings, store=store, links=links)
+    app.router.add_get("/admin-consent", routes.start, allow_head=False)
+    app.router.add_get(CALLBACK_PATH, routes.callback, allow_head=False)

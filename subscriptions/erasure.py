@@ -1,0 +1,169 @@
+"""Erasing an account (``DELETE /api/v1/accounts/{id}``): nothing of it stays readable.
+
+Order, chosen so that a crash at any point leaves a state the next ``DELETE`` finishes:
+
+1. mark the account ``disconnected`` (workers stop calling Graph for it);
+2. delete its Graph subscriptions, best effort (needs the token cache, so it comes before
+   the key goes; a failure is fine: an orphaned subscription expires within days, and its
+   notifications are dropped because the subscription record is gone);
+3. destroy the data key (crypto-shredding: every ciphertext of the account, anywhere,
+   including copies in queues and backups, becomes unreadable) and forget cached keys and
+   tokens;
+4. delete every document of the account in every collection (by ``account_id`` or by
+   ``_id``; leases named ``<purpose>:<account_id>``);
+5. publish a final ``account.status`` (``disconnected``, built in memory) with confirms;
+6. delete the account document last, so that a failed publish is repeated by the next try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+from processor.accounts import DEFAULT_REASONS
+from processor.errors import TransientError
+from processor.graph import GraphClient
+from processor.interfaces import AccessTokens, OutgoingMessage, Publisher, PublishError
+from processor.logs import get_logger
+from processor.store import Store
+from processor.topology import ONERELATION_INBOUND
+
+__all__ = ["Eraser", "Erasure", "disconnected_document"]
+
+log = get_logger(__name__)
+
+#: Time allowed for deleting the Graph subscriptions before giving up on them.
+GRAPH_BUDGET_S: Final = 10.0
+
+
+def disconnected_document(account_id: str) -> dict[str, Any]:
+    """The last status document of an erased account (CONTRACT §2 shape)."""
+    return {
+        "account_id": account_id,
+        "status": "disconnected",
+        "status_reason": DEFAULT_REASONS["disconnected"],
+        "tenant_id": None,
+        "last_sync_at": None,
+        "subscription_expires_at": None,
+        "event_count": 0,
+        "last_error": None,
+    }
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What one erasure did (counts only: nothing personal)."""
+
+    existed: bool
+    subscriptions_deleted: int
+    subscriptions_left: int
+    documents_deleted: int
+
+
+class Eraser:
+    """Erases accounts; safe to repeat, and to run again after a crash midway."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        graph: GraphClient,
+        tokens: AccessTokens,
+        publisher: Publisher,
+        publish_timeout_s: float,
+        graph_budget_s: float = GRAPH_BUDGET_S,
+    ) -> None:
+        self._store = store
+        self._graph = graph
+        self._tokens = tokens
+        self._publisher = publisher
+        self._publish_timeout_s = publish_timeout_s
+        self._graph_budget_s = graph_budget_s
+
+    async def erase(self, account_id: str) -> Erasure:
+        """Erase everything of ``account_id``; raises :class:`TransientError` if 1Relation
+        could not be told (the account document is then kept, so a repeat finishes it)."""
+        store = self._store
+        account = await store.get_account(account_id)
+        if account is not None and account.get("status") != "disconnected":
+            await store.set_status(account_id, "disconnected", DEFAULT_REASONS["disconnected"])
+        deleted, left = await self._delete_graph_subscriptions(account_id)
+        await store.destroy_data_key(account_id)
+        self._tokens.invalidate(account_id)
+        documents = await self._delete_documents(account_id)
+        if account is not None:
+            await self._publish_final(account_id)
+            documents += (await store.accounts.delete_one({"_id": account_id})).deleted_count
+        store.forget_cipher(account_id)
+        log.info(
+            "account.erased",
+            account_id=account_id,
+            existed=account is not None,
+            subscriptions_deleted=deleted,
+            subscriptions_left=left,
+            documents=documents,
+        )
+        return Erasure(account is not None, deleted, left, documents)
+
+    async def _delete_graph_subscriptions(self, account_id: str) -> tuple[int, int]:
+        hashes = [
+            str(doc["_id"])
+            async for doc in self._store.subscriptions.find({"account_id": account_id}, {"_id": 1})
+        ]
+        deleted = left = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._graph_budget_s
+        for sub_hash in hashes:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    subscription_id = await self._store.subscription_id(account_id, sub_hash)
+                    if subscription_id is not None:
+                        await self._graph.delete_subscription(account_id, subscription_id)
+                deleted += 1
+            except Exception as exc:
+                # Best effort by design: the key may be gone already (a repeated erasure),
+                # the sign-in revoked or Graph unreachable. The subscription then expires.
+                left += 1
+                log.info(
+                    "erasure.subscription_not_deleted",
+                    account_id=account_id,
+                    subscription=sub_hash,
+                    error=type(exc).__name__,
+                )
+            await self._store.delete_subscription(sub_hash)
+        return deleted, left
+
+    async def _delete_documents(self, account_id: str) -> int:
+        """Every document of the account except the account document itself."""
+        db = self._store.db
+        total = 0
+        lease_names = re.compile(f"^[^:]+:{re.escape(account_id)}$")
+        for name in sorted(await db.list_collection_names()):
+            if name.startswith("system."):
+                continue
+            collection = db[name]
+            total += (await collection.delete_many({"account_id": account_id})).deleted_count
+            if name != "accounts":
+                total += (await collection.delete_many({"_id": account_id})).deleted_count
+            if name == "leases":
+                total += (
+                    await collection.delete_many({"_id": {"$regex": lease_names.pattern}})
+                ).deleted_count
+        return total
+
+    async def _publish_final(self, account_id: str) -> None:
+        try:
+            await self._publisher.publish(
+                OutgoingMessage(
+                    exchange=ONERELATION_INBOUND,
+                    routing_key="account.status",
+                    body=disconnected_document(account_id),
+                    message_id=uuid.uuid4().hex,
+                ),
+                timeout_s=self._publish_timeout_s,
+            )
+        except (PublishError, TimeoutError) as exc:
+            raise TransientError(f"account.status not confirmed: {exc}") from exc
