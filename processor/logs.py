@@ -38,6 +38,37 @@ _REDACTED_KEYS = frozenset(
 )
 
 
+#: Library loggers whose DEBUG records dump payloads: MSAL's token cache logs the
+#: authorization code and PKCE verifier it redeems, aiormq every frame it sends (message
+#: bodies, 1Relation's content among them), pymongo every command and reply.
+PAYLOAD_LOGGERS = (
+    "msal.application",
+    "msal.authority",
+    "msal.telemetry",
+    "msal.token_cache",
+    "aiormq.channel",
+    "aiormq.connection",
+    "pymongo.command",
+)
+
+
+def _above_debug(record: logging.LogRecord) -> bool:
+    return record.levelno > logging.DEBUG
+
+
+def silence_payload_debug() -> None:
+    """Drop the DEBUG records of :data:`PAYLOAD_LOGGERS` at the source.
+
+    A filter on the logger itself holds whatever levels and handlers an operator sets up
+    later (``logging.getLogger("msal").setLevel(DEBUG)`` included); their INFO and above
+    still pass. Idempotent.
+    """
+    for name in PAYLOAD_LOGGERS:
+        logger = logging.getLogger(name)
+        if _above_debug not in logger.filters:
+            logger.addFilter(_above_debug)
+
+
 def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event_dict):
         if key.lower() in _REDACTED_KEYS:
@@ -63,6 +94,7 @@ def configure_logging(level: str = "info", *, stream: Any = None) -> None:
     )
     # Libraries log through the standard library: keep their warnings, in one line each.
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    silence_payload_debug()
 
 
 def get_logger(name: str) -> Any:
