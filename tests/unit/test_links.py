@@ -7,7 +7,7 @@ import json
 import os
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
@@ -15,7 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pymongo.asynchronous.database import AsyncDatabase
 
-from crypto import Hasher
+from crypto import Hasher, KeyRing, generate_master_key_spec, parse_master_keys
+from processor.store import Store
 from subscriptions.links import USED_LINKS, LinkRejected, LinkVerifier, MongoUsedLinks
 
 SECRET = "s" * 32 + "first-connect-secret-of-64-characters-long-xx"
@@ -303,3 +304,26 @@ async def test_used_links_on_ferretdb_are_once_only(
     assert len(docs) == 1
     assert link.jti not in json.dumps(docs, default=str)  # kept as a keyed hash
     assert docs[0]["expires_at"] > link.expires_at.replace(tzinfo=None)
+
+
+async def test_sweeper_removes_expired_link_and_flow_records(
+    mongo_db: AsyncDatabase[dict[str, object]],
+) -> None:
+    """Used link ids and connect/consent flow state past their expiry are swept; live ones stay."""
+    store = Store(
+        db=mongo_db,  # type: ignore[arg-type]
+        keyring=KeyRing(parse_master_keys(generate_master_key_spec("k1"))),
+        hasher=Hasher(os.urandom(32)),
+    )
+    now = datetime.now(UTC)
+    for name in ("used_links", "connect_flows", "consent_flows"):
+        await mongo_db[name].insert_many(
+            [
+                {"_id": "old", "expires_at": now - timedelta(seconds=1)},
+                {"_id": "live", "expires_at": now + timedelta(minutes=5)},
+            ]
+        )
+    counts = await store.sweep_expired()
+    for name in ("used_links", "connect_flows", "consent_flows"):
+        assert counts[name] == 1
+        assert [doc["_id"] for doc in await mongo_db[name].find({}).to_list()] == ["live"]
