@@ -16,6 +16,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,7 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from crypto import CipherCache, Hasher, KeyRing
+from handlers.delta import DeltaRunner, DeltaSettings
 from handlers.inbound import InboundHandler, SyncWindow, validate_inbound
 from processor import broker as broker_mod
 from processor.accounts import AccountStatuses
@@ -42,6 +44,8 @@ from processor.timeutil import utcnow
 from processor.tokens import MsalApps, MsalTokenProvider
 from processor.topology import TopologyConfig, declare_topology, shard_queues
 from processor.web import build_app
+from subscriptions.lifecycle import LifecycleConsumer, LifecycleHandler
+from subscriptions.manager import ManagerSettings, SubscriptionManager
 
 log = get_logger(__name__)
 
@@ -196,6 +200,7 @@ async def receiver_role(rt: Runtime, *, sock: socket.socket | None = None) -> As
 async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
     """Consume the inbound shard queues; drain within the grace period on exit."""
     channel = await rt.connection.channel()
+    window = SyncWindow(rt.settings.sync_window_past_days, rt.settings.sync_window_future_days)
     handler = InboundHandler(
         store=rt.store,
         events=rt.events,
@@ -203,7 +208,18 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         announcer=rt.announcer,
         statuses=rt.statuses,
         metrics=rt.metrics,
-        window=SyncWindow(rt.settings.sync_window_past_days, rt.settings.sync_window_future_days),
+        window=window,
+        run_delta=DeltaRunner(
+            store=rt.store,
+            events=rt.events,
+            graph=rt.graph,
+            statuses=rt.statuses,
+            window=window,
+            settings=DeltaSettings(
+                mass_delete_ratio=rt.settings.mass_delete_ratio,
+                mass_delete_min_events=rt.settings.mass_delete_min_events,
+            ),
+        ),
     )
     consumer = ShardConsumer(
         channel=channel,
@@ -250,10 +266,57 @@ async def _every(interval_s: float, job: Callable[[], Awaitable[Any]]) -> None:
             log.exception("background.failed", job=getattr(job, "__name__", "job"))
 
 
+@contextlib.asynccontextmanager
+async def subscriptions_role(
+    rt: Runtime,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+    manager_settings: ManagerSettings | None = None,
+) -> AsyncIterator[SubscriptionManager]:
+    """Run the subscription manager and the lifecycle consumer; stop both on exit.
+
+    ``clock`` is what subscription expiries are compared with (tests pass the simulator's).
+    """
+    manager = SubscriptionManager(
+        store=rt.store,
+        graph=rt.graph,
+        publisher=rt.publisher,
+        statuses=rt.statuses,
+        settings=manager_settings
+        or ManagerSettings(
+            public_url=rt.settings.public_url,
+            shard_count=rt.settings.shard_count,
+            resync_interval_s=rt.settings.resync_interval_s,
+            publish_timeout_s=rt.settings.publish_timeout_s,
+        ),
+        clock=clock,
+    )
+    channel = await rt.connection.channel()
+    lifecycle = LifecycleConsumer(
+        channel=channel,
+        handler=LifecycleHandler(store=rt.store, manager=manager),
+        publisher=rt.publisher,
+    )
+    await lifecycle.start()
+    await manager.start()
+    sweeper = asyncio.create_task(_every(60.0, rt.store.sweep_expired))
+    log.info("subscriptions.started", owner=manager.owner)
+    try:
+        yield manager
+    finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        await lifecycle.stop()
+        await manager.stop()
+        if not channel.is_closed:
+            await channel.close()
+        log.info("subscriptions.stopped")
+
+
 async def run_roles(settings: Settings, roles: Sequence[str]) -> int:
     """Run ``roles`` in this process until SIGTERM or SIGINT; returns the exit code."""
     configure_logging(settings.log_level)
-    missing = [r for r in roles if r in ("outbound", "subscriptions")]
+    missing = [r for r in roles if r in ("outbound",)]
     if missing and len(roles) == 1:
         from processor.cli import NotAvailableYet  # noqa: PLC0415
 
@@ -271,6 +334,8 @@ async def run_roles(settings: Settings, roles: Sequence[str]) -> int:
             await stack.enter_async_context(receiver_role(rt))
         if "worker" in roles:
             await stack.enter_async_context(worker_role(rt))
+        if "subscriptions" in roles:
+            await stack.enter_async_context(subscriptions_role(rt))
         log.info("process.ready", roles=list(roles))
         await stop.wait()
         log.info("process.stopping")

@@ -415,6 +415,21 @@ class Store:
                 return cipher
         return await self.cipher_for(key_id)
 
+    # ------------------------------------------------------------------ subscription renewals
+
+    async def set_subscription_expiry(
+        self, subscription_hash: str, *, expires_at: datetime, granted_at: datetime
+    ) -> None:
+        """Record a granted expiry and when it was granted (the lifetime renewals go by).
+
+        Written only by the subscription manager holding the account's lease.
+        """
+        await self.subscriptions.update_one(
+            {"_id": subscription_hash},
+            {"$set": {"expires_at": expires_at, "granted_at": granted_at, "updated_at": utcnow()}},
+        )
+        self._subscription_cache.pop(subscription_hash, None)
+
 
 async def wait_for_database(db: AsyncDatabase[Document], *, timeout_s: float) -> None:
     """Ping until the database answers or ``timeout_s`` passes."""

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import socket
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,11 +19,21 @@ import aio_pika
 from crypto import generate_master_key_spec
 from graphsim.client import SimControl
 from graphsim.server import SimConfig, Simulator
-from processor.app import Runtime, build_runtime, receiver_role, worker_role
+from processor.app import (
+    Runtime,
+    build_runtime,
+    receiver_role,
+    subscriptions_role,
+    worker_role,
+)
 from processor.devsignin import sign_in_headless
+from processor.interfaces import OutgoingMessage
+from processor.messages import resync_message
 from processor.settings import Settings, load_settings
+from processor.timeutil import utcnow
 from processor.tokens import MsalApps
-from processor.topology import ONERELATION_INBOUND_QUEUE
+from processor.topology import INBOUND_EXCHANGE, ONERELATION_INBOUND_QUEUE, shard_routing_key
+from subscriptions.manager import ManagerSettings, SubscriptionManager
 from subscriptions.registration import create_subscription, register_account
 
 
@@ -70,6 +81,35 @@ class Stack:
     rt: Runtime
     port: int
     accounts: dict[str, str] = field(default_factory=dict)  # account_id -> mailbox user id
+    managers: list[SubscriptionManager] = field(default_factory=list)
+    exit_stack: AsyncExitStack | None = None
+
+    def manager_settings(self, **overrides: Any) -> ManagerSettings:
+        """Manager settings for tests: fast scans, no start-up delay, ``overrides`` on top."""
+        values: dict[str, Any] = {
+            "public_url": self.settings.public_url,
+            "shard_count": self.settings.shard_count,
+            "scan_interval_s": 0.2,
+            "startup_delay_max_s": 0.0,
+            "retry_after_failure_s": 0.5,
+            "writes_per_s": 200.0,
+            "write_burst": 200,
+            **overrides,
+        }
+        return ManagerSettings(**values)
+
+    async def start_manager(self, **overrides: Any) -> SubscriptionManager:
+        """Start (another) subscriptions role whose clock is the simulator's clock."""
+        assert self.exit_stack is not None
+        manager = await self.exit_stack.enter_async_context(
+            subscriptions_role(
+                self.rt,
+                clock=self.sim.clock.now,
+                manager_settings=self.manager_settings(**overrides),
+            )
+        )
+        self.managers.append(manager)
+        return manager
 
     async def connect_account(self, account_id: str, user_id: str) -> None:
         """Sign the user in through MSAL, register the account and subscribe to its events."""
@@ -83,17 +123,46 @@ class Stack:
         claims, cache = await sign_in_headless(
             apps, ca_bundle=self.settings.ca_bundle, tenant=self.sim.tenant_id
         )
-        await register_account(
-            self.rt.store,
-            account_id=account_id,
-            serialized_cache=cache,
-            user_id=claims["oid"],
-            tenant_id=claims["tid"],
-        )
-        await create_subscription(
-            self.rt.store, self.rt.graph, account_id=account_id, public_url=self.settings.public_url
-        )
+        # Holds the connect flow's lease, as /auth/callback does, so that a running
+        # subscription manager leaves the subscription to this flow.
+        lease, owner = f"connect:{account_id}", uuid.uuid4().hex
+        assert await self.rt.store.try_lease(lease, owner, ttl_s=60.0)
+        try:
+            await register_account(
+                self.rt.store,
+                account_id=account_id,
+                serialized_cache=cache,
+                user_id=claims["oid"],
+                tenant_id=claims["tid"],
+            )
+            await create_subscription(
+                self.rt.store,
+                self.rt.graph,
+                account_id=account_id,
+                public_url=self.settings.public_url,
+            )
+        finally:
+            await self.rt.store.release_lease(lease, owner)
         self.accounts[account_id] = user_id
+
+    async def request_resync(self, account_id: str, *, full: bool, reason: str) -> None:
+        """Publish a resync job to the account's shard, as the manager or the API would."""
+        await self.rt.publisher.publish(
+            OutgoingMessage(
+                exchange=INBOUND_EXCHANGE,
+                routing_key=shard_routing_key(account_id, self.settings.shard_count),
+                body=resync_message(
+                    account_id=account_id, reason=reason, full=full, requested_at=utcnow()
+                ),
+                message_id=uuid.uuid4().hex,
+            ),
+            timeout_s=5.0,
+        )
+
+    async def status(self, account_id: str) -> str | None:
+        """The account's current status."""
+        doc = await self.rt.store.get_account(account_id)
+        return None if doc is None else str(doc.get("status"))
 
     async def announcements(self) -> list[dict[str, Any]]:
         """Drain ``onerelation.inbound`` (as 1Relation would) and return the bodies."""
@@ -117,8 +186,13 @@ async def running_stack(
     roles: Sequence[str] = ("receiver", "worker"),
     sim_config: dict[str, Any] | None = None,
     extra_env: dict[str, str] | None = None,
+    manager: dict[str, Any] | None = None,
 ) -> AsyncIterator[Stack]:
-    """Start the simulator and the chosen roles in this process."""
+    """Start the simulator and the chosen roles in this process.
+
+    The ``subscriptions`` role runs on the simulator's clock with ``manager`` overriding
+    :meth:`Stack.manager_settings`.
+    """
     async with AsyncExitStack() as stack:
         sim = Simulator(SimConfig(state_dir=tmp_path / "sim", port=0, **(sim_config or {})))
         await sim.start()
@@ -142,7 +216,12 @@ async def running_stack(
             sock.close()
         if "worker" in roles:
             await stack.enter_async_context(worker_role(rt))
-        yield Stack(sim=sim, control=control, settings=settings, env=env, rt=rt, port=port)
+        running = Stack(
+            sim=sim, control=control, settings=settings, env=env, rt=rt, port=port, exit_stack=stack
+        )
+        if "subscriptions" in roles:
+            await running.start_manager(**(manager or {}))
+        yield running
 
 
 async def eventually(predicate: Any, *, timeout_s: float = 20.0, interval_s: float = 0.1) -> Any:
