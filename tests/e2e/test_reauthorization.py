@@ -1,0 +1,121 @@
+"""A revoked sign-in: the account stops, says so once, loses nothing, and resumes on reconnect."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from processor.timeutil import isoformat_z
+from processor.topology import DEAD_QUEUE
+from processor.verify import diff_account, expected_events
+from subscriptions.manager import STATE_COLLECTION
+from tests.conftest import RabbitAdmin
+from tests.e2e.harness import Stack, eventually, running_stack
+
+pytestmark = pytest.mark.e2e
+
+WINDOW_START = datetime.now(UTC) - timedelta(days=30)
+WINDOW_END = datetime.now(UTC) + timedelta(days=365)
+
+
+def _event(n: int) -> dict[str, Any]:
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(
+        days=3, hours=n
+    )
+    return {
+        "subject": f"Reauth subject {n} {uuid.uuid4().hex[:6]}",
+        "start": {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
+        "end": {
+            "dateTime": (start + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%S"),
+            "timeZone": "UTC",
+        },
+    }
+
+
+async def _converged(stack: Stack, account_id: str, user_id: str) -> bool:
+    expected = expected_events(
+        await stack.control.events(user_id, immutable=True),
+        await stack.control.calendar_view(
+            user_id, isoformat_z(WINDOW_START), isoformat_z(WINDOW_END), immutable=True
+        ),
+    )
+    diff = await diff_account(stack.rt.store, stack.rt.events, account_id, expected)
+    return diff.ok
+
+
+async def _dead_letters(stack: Stack) -> int:
+    channel = await stack.rt.connection.channel()
+    try:
+        queue = await channel.declare_queue(DEAD_QUEUE, passive=True)
+        assert queue.declaration_result.message_count is not None
+        return queue.declaration_result.message_count
+    finally:
+        await channel.close()
+
+
+async def test_revoked_sign_in_pauses_the_account_and_reconnect_resumes_it(
+    tmp_path: Path, amqp_url: str, mongodb_url: str, vhost: str, rabbit_admin: RabbitAdmin
+) -> None:
+    """A revoked refresh token puts the account in reauthorization_required with exactly one
+    account.status message and no dead letter; reconnecting resumes sync, and the changes
+    made meanwhile arrive."""
+    async with running_stack(
+        tmp_path,
+        amqp_url=amqp_url,
+        mongodb_url=mongodb_url,
+        roles=("receiver", "worker", "subscriptions"),
+    ) as stack:
+        user_id = (await stack.control.users())[0]["id"]
+        await stack.connect_account("acc-x", user_id)
+        kept = await stack.control.create_event(user_id, _event(1), immutable=True)
+        doomed = await stack.control.create_event(user_id, _event(2), immutable=True)
+        await eventually(lambda: _converged(stack, "acc-x", user_id))
+        await stack.control.wait_idle()
+        await stack.announcements()  # 1Relation has read everything so far
+
+        await stack.control.revoke_tokens(user_id, access_tokens=True)
+        await stack.control.create_event(user_id, _event(3), immutable=True)
+
+        async def paused() -> bool:
+            return await stack.status("acc-x") == "reauthorization_required"
+
+        await eventually(paused)
+        # More changes while the account cannot call Graph: their notifications are acked.
+        await stack.control.update_event(user_id, kept["id"], {"subject": "Edited while revoked"})
+        await stack.control.delete_event(user_id, doomed["id"])
+        await stack.control.create_event(user_id, _event(4), immutable=True)
+        await stack.control.wait_idle()
+
+        async def manager_saw_it() -> bool:
+            state = await stack.rt.db[STATE_COLLECTION].find_one({"_id": "acc-x"})
+            return bool(state and state.get("paused"))
+
+        await eventually(manager_saw_it)
+        statuses = [a for a in await stack.announcements() if a["routing_key"] == "account.status"]
+        assert [s["status"] for s in statuses] == ["reauthorization_required"]
+        assert "connect" in statuses[0]["status_reason"].lower()
+        assert await _dead_letters(stack) == 0
+        assert (await rabbit_admin.queue(vhost, DEAD_QUEUE))["messages"] == 0
+        assert not await _converged(stack, "acc-x", user_id)  # nothing was fetched meanwhile
+
+        await stack.connect_account("acc-x", user_id)  # the user connects again
+
+        async def resumed() -> bool:
+            active = [
+                s
+                for s in await stack.control.subscriptions()
+                if s["state"] == "active" and s["userId"] == user_id
+            ]
+            return len(active) == 1 and await _converged(stack, "acc-x", user_id)
+
+        await eventually(resumed, timeout_s=30)
+        assert await stack.status("acc-x") == "connected"
+        probe = await stack.control.create_event(user_id, _event(5), immutable=True)
+        await eventually(lambda: _converged(stack, "acc-x", user_id))
+        key = stack.rt.events.event_key("acc-x", probe["id"])
+        assert await stack.rt.events.collection.find_one({"_id": key}) is not None
+        assert await _dead_letters(stack) == 0
