@@ -322,24 +322,38 @@ class History:
             report.redeliveries = sum(
                 int((q.get("message_stats") or {}).get("redeliver") or 0) for q in queues.values()
             )
-            ready, unacked = await self.queue_totals()
-            drained = ready == 0 and unacked == 0
+            busy = {
+                name: [int(q.get("messages_ready") or 0), int(q.get("messages_unacknowledged") or 0)]
+                for name, q in queues.items()
+                if name not in UNCONSUMED_QUEUES and q.get("messages")
+            }
+            drained = not busy
+            if busy:
+                report.extra["busy_queues"] = busy
             report.duplicates_absorbed += report.redeliveries
         diffs_ok = all(diff.ok for diff, _ in diffs.values())
         idle = await self.control.is_idle()
         ok = idle and drained and diffs_ok and not outbound_problems
         if not diffs_ok:
             report.extra["diffs"] = {a: d.summary() for a, (d, _) in diffs.items() if not d.ok}
-        report.extra.setdefault("idle", idle)
+        report.extra["idle"] = idle
         report.extra["drained"] = drained
+        report.extra["equal"] = diffs_ok and not outbound_problems
         return ok, report
 
     async def check(self, *, timeout_s: float = 60.0, interval_s: float = 0.25) -> Report:
         """Wait for the drain, then assert nothing was lost; prints and returns the report."""
         deadline = time.monotonic() + timeout_s
         converged_at: float | None = None
+        start = self._healed_at or self._fault_at or time.monotonic()
+        first: dict[str, float] = {}  # when each condition first held, after the heal
         while True:
             ok, report = await self._snapshot()
+            for name in ("idle", "drained", "equal"):
+                if report.extra[name] and name not in first:
+                    first[name] = round(time.monotonic() - start, 2)
+                    if name == "equal" and "busy_queues" in report.extra:
+                        self.extra["busy_when_equal"] = report.extra["busy_queues"]
             if ok:
                 converged_at = time.monotonic()
                 break
@@ -347,12 +361,12 @@ class History:
                 break
             await asyncio.sleep(interval_s)
         report.converged = ok
-        start = self._healed_at or self._fault_at
-        if converged_at is not None and start is not None:
+        if converged_at is not None:
             report.recover_s = round(converged_at - start, 2)
         if report.converged:
-            report.extra.pop("idle", None)
-            report.extra.pop("drained", None)
+            for name in ("idle", "drained", "equal"):
+                report.extra.pop(name, None)
+        report.extra["first_s"] = first
         print(f"FAULT-HISTORY {report.line()}")
         assert report.lost == 0, f"lost {report.lost}: {report.lost_detail[:10]}"
         assert report.dead_lettered == 0, f"{report.dead_lettered} dead-lettered"
