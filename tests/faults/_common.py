@@ -34,7 +34,7 @@ class OutlookLoad:
 
     def __init__(
         self, history: History, user_id: str, *, seed: int, interval_s: float = 0.05,
-        edits: bool = True, limit: int = 10_000,
+        edits: bool = True, limit: int = 10_000, burst: int = 0,
     ) -> None:
         self.history = history
         self.user_id = user_id
@@ -42,6 +42,7 @@ class OutlookLoad:
         self.interval_s = interval_s
         self.edits = edits
         self.limit = limit
+        self.burst = burst  # the first ``burst`` changes come without a pause (a backlog)
         self.created: list[str] = []
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -64,7 +65,8 @@ class OutlookLoad:
                 event = await self.history.create_event(self.user_id, outlook_event(self.rng, n))
                 self.created.append(event["id"])
             n += 1
-            await asyncio.sleep(self.interval_s)
+            if n > self.burst:
+                await asyncio.sleep(self.interval_s)
 
     async def stop(self) -> None:
         self._stop.set()

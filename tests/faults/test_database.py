@@ -37,7 +37,7 @@ async def test_database_stopped_and_restarted_mid_stream(
             stack, f"database-restart-{how}", mongodb_url=mongodb_url,
             node=broker.node, vhost=broker.vhost,
         ) as history:
-            load = OutlookLoad(history, user_id, seed=21, interval_s=0.15).start()
+            load = OutlookLoad(history, user_id, seed=21, interval_s=0.15, burst=10).start()
 
             async def holding() -> bool:
                 return (await history.queue_totals())[1] >= 2
