@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -28,6 +29,15 @@ from pymongo.asynchronous.database import AsyncDatabase
 from crypto import CipherCache, Hasher, KeyRing
 from handlers.delta import DeltaRunner, DeltaSettings
 from handlers.inbound import InboundHandler, SyncWindow, validate_inbound
+from handlers.outbound import (
+    OUTBOUND_SCHEMA,
+    PAUSED_STATUSES,
+    IntakeHandler,
+    OutboundHandler,
+    Reporter,
+    validate_intake,
+    validate_shard,
+)
 from processor import broker as broker_mod
 from processor.accounts import AccountStatuses
 from processor.announce import Announcer, OutboxRelay
@@ -36,13 +46,22 @@ from processor.broker import ConfirmPublisher
 from processor.consumer import ShardConsumer
 from processor.event_store import EventStore
 from processor.graph import GraphClient, create_http_session
+from processor.interfaces import OutgoingMessage
 from processor.logs import configure_logging, get_logger
+from processor.mapping import LinkStore
 from processor.metrics import Metrics
 from processor.settings import Settings
 from processor.store import Document, Store, wait_for_database
 from processor.timeutil import utcnow
 from processor.tokens import MsalApps, MsalTokenProvider
-from processor.topology import TopologyConfig, declare_topology, shard_queues
+from processor.topology import (
+    OUTBOUND_EXCHANGE,
+    OUTBOUND_INTAKE_QUEUE,
+    TopologyConfig,
+    declare_topology,
+    shard_queues,
+    shard_routing_key,
+)
 from processor.web import build_app
 from subscriptions.lifecycle import LifecycleConsumer, LifecycleHandler
 from subscriptions.manager import ManagerSettings, SubscriptionManager
@@ -74,6 +93,7 @@ class Runtime:
     graph: GraphClient
     announcer: Announcer
     statuses: AccountStatuses
+    links: LinkStore
 
     async def readiness(self) -> dict[str, bool]:
         """Readiness checks: the broker connection and the database answer."""
@@ -146,6 +166,7 @@ async def build_runtime(
         store=store, events=events, publisher=publisher, timeout_s=settings.publish_timeout_s
     )
     return Runtime(
+        links=LinkStore(db=db, hasher=hasher),
         statuses=statuses,
         settings=settings,
         metrics=metrics,
@@ -209,6 +230,7 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         statuses=rt.statuses,
         metrics=rt.metrics,
         window=window,
+        links=rt.links,
         run_delta=DeltaRunner(
             store=rt.store,
             events=rt.events,
@@ -249,6 +271,83 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         if not channel.is_closed:
             await channel.close()
         log.info("worker.stopped")
+
+
+@contextlib.asynccontextmanager
+async def outbound_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
+    """Consume 1Relation's outbound intake and the outbound shards; drain on exit."""
+    reporter = Reporter(
+        publisher=rt.publisher, metrics=rt.metrics, timeout_s=rt.settings.publish_timeout_s
+    )
+    intake_channel = await rt.connection.channel()
+    intake = ShardConsumer(
+        channel=intake_channel,
+        queues=[await intake_channel.get_queue(OUTBOUND_INTAKE_QUEUE, ensure=False)],
+        handler=IntakeHandler(
+            store=rt.store,
+            publisher=rt.publisher,
+            reporter=reporter,
+            shard_count=rt.settings.shard_count,
+            timeout_s=rt.settings.publish_timeout_s,
+        ),
+        publisher=rt.publisher,
+        retry_target="outbound",
+        metrics=rt.metrics,
+        validate=validate_intake,
+        prefetch=rt.settings.prefetch,
+    )
+    channel = await rt.connection.channel()
+    applier = ShardConsumer(
+        channel=channel,
+        queues=await shard_queues(channel, "outbound", rt.settings.shard_count),
+        handler=OutboundHandler(
+            store=rt.store,
+            events=rt.events,
+            links=rt.links,
+            graph=rt.graph,
+            statuses=rt.statuses,
+            reporter=reporter,
+            metrics=rt.metrics,
+            tombstone_ttl_s=rt.settings.tombstone_ttl_days * 86400,
+        ),
+        publisher=rt.publisher,
+        retry_target="outbound",
+        metrics=rt.metrics,
+        validate=validate_shard,
+        prefetch=rt.settings.prefetch,
+    )
+    await applier.start()
+    await intake.start()
+    background = asyncio.create_task(_every(15.0, lambda: _wake_parked(rt)))
+    log.info("outbound.started", shards=rt.settings.shard_count)
+    try:
+        yield applier
+    finally:
+        background.cancel()
+        await asyncio.gather(background, return_exceptions=True)
+        await intake.stop(grace_s=rt.settings.shutdown_grace_s)
+        await applier.stop(grace_s=rt.settings.shutdown_grace_s)
+        for ch in (intake_channel, channel):
+            if not ch.is_closed:
+                await ch.close()
+        log.info("outbound.stopped")
+
+
+async def _wake_parked(rt: Runtime) -> None:
+    """Send a ``replay`` to the shard of each reconnected account with parked changes."""
+    for account_id in await rt.links.accounts_with_parked():
+        account = await rt.store.get_account(account_id)
+        if account is None or account.get("status") in PAUSED_STATUSES:
+            continue
+        await rt.publisher.publish(
+            OutgoingMessage(
+                exchange=OUTBOUND_EXCHANGE,
+                routing_key=shard_routing_key(account_id, rt.settings.shard_count),
+                body={"schema": OUTBOUND_SCHEMA, "kind": "replay", "account_id": account_id},
+                message_id=uuid.uuid4().hex,
+            ),
+            timeout_s=rt.settings.publish_timeout_s,
+        )
 
 
 async def _relay_and_sweep(rt: Runtime, relay: OutboxRelay) -> None:
@@ -316,11 +415,6 @@ async def subscriptions_role(
 async def run_roles(settings: Settings, roles: Sequence[str]) -> int:
     """Run ``roles`` in this process until SIGTERM or SIGINT; returns the exit code."""
     configure_logging(settings.log_level)
-    missing = [r for r in roles if r in ("outbound",)]
-    if missing and len(roles) == 1:
-        from processor.cli import NotAvailableYet  # noqa: PLC0415
-
-        raise NotAvailableYet(f"the {roles[0]} role is not available in this version yet")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -334,6 +428,8 @@ async def run_roles(settings: Settings, roles: Sequence[str]) -> int:
             await stack.enter_async_context(receiver_role(rt))
         if "worker" in roles:
             await stack.enter_async_context(worker_role(rt))
+        if "outbound" in roles:
+            await stack.enter_async_context(outbound_role(rt))
         if "subscriptions" in roles:
             await stack.enter_async_context(subscriptions_role(rt))
         log.info("process.ready", roles=list(roles))

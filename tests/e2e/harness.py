@@ -22,6 +22,7 @@ from graphsim.server import SimConfig, Simulator
 from processor.app import (
     Runtime,
     build_runtime,
+    outbound_role,
     receiver_role,
     subscriptions_role,
     worker_role,
@@ -216,6 +217,8 @@ async def running_stack(
             sock.close()
         if "worker" in roles:
             await stack.enter_async_context(worker_role(rt))
+        if "outbound" in roles:
+            await stack.enter_async_context(outbound_role(rt))
         running = Stack(
             sim=sim, control=control, settings=settings, env=env, rt=rt, port=port, exit_stack=stack
         )
