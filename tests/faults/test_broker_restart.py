@@ -32,15 +32,15 @@ async def test_broker_restart_while_the_receiver_publishes_and_workers_hold_mess
         shards = stack.settings.shard_count
         await wait_consumers(broker.node, broker.vhost, "m365sync.inbound.", shards)
         # Slow Graph reads: the worker holds deliveries unacknowledged while it fetches.
-        await stack.control.set_faults(latency_ms=200, duplicates=True)
+        await stack.control.set_faults(latency_ms=400, duplicates=True)
         async with history_for(
             stack, f"broker-restart-{how}", mongodb_url=mongodb_url,
             node=broker.node, vhost=broker.vhost,
         ) as history:
-            load = OutlookLoad(history, user_id, seed=11, interval_s=0.3, burst=15).start()
+            load = OutlookLoad(history, user_id, seed=11, interval_s=0.3, burst=25).start()
 
             async def holding() -> bool:
-                return (await history.queue_totals())[1] >= 3
+                return (await history.queue_totals())[1] >= 2
 
             await until(holding)
             await history.fault()
