@@ -164,7 +164,8 @@ class GraphApi:
             if self.faults.latency_ms:
                 await asyncio.sleep(self.faults.latency_ms / 1000)
             result: web.StreamResponse = await handler()
-            if self.faults.write_answer_delay_ms and request.method in ("POST", "PATCH", "DELETE"):
+            is_write = ctx.request.method in ("POST", "PATCH", "DELETE")
+            if self.faults.write_answer_delay_ms and is_write:
                 # The change is already made; only the answer is late (a client that times
                 # out or dies now does not know its write happened).
                 await asyncio.sleep(self.faults.write_answer_delay_ms / 1000)
