@@ -16,12 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
+from pymongo.errors import ConnectionFailure
 
 from processor.broker import ConfirmPublisher, Outcome, settle
 from processor.logs import correlation, get_logger
 from processor.metrics import Metrics
 
 log = get_logger(__name__)
+
+#: How long a batch waits when the database is unreachable before it is tried again.
+DATABASE_RETRY_S = 5.0
 
 
 @dataclass
@@ -119,13 +123,20 @@ class ShardConsumer:
         try:
             while batch := self._take(account_id):
                 with correlation(batch[0].message.correlation_id, account_id=account_id):
+                    fallback = Outcome.requeue("handler set no outcome")
                     try:
                         await self._handler.handle_batch(account_id, batch)
+                    except ConnectionFailure as exc:
+                        # The database is away: wait in the retry queue, which does not count
+                        # against the delivery limit (requeues would dead-letter the batch
+                        # after a few server-selection timeouts).
+                        log.warning("batch.database_unavailable", error=type(exc).__name__)
+                        fallback = Outcome.retry(DATABASE_RETRY_S)
                     except Exception:  # a handler bug must not strand the batch unsettled
                         log.exception("batch.failed", size=len(batch))
                     for delivery in batch:
                         if delivery.outcome is None:
-                            delivery.outcome = Outcome.requeue("handler set no outcome")
+                            delivery.outcome = fallback
                     await asyncio.gather(*(self._settle(d) for d in batch))
         finally:
             self._running.pop(account_id, None)
