@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
@@ -44,6 +44,10 @@ KEPT_FIELDS: tuple[str, ...] = (
     "isCancelled",
     "isOrganizer",
 )
+
+
+#: A stored event's version: (``lm``, keyed hash of the changeKey), as read back.
+StoredVersion = tuple[datetime | None, str | None]
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,14 @@ class EventStore:
         cipher: DataCipher,
         announce: bool = True,
         relation_event_id: str | None = None,
+        known: dict[str, StoredVersion] | None = None,
     ) -> Change | None:
         """Store ``event`` unless the stored version is the same or newer; None when stale.
 
         Version order (DESIGN): ``lastModifiedDateTime`` first; on an equal timestamp a
         different ``changeKey`` wins, because this fetch is later than the stored one.
+        ``known`` (from :meth:`stored_versions`, kept up to date here) saves the read of
+        the stored version: a key missing from it is taken as not stored.
         """
         graph_id = str(event["id"])
         key = self.event_key(account_id, graph_id)
@@ -120,23 +127,77 @@ class EventStore:
             }
         # Without a mark the write is our own echo: nothing to tell 1Relation (an older
         # change's unannounced mark, if any, is left for the outbox to send).
-        try:
-            await self.collection.update_one(
-                {
-                    "_id": key,
-                    "$or": [
-                        {"lm": {"$lt": last_modified}},
-                        {"lm": last_modified, "ck": {"$ne": change_key}},
-                    ],
-                },
-                {"$set": fields, "$unset": unset},
-                upsert=True,
-            )
-        except DuplicateKeyError:
+        if not await self._write_if_newer(
+            key, last_modified, change_key, fields, unset, known=known
+        ):
             return None
         if not announce:
             return None
         return Change(account_id, key, "upserted", last_modified, seq, relation_event_id)
+
+    async def _write_if_newer(
+        self,
+        key: str,
+        last_modified: datetime,
+        change_key: str,
+        fields: dict[str, Any],
+        unset: dict[str, str],
+        *,
+        known: dict[str, StoredVersion] | None = None,
+    ) -> bool:
+        """Write unless the stored version is the same or newer; False when stale.
+
+        FerretDB's SQLite backend pushes a filter down only when it is exactly ``{_id: …}``:
+        the version guard inside the upsert's filter (``$or``) made every write scan the
+        whole collection (seconds per write at a few thousand events). So the stored version
+        is read by ``_id`` (or taken from ``known``), compared here, and a new event is an
+        insert; an existing one is updated with a compare-and-swap on the version read
+        (atomic on MongoDB; on FerretDB that filter still scans, and the account's shard
+        owner is the only writer anyway). A lost race decides again.
+        """
+        # BSON keeps milliseconds: compare at the precision the stored value has.
+        wanted = last_modified.replace(microsecond=last_modified.microsecond // 1000 * 1000)
+        for attempt in range(3):
+            if attempt == 0 and known is not None:
+                hint = known.get(key)
+                stored = None if hint is None else {"lm": hint[0], "ck": hint[1]}
+            else:
+                stored = await self.collection.find_one({"_id": key}, {"lm": 1, "ck": 1})
+            if stored is not None:
+                stored_lm = stored.get("lm")
+                if isinstance(stored_lm, datetime):
+                    if stored_lm.tzinfo is None:
+                        stored_lm = stored_lm.replace(tzinfo=UTC)
+                    if stored_lm > wanted or (
+                        stored_lm == wanted and stored.get("ck") == change_key
+                    ):
+                        return False
+            try:
+                if stored is None:
+                    await self.collection.insert_one({"_id": key, **fields})
+                    if known is not None:
+                        known[key] = (wanted, change_key)
+                    return True
+                result = await self.collection.update_one(
+                    {"_id": key, "lm": stored.get("lm"), "ck": stored.get("ck")},
+                    {"$set": fields, "$unset": unset},
+                )
+            except DuplicateKeyError:
+                continue  # inserted meanwhile: decide again against that version
+            if result.matched_count:
+                if known is not None:
+                    known[key] = (wanted, change_key)
+                return True
+        return False
+
+    async def stored_versions(self, account_id: str) -> dict[str, StoredVersion]:
+        """The stored version of every event of the account, tombstones included.
+
+        One scan for a bulk pass: on FerretDB's SQLite backend a read by ``_id`` that finds
+        nothing scans the whole collection, so a backfill must not read once per event.
+        """
+        cursor = self.collection.find({"account_id": account_id}, {"lm": 1, "ck": 1})
+        return {str(doc["_id"]): (doc.get("lm"), doc.get("ck")) async for doc in cursor}
 
     async def mark_deleted(self, account_id: str, event_key: str) -> Change | None:
         """Turn a live event into a tombstone (content erased); None if absent or deleted.

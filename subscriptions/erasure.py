@@ -2,7 +2,8 @@
 
 Order, chosen so that a crash at any point leaves a state the next ``DELETE`` finishes:
 
-1. mark the account ``disconnected`` (workers stop calling Graph for it);
+1. mark the account ``disconnected`` (workers stop calling Graph for it) and take the
+   subscription manager's and the connect flow's leases of the account (a barrier);
 2. delete its Graph subscriptions, best effort (needs the token cache, so it comes before
    the key goes; a failure is fine: an orphaned subscription expires within days, and its
    notifications are dropped because the subscription record is gone);
@@ -37,6 +38,11 @@ log = get_logger(__name__)
 
 #: Time allowed for deleting the Graph subscriptions before giving up on them.
 GRAPH_BUDGET_S: Final = 10.0
+#: Leases whose holders write the account's subscription or binding: the subscription
+#: manager's (subscriptions/manager.py) and the connect callback's (subscriptions/connect.py).
+BARRIER_LEASES: Final = ("subscription:{account_id}", "connect:{account_id}")
+LEASE_WAIT_S: Final = 10.0
+LEASE_TTL_S: Final = 60.0
 
 
 def disconnected_document(account_id: str) -> dict[str, Any]:
@@ -75,6 +81,7 @@ class Eraser:
         publisher: Publisher,
         publish_timeout_s: float,
         graph_budget_s: float = GRAPH_BUDGET_S,
+        lease_wait_s: float = LEASE_WAIT_S,
     ) -> None:
         self._store = store
         self._graph = graph
@@ -82,6 +89,7 @@ class Eraser:
         self._publisher = publisher
         self._publish_timeout_s = publish_timeout_s
         self._graph_budget_s = graph_budget_s
+        self._lease_wait_s = lease_wait_s
 
     async def erase(self, account_id: str) -> Erasure:
         """Erase everything of ``account_id``; raises :class:`TransientError` if 1Relation
@@ -90,6 +98,12 @@ class Eraser:
         account = await store.get_account(account_id)
         if account is not None and account.get("status") != "disconnected":
             await store.set_status(account_id, "disconnected", DEFAULT_REASONS["disconnected"])
+        # A barrier: wait out a subscription write or a connect callback that began before
+        # the status changed (afterwards both see "disconnected" or no account and stop).
+        # The leases are held to the end; the document sweep below removes them.
+        owner = f"erasure:{uuid.uuid4().hex}"
+        for template in BARRIER_LEASES:
+            await self._hold(template.format(account_id=account_id), owner)
         deleted, left = await self._delete_graph_subscriptions(account_id)
         await store.destroy_data_key(account_id)
         self._tokens.invalidate(account_id)
@@ -107,6 +121,15 @@ class Eraser:
             documents=documents,
         )
         return Erasure(account is not None, deleted, left, documents)
+
+    async def _hold(self, name: str, owner: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._lease_wait_s
+        while not await self._store.try_lease(name, owner, ttl_s=LEASE_TTL_S):
+            if loop.time() >= deadline:
+                log.warning("erasure.lease_busy", lease=name.partition(":")[0])
+                return  # erase anyway; a straggler's documents go with the next DELETE
+            await asyncio.sleep(0.1)
 
     async def _delete_graph_subscriptions(self, account_id: str) -> tuple[int, int]:
         hashes = [
