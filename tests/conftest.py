@@ -7,6 +7,7 @@ documents and the fixed contract names (``onerelation.inbound`` …) can be decl
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -66,9 +67,19 @@ class RabbitAdmin:
             return None
 
     async def queue(self, vhost: str, name: str) -> dict[str, object]:
-        result = await self.request(
-            "GET", f"/queues/{quote(vhost, safe='')}/{quote(name, safe='')}"
-        )
+        """The queue's management record, once its message figures are there.
+
+        The management API leaves out ``messages`` until its statistics have caught up
+        with a new queue (seconds), so reading it too early is retried, not misread.
+        """
+        path = f"/queues/{quote(vhost, safe='')}/{quote(name, safe='')}"
+        result: object = None
+        for _ in range(100):
+            result = await self.request("GET", path)
+            assert isinstance(result, dict)
+            if "messages" in result:
+                return result
+            await asyncio.sleep(0.1)
         assert isinstance(result, dict)
         return result
 
