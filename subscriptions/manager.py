@@ -160,6 +160,7 @@ class SubscriptionManager:
         self._slots: dict[tuple[str, str], int] = {}  # (kind, account) -> slot handled
         self._not_before: dict[str, float] = {}  # account -> monotonic time
         self._repairs: dict[str, set[str]] = {}  # account -> {"check", "renew"}
+        self._stray_candidates: dict[str, set[str]] = {}  # account -> Graph ids without record
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         #: Counts by what happened: created, renewed, recreated, deleted_extra, checks,
@@ -472,16 +473,28 @@ class SubscriptionManager:
         held = await self._graph.list_subscriptions(account_id)
         notification_url = f"{self._settings.public_url}/graph/notifications"
         identity = await self._store.identity(account_id)
-        strays = [
-            s
-            for s in held
-            if s.get("id") != ours
-            and s.get("notificationUrl") == notification_url
-            and str(s.get("resource", "")).lower() == f"users/{identity.user_id}/events".lower()
-        ]
-        for stray in strays:  # created by us for this mailbox, but no record: a crash's leftover
+        # A delegated token lists every subscription of the *user*, and several accounts may
+        # be bound to one mailbox: only a subscription of ours that no account has a record
+        # of is a stray (a crash's leftover). One that is being created right now has no
+        # record for a moment, so a stray is deleted only when an earlier check saw it too.
+        resource = f"users/{identity.user_id}/events".lower()
+        candidates: set[str] = set()
+        for held_sub in held:
+            held_id = str(held_sub.get("id", ""))
+            if (
+                held_id
+                and held_id != ours
+                and held_sub.get("notificationUrl") == notification_url
+                and str(held_sub.get("resource", "")).lower() == resource
+            ):
+                held_hash = self._store.hasher.hash_id("subscription", held_id)
+                if await self._store.subscriptions.find_one({"_id": held_hash}, {"_id": 1}) is None:
+                    candidates.add(held_id)
+        seen_before = self._stray_candidates.get(account_id, set())
+        self._stray_candidates[account_id] = candidates - seen_before
+        for stray_id in sorted(candidates & seen_before):
             await self._bucket.take()
-            await self._graph.delete_subscription(account_id, str(stray["id"]))
+            await self._graph.delete_subscription(account_id, stray_id)
             self.stats["deleted_stray"] += 1
             log.info("subscription.stray_deleted", account_id=account_id)
         if ours is None or not any(s.get("id") == ours for s in held):

@@ -264,10 +264,7 @@ async def test_two_managers_create_and_renew_each_subscription_once(
         assert first.stats["renewed"] + second.stats["renewed"] == len(users)
 
 
-@pytest.mark.skip(
-    reason="hangs until the per-test timeout on a clean run (found at the end of session 1); "
-    "open defect, see the closing note"
-)
+@pytest.mark.timeout(1800)
 async def test_renewal_cycle_of_many_accounts(
     tmp_path: Path, amqp_url: str, mongodb_url: str
 ) -> None:
@@ -308,7 +305,10 @@ async def test_renewal_cycle_of_many_accounts(
             writes_per_s=rate,
             write_burst=int(min(rate, 100)),
             resync_interval_s=10 * 86_400.0,
-            check_interval_s=10 * 86_400.0,
+            # The 48-hour step below starts a new check slot for every account: the Graph
+            # check runs for accounts sharing a mailbox (and must not take each other's
+            # subscriptions for strays).
+            check_interval_s=2 * 86_400.0,
             max_concurrency=16,
         )
         began = time.perf_counter()
