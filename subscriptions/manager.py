@@ -478,18 +478,19 @@ class SubscriptionManager:
         # of is a stray (a crash's leftover). One that is being created right now has no
         # record for a moment, so a stray is deleted only when an earlier check saw it too.
         resource = f"users/{identity.user_id}/events".lower()
-        candidates: set[str] = set()
-        for held_sub in held:
-            held_id = str(held_sub.get("id", ""))
-            if (
-                held_id
-                and held_id != ours
-                and held_sub.get("notificationUrl") == notification_url
-                and str(held_sub.get("resource", "")).lower() == resource
-            ):
-                held_hash = self._store.hasher.hash_id("subscription", held_id)
-                if await self._store.subscriptions.find_one({"_id": held_hash}, {"_id": 1}) is None:
-                    candidates.add(held_id)
+        others = {
+            self._store.hasher.hash_id("subscription", str(h["id"])): str(h["id"])
+            for h in held
+            if h.get("id")
+            and h.get("id") != ours
+            and h.get("notificationUrl") == notification_url
+            and str(h.get("resource", "")).lower() == resource
+        }
+        recorded: set[str] = set()
+        if others:  # one query for all of them (a mailbox may serve many accounts)
+            cursor = self._store.subscriptions.find({"_id": {"$in": list(others)}}, {"_id": 1})
+            recorded = {str(doc["_id"]) async for doc in cursor}
+        candidates = {graph_id for sub_hash, graph_id in others.items() if sub_hash not in recorded}
         seen_before = self._stray_candidates.get(account_id, set())
         self._stray_candidates[account_id] = candidates - seen_before
         for stray_id in sorted(candidates & seen_before):
