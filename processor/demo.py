@@ -16,26 +16,28 @@ import json
 import os
 import random
 import socket
+import ssl
 import sys
 import tempfile
 import time
+import uuid
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aio_pika
+import aiohttp
+import jwt
 
 from crypto import generate_master_key_spec
 from processor.app import build_runtime, mongo_client, outbound_role, receiver_role, worker_role
-from processor.devsignin import sign_in_headless
 from processor.logs import configure_logging
 from processor.settings import SERVICE_REQUIRED, database_name_from_url, load_settings
 from processor.timeutil import isoformat_z
-from processor.tokens import MsalApps
 from processor.topology import ONERELATION_INBOUND_QUEUE, ONERELATION_OUTBOUND
 from processor.verify import diff_account, expected_events
-from subscriptions.registration import create_subscription, register_account
 
 DEMO_ACCOUNT = "demo-account-1"
 
@@ -120,28 +122,35 @@ async def run_demo(*, changes: int = 40) -> int:
         await channel.close()
 
         user = (await control.users())[0]
-        apps = MsalApps(
-            client_id=settings.client_id,
-            client_secret=settings.client_secret,
-            authority_host=settings.authority_host,
-            ca_bundle=settings.ca_bundle,
+        # Connect as a user would: 1Relation's signed link → /connect → Microsoft's sign-in →
+        # /auth/callback → the return URL (the simulator approves the sign-in).
+        await control.set_signin_user(user["id"])
+        token = jwt.encode(
+            {
+                "sub": DEMO_ACCOUNT,
+                "exp": int(time.time()) + 600,
+                "jti": uuid.uuid4().hex,
+                "return_url": f"{settings.public_url}/healthz",
+                "tenant": sim.tenant_id,
+            },
+            settings.connect_secrets[0],
+            algorithm="HS256",
         )
-        claims, cache = await sign_in_headless(
-            apps, ca_bundle=settings.ca_bundle, tenant=sim.tenant_id
-        )
-        await register_account(
-            rt.store,
-            account_id=DEMO_ACCOUNT,
-            serialized_cache=cache,
-            user_id=claims["oid"],
-            tenant_id=claims["tid"],
-        )
-        _, expires = await create_subscription(
-            rt.store, rt.graph, account_id=DEMO_ACCOUNT, public_url=settings.public_url
-        )
+        url = f"{settings.public_url}/connect?token={quote(token)}"
+        tls = ssl.create_default_context(cafile=str(sim.ca_file))
+        async with aiohttp.ClientSession(trust_env=False) as browser:
+            for _ in range(3):
+                async with browser.get(url, allow_redirects=False, ssl=tls) as resp:
+                    if resp.status != 302:
+                        raise RuntimeError(f"connect failed: {resp.status}")
+                    url = resp.headers["Location"]
+        if dict(parse_qsl(urlsplit(url).query)).get("status") != "connected":
+            raise RuntimeError(f"connect failed: {url}")
+        document = await rt.statuses.document(DEMO_ACCOUNT)
+        expires = (document or {}).get("subscription_expires_at") or "unknown"
         _say(
-            f"{user['userPrincipalName']} connected through MSAL (auth code + PKCE); "
-            f"subscription valid until {isoformat_z(expires)}"
+            f"{user['userPrincipalName']} connected through /connect and MSAL (auth code + PKCE); "
+            f"subscription valid until {expires}"
         )
 
         await control.set_faults(
