@@ -32,7 +32,9 @@ async def test_database_stopped_and_restarted_mid_stream(
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-d", user_id)
         await wait_consumers(broker.node, broker.vhost, "m365sync.inbound.", stack.settings.shard_count)
-        await stack.control.set_faults(latency_ms=100)
+        # Graph reads slower than changes arrive: a backlog builds and the worker holds
+        # deliveries for longer than the broker's statistics interval, so the moment is seen.
+        await stack.control.set_faults(latency_ms=1000)
         async with history_for(
             stack, f"database-restart-{how}", mongodb_url=mongodb_url,
             node=broker.node, vhost=broker.vhost,
@@ -51,6 +53,7 @@ async def test_database_stopped_and_restarted_mid_stream(
             await asyncio.sleep(OUTAGE_S)
             await load.stop()
             history.extra["restart_s"] = round(await ferret.start(), 2)
+            await stack.control.set_faults(latency_ms=100)
             history.heal()
             report = await history.check(timeout_s=60)
             assert report.mutations > 0

@@ -72,7 +72,8 @@ async def test_worker_and_outbound_processes_killed_mid_batch(
             await stack.connect_account("acc-k", user_id)
             shards = stack.settings.shard_count
             await wait_consumers(broker.node, broker.vhost, "m365sync.inbound.", shards)
-            await stack.control.set_faults(latency_ms=200)
+            # Graph slower than the changes come: both processes hold deliveries for seconds.
+            await stack.control.set_faults(latency_ms=1000)
             async with history_for(
                 stack, "process-sigkill-mid-batch", mongodb_url=mongodb_url,
                 node=broker.node, vhost=broker.vhost,
@@ -95,6 +96,7 @@ async def test_worker_and_outbound_processes_killed_mid_batch(
                 await worker.stop()
                 await outbound.stop()
                 await load.wait_done()
+                await stack.control.set_faults(latency_ms=200)
                 replacements = list(await _roles(stack, tmp_path, "2"))
                 history.heal()
                 report = await history.check(timeout_s=60)
