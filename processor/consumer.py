@@ -110,7 +110,10 @@ class ShardConsumer:
             await self._settle(Delivery(message, {}, queue_name, Outcome.dead_letter(problem)))
             return
         assert isinstance(body, dict)
-        account_id = str(body["account_id"])
+        # Validators of the service's own queues require an account id; the intake's lets a
+        # message without one through so that its handler can tell 1Relation why it failed.
+        given = body.get("account_id")
+        account_id = given if isinstance(given, str) else ""
         if self._stopping:
             await self._settle(Delivery(message, body, queue_name, Outcome.requeue("stopping")))
             return

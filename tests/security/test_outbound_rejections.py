@@ -38,6 +38,8 @@ def _invalid_messages() -> dict[str, tuple[dict[str, Any] | bytes, str | None]]:
     overflow["occurred_at"] = "9999-12-31T23:59:59-12:00"
     nameless = message(ACCOUNT, "rel-x", 1, _event())
     del nameless["relation_event_id"]
+    ownerless = message(ACCOUNT, "rel-noacct", 1, _event())
+    del ownerless["account_id"]
     zone = _event()
     zone["start"] = {**zone["start"], "timeZone": "Atlantis/Poseidonis"}
     backwards = _event()
@@ -54,6 +56,7 @@ def _invalid_messages() -> dict[str, tuple[dict[str, Any] | bytes, str | None]]:
         "out of range": (overflow, "invalid"),
         "end before start": (message(ACCOUNT, "rel-back", 1, backwards), "invalid"),
         "no relation id": (nameless, "invalid"),
+        "no account id": (ownerless, "invalid"),
         "size": (message(ACCOUNT, "rel-huge", 1, huge), "size"),
         "account": (message("acc-nobody", "rel-nobody", 1, _event()), "account"),
         "not json": (b"\x00\x01 not json", None),
@@ -77,7 +80,8 @@ async def test_invalid_outbound_messages_are_dead_lettered_reported_and_counted(
     tmp_path: Path, amqp_url: str, mongodb_url: str
 ) -> None:
     """Each kind of invalid message (schema, time zone, attendee, unknown field, a time out
-    of range, end before start, no relation id, over 1 MiB, unknown account, not JSON) is
+    of range, end before start, no relation id, no account id, over 1 MiB, unknown account,
+    not JSON) is
     dead-lettered once with a readable reason, 1Relation hears event.rejected for each it
     can match, m365sync_outbound_rejected_total counts them by kind, no reason carries the
     event's content, and nothing reaches Outlook or the database."""
@@ -102,7 +106,7 @@ async def test_invalid_outbound_messages_are_dead_lettered_reported_and_counted(
 
         async def all_reported() -> bool:
             announced.extend(await stack.announcements())
-            return sum(a["routing_key"] == "event.rejected" for a in announced) >= 8
+            return sum(a["routing_key"] == "event.rejected" for a in announced) >= 9
 
         await eventually(all_reported, timeout_s=10)
         assert len(dead) == len(invalid)
@@ -117,9 +121,10 @@ async def test_invalid_outbound_messages_are_dead_lettered_reported_and_counted(
         rejected = [a for a in announced if a["routing_key"] == "event.rejected"]
         assert {a["relation_event_id"] for a in rejected} == {
             "rel-schema", "rel-zone", "rel-att", "rel-field", "rel-overflow", "rel-back",
-            "rel-huge", "rel-nobody",
+            "rel-huge", "rel-nobody", "rel-noacct",
         }
-        assert len(rejected) == 8
+        assert len(rejected) == 9
+        assert [a["account_id"] for a in rejected if a["relation_event_id"] == "rel-noacct"] == [None]
         for body in rejected:
             assert set(body) >= {"schema", "relation_event_id", "revision", "reason"}
             text = json.dumps(body)
