@@ -194,7 +194,8 @@ async def running_stack(
     The ``subscriptions`` role runs on the simulator's clock with ``manager`` overriding
     :meth:`Stack.manager_settings`.
     """
-    async with AsyncExitStack() as stack:
+    stack = AsyncExitStack()
+    try:
         sim = Simulator(SimConfig(state_dir=tmp_path / "sim", port=0, **(sim_config or {})))
         await sim.start()
         stack.push_async_callback(sim.stop)
@@ -225,6 +226,22 @@ async def running_stack(
         if "subscriptions" in roles:
             await running.start_manager(**(manager or {}))
         yield running
+    finally:
+        await _bounded_close(stack)
+
+
+#: A role that does not stop within this is cancelled; the rest of the stack still closes.
+TEARDOWN_S = 45.0
+
+
+async def _bounded_close(stack: AsyncExitStack) -> None:
+    """Close the stack, cancelling a part that hangs (after a test timeout, say) so that the
+    parts after it still close and the run goes on instead of stalling."""
+    try:
+        async with asyncio.timeout(TEARDOWN_S):
+            await stack.aclose()
+    except TimeoutError as exc:
+        raise AssertionError(f"the stack did not stop within {TEARDOWN_S:g} s") from exc
 
 
 async def eventually(predicate: Any, *, timeout_s: float = 20.0, interval_s: float = 0.1) -> Any:
