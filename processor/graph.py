@@ -416,6 +416,27 @@ class GraphClient:
         ceiling = min(self._backoff_max_s, self._backoff_base_s * 2.0 ** (attempt - 1))
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
+    async def _retry_inline(
+        self,
+        attempt: int,
+        wait_s: float,
+        event: str,
+        *,
+        failed_event: str = "graph.request.failed",
+        allowed: bool = True,
+        **fields: Any,
+    ) -> bool:
+        """Wait ``wait_s`` and return True when the request may be repeated here (``allowed``
+        and attempts left); otherwise count and log the failure and return False."""
+        if allowed and attempt < self._max_attempts:
+            self.stats["retries"] += 1
+            log.info(event, **fields, attempt=attempt, wait_s=round(wait_s, 3), inline=True)
+            await self._sleep(wait_s)
+            return True
+        self.stats["errors"] += 1
+        log.warning(failed_event, **fields, attempt=attempt, wait_s=round(wait_s, 3), inline=False)
+        return False
+
     async def _send(
         self,
         method: str,
@@ -471,7 +492,7 @@ class GraphClient:
         """One logical request: retries inline, returns the 2xx answer or None on a 404."""
         attempt = 0
         reauthenticated = False
-        ctx = {"account_id": account_id, "method": method, "path": template}
+        ctx: dict[str, Any] = {"account_id": account_id, "method": method, "path": template}
         while True:
             attempt += 1
             token = await self._tokens.access_token(account_id)
@@ -489,26 +510,15 @@ class GraphClient:
                 )
             except CONNECTION_EXCEPTIONS as exc:
                 reason = type(exc).__name__
-                if attempt < self._max_attempts:
-                    wait_s = self._backoff_s(attempt)
-                    self.stats["retries"] += 1
-                    log.info(
-                        "graph.request.retry",
-                        **ctx,
-                        reason=reason,
-                        attempt=attempt,
-                        wait_s=round(wait_s, 3),
-                    )
-                    await self._sleep(wait_s)
-                    continue
-                self.stats["errors"] += 1
-                log.warning(
-                    "graph.request.failed",
+                if await self._retry_inline(
+                    attempt,
+                    self._backoff_s(attempt),
+                    "graph.request.retry",
                     **ctx,
                     reason=reason,
-                    attempt=attempt,
                     client_request_id=request_id,
-                )
+                ):
+                    continue
                 raise TransientError(f"Graph {method} {template}: {reason}") from exc
 
             status = answer.status
@@ -542,31 +552,18 @@ class GraphClient:
                 self.stats["throttled"] += 1
                 retry_after = parse_retry_after(answer.headers.get("Retry-After"))
                 wait_s = self._backoff_s(attempt) if retry_after is None else retry_after
-                if wait_s <= self._inline_max_s and attempt < self._max_attempts:
-                    self.stats["retries"] += 1
-                    log.info(
-                        "graph.request.throttled",
-                        **ctx,
-                        status=status,
-                        code=code,
-                        attempt=attempt,
-                        retry_after_s=retry_after,
-                        wait_s=round(wait_s, 3),
-                        inline=True,
-                    )
-                    await self._sleep(wait_s)
-                    continue
-                self.stats["errors"] += 1
-                log.warning(
+                if await self._retry_inline(
+                    attempt,
+                    wait_s,
                     "graph.request.throttled",
+                    failed_event="graph.request.throttled",
+                    allowed=wait_s <= self._inline_max_s,
                     **ctx,
                     status=status,
                     code=code,
-                    attempt=attempt,
                     retry_after_s=retry_after,
-                    wait_s=round(wait_s, 3),
-                    inline=False,
-                )
+                ):
+                    continue
                 raise ThrottledError(
                     f"Graph {method} {template}: {status} {code}".rstrip(),
                     retry_after_s=wait_s,
@@ -577,28 +574,16 @@ class GraphClient:
                 log.info("graph.delta.reset_required", **ctx, status=status, code=code)
                 raise DeltaResetRequired(f"Graph {method} {template}: {status} {code}".rstrip())
             if status >= 500:
-                if attempt < self._max_attempts:
-                    wait_s = self._backoff_s(attempt)
-                    self.stats["retries"] += 1
-                    log.info(
-                        "graph.request.retry",
-                        **ctx,
-                        status=status,
-                        code=code,
-                        attempt=attempt,
-                        wait_s=round(wait_s, 3),
-                    )
-                    await self._sleep(wait_s)
-                    continue
-                self.stats["errors"] += 1
-                log.warning(
-                    "graph.request.failed",
+                if await self._retry_inline(
+                    attempt,
+                    self._backoff_s(attempt),
+                    "graph.request.retry",
                     **ctx,
                     status=status,
                     code=code,
-                    attempt=attempt,
                     request_id=graph_request_id,
-                )
+                ):
+                    continue
                 raise TransientError(f"Graph {method} {template}: {status} {code}".rstrip())
             # Every other answer (400, 403, 404 without a "gone" meaning, 405, 409, 412, 3xx…)
             # will not change by repeating the same request.
