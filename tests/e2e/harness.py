@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,10 @@ from processor.devsignin import sign_in_headless
 from processor.interfaces import OutgoingMessage
 from processor.messages import resync_message
 from processor.settings import Settings, load_settings
-from processor.timeutil import utcnow
+from processor.timeutil import isoformat_z, utcnow
 from processor.tokens import MsalApps
 from processor.topology import INBOUND_EXCHANGE, ONERELATION_INBOUND_QUEUE, shard_routing_key
+from processor.verify import diff_account, expected_events
 from subscriptions.manager import ManagerSettings, SubscriptionManager
 from subscriptions.registration import create_subscription, register_account
 
@@ -176,6 +178,44 @@ class Stack:
         finally:
             await channel.close()
         return bodies
+
+
+#: The default sync window (30 days back, 365 ahead) as the tests compare it.
+WINDOW_START = datetime.now(UTC) - timedelta(days=30)
+WINDOW_END = datetime.now(UTC) + timedelta(days=365)
+
+
+def timed_event(subject: str, *, days: float = 2, hours: float = 0, minutes: int = 30) -> dict[str, Any]:
+    """An Outlook event body (UTC) starting ``days`` and ``hours`` after the current hour."""
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(
+        days=days, hours=hours
+    )
+    return {
+        "subject": subject,
+        "start": {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
+        "end": {
+            "dateTime": (start + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%S"),
+            "timeZone": "UTC",
+        },
+    }
+
+
+async def expected_for(stack: Stack, user_id: str) -> dict[str, Any]:
+    """What the database should hold for ``user_id``'s mailbox (the simulator's truth)."""
+    return expected_events(
+        await stack.control.events(user_id, immutable=True),
+        await stack.control.calendar_view(
+            user_id, isoformat_z(WINDOW_START), isoformat_z(WINDOW_END), immutable=True
+        ),
+    )
+
+
+async def converged(stack: Stack, account_id: str, user_id: str) -> bool:
+    """The account's decrypted events equal the mailbox's (database = ground truth)."""
+    diff = await diff_account(
+        stack.rt.store, stack.rt.events, account_id, await expected_for(stack, user_id)
+    )
+    return diff.ok
 
 
 @asynccontextmanager

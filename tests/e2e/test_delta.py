@@ -13,13 +13,15 @@ import psutil
 import pytest
 
 from processor.timeutil import isoformat_z
-from processor.verify import diff_account, expected_events
-from tests.e2e.harness import Stack, eventually, running_stack
+from tests.e2e.harness import (
+    Stack,
+    converged,
+    eventually,
+    running_stack,
+    timed_event,
+)
 
 pytestmark = pytest.mark.e2e
-
-WINDOW_START = datetime.now(UTC) - timedelta(days=30)
-WINDOW_END = datetime.now(UTC) + timedelta(days=365)
 
 
 def _start(days: float) -> str:
@@ -28,33 +30,7 @@ def _start(days: float) -> str:
 
 
 def _event(n: int, days: float = 2) -> dict[str, Any]:
-    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(
-        days=days, hours=n
-    )
-    return {
-        "subject": f"Delta subject {n}",
-        "start": {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
-        "end": {
-            "dateTime": (start + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%S"),
-            "timeZone": "UTC",
-        },
-    }
-
-
-async def _expected(stack: Stack, user_id: str) -> dict[str, Any]:
-    return expected_events(
-        await stack.control.events(user_id, immutable=True),
-        await stack.control.calendar_view(
-            user_id, isoformat_z(WINDOW_START), isoformat_z(WINDOW_END), immutable=True
-        ),
-    )
-
-
-async def _converged(stack: Stack, account_id: str, user_id: str) -> bool:
-    diff = await diff_account(
-        stack.rt.store, stack.rt.events, account_id, await _expected(stack, user_id)
-    )
-    return diff.ok
+    return timed_event(f"Delta subject {n}", days=days, hours=n)
 
 
 async def _live(stack: Stack, account_id: str) -> int:
@@ -91,7 +67,7 @@ async def test_backfill_of_10000_events_with_delta_paging(
         done.set()
         await sampler
         assert await _live(stack, "acc-b") == 10_000
-        assert await _converged(stack, "acc-b", user_id)
+        assert await converged(stack, "acc-b", user_id)
         counters = await stack.control.counters()
         delta_pages = counters["by_kind"].get("calendarView.delta", 0)
         assert delta_pages >= 100  # 100 events a page: paging really happened
@@ -133,7 +109,7 @@ async def test_delta_link_reset_runs_a_full_round_and_converges(
             for n in range(12)
         ]
         await stack.request_resync("acc-r", full=True, reason="connect")
-        await eventually(lambda: _converged(stack, "acc-r", user_id))
+        await eventually(lambda: converged(stack, "acc-r", user_id))
         await stack.control.wait_idle()
         # Changes the notifications never deliver: the subscription is gone meanwhile.
         for sub in await stack.control.subscriptions():
@@ -144,7 +120,7 @@ async def test_delta_link_reset_runs_a_full_round_and_converges(
         for mode in ("gone", "syncStateNotFound"):
             assert await stack.control.expire_delta_tokens(user_id, mode=mode) > 0
             await stack.request_resync("acc-r", full=False, reason="periodic")
-            await eventually(lambda: _converged(stack, "acc-r", user_id))
+            await eventually(lambda: converged(stack, "acc-r", user_id))
         assert await stack.status("acc-r") == "connected"
 
 
@@ -179,7 +155,7 @@ async def test_mass_deletion_brake_holds_on_an_empty_calendar(
         await stack.request_resync("acc-m", full=True, reason="operator")
         await eventually(lambda: _count_is(stack, "acc-m", 0))
         await eventually(lambda: _status_is(stack, "acc-m", "connected"))
-        assert await _converged(stack, "acc-m", user_id)
+        assert await converged(stack, "acc-m", user_id)
 
 
 async def _status_is(stack: Stack, account_id: str, status: str) -> bool:

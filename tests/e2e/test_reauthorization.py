@@ -3,48 +3,27 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from processor.timeutil import isoformat_z
 from processor.topology import DEAD_QUEUE
-from processor.verify import diff_account, expected_events
 from subscriptions.manager import STATE_COLLECTION
 from tests.conftest import RabbitAdmin
-from tests.e2e.harness import Stack, eventually, running_stack
+from tests.e2e.harness import (
+    Stack,
+    converged,
+    eventually,
+    running_stack,
+    timed_event,
+)
 
 pytestmark = pytest.mark.e2e
 
-WINDOW_START = datetime.now(UTC) - timedelta(days=30)
-WINDOW_END = datetime.now(UTC) + timedelta(days=365)
-
 
 def _event(n: int) -> dict[str, Any]:
-    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(
-        days=3, hours=n
-    )
-    return {
-        "subject": f"Reauth subject {n} {uuid.uuid4().hex[:6]}",
-        "start": {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
-        "end": {
-            "dateTime": (start + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%S"),
-            "timeZone": "UTC",
-        },
-    }
-
-
-async def _converged(stack: Stack, account_id: str, user_id: str) -> bool:
-    expected = expected_events(
-        await stack.control.events(user_id, immutable=True),
-        await stack.control.calendar_view(
-            user_id, isoformat_z(WINDOW_START), isoformat_z(WINDOW_END), immutable=True
-        ),
-    )
-    diff = await diff_account(stack.rt.store, stack.rt.events, account_id, expected)
-    return diff.ok
+    return timed_event(f"Reauth subject {n} {uuid.uuid4().hex[:6]}", days=3, hours=n)
 
 
 async def _dead_letters(stack: Stack) -> int:
@@ -73,7 +52,7 @@ async def test_revoked_sign_in_pauses_the_account_and_reconnect_resumes_it(
         await stack.connect_account("acc-x", user_id)
         kept = await stack.control.create_event(user_id, _event(1), immutable=True)
         doomed = await stack.control.create_event(user_id, _event(2), immutable=True)
-        await eventually(lambda: _converged(stack, "acc-x", user_id))
+        await eventually(lambda: converged(stack, "acc-x", user_id))
         await stack.control.wait_idle()
         await stack.announcements()  # 1Relation has read everything so far
 
@@ -100,7 +79,7 @@ async def test_revoked_sign_in_pauses_the_account_and_reconnect_resumes_it(
         assert "connect" in statuses[0]["status_reason"].lower()
         assert await _dead_letters(stack) == 0
         assert (await rabbit_admin.queue(vhost, DEAD_QUEUE))["messages"] == 0
-        assert not await _converged(stack, "acc-x", user_id)  # nothing was fetched meanwhile
+        assert not await converged(stack, "acc-x", user_id)  # nothing was fetched meanwhile
 
         await stack.connect_account("acc-x", user_id)  # the user connects again
 
@@ -110,12 +89,12 @@ async def test_revoked_sign_in_pauses_the_account_and_reconnect_resumes_it(
                 for s in await stack.control.subscriptions()
                 if s["state"] == "active" and s["userId"] == user_id
             ]
-            return len(active) == 1 and await _converged(stack, "acc-x", user_id)
+            return len(active) == 1 and await converged(stack, "acc-x", user_id)
 
         await eventually(resumed, timeout_s=30)
         assert await stack.status("acc-x") == "connected"
         probe = await stack.control.create_event(user_id, _event(5), immutable=True)
-        await eventually(lambda: _converged(stack, "acc-x", user_id))
+        await eventually(lambda: converged(stack, "acc-x", user_id))
         key = stack.rt.events.event_key("acc-x", probe["id"])
         assert await stack.rt.events.collection.find_one({"_id": key}) is not None
         assert await _dead_letters(stack) == 0

@@ -18,46 +18,28 @@ import pytest
 from processor.devsignin import sign_in_headless
 from processor.interfaces import OutgoingMessage
 from processor.messages import lifecycle_message
-from processor.timeutil import isoformat_z, parse_graph_datetime
+from processor.timeutil import parse_graph_datetime
 from processor.tokens import MsalApps
 from processor.topology import LIFECYCLE_EXCHANGE
-from processor.verify import diff_account, expected_events
 from subscriptions.registration import register_account
 from tests.conftest import RabbitAdmin
-from tests.e2e.harness import Stack, eventually, running_stack
+from tests.e2e.harness import (
+    Stack,
+    converged,
+    eventually,
+    running_stack,
+    timed_event,
+)
 
 pytestmark = pytest.mark.e2e
 
 ROLES = ("receiver", "worker", "subscriptions")
 #: Access tokens outlive the simulated week (the simulator checks them on its own clock).
 LONG_TOKENS = {"access_token_lifetime_s": 30 * 86_400}
-WINDOW_START = datetime.now(UTC) - timedelta(days=30)
-WINDOW_END = datetime.now(UTC) + timedelta(days=365)
 
 
 def _event(n: int) -> dict[str, Any]:
-    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(
-        days=2, hours=n
-    )
-    return {
-        "subject": f"Lifecycle subject {n} {uuid.uuid4().hex[:6]}",
-        "start": {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
-        "end": {
-            "dateTime": (start + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%S"),
-            "timeZone": "UTC",
-        },
-    }
-
-
-async def _converged(stack: Stack, account_id: str, user_id: str) -> bool:
-    expected = expected_events(
-        await stack.control.events(user_id, immutable=True),
-        await stack.control.calendar_view(
-            user_id, isoformat_z(WINDOW_START), isoformat_z(WINDOW_END), immutable=True
-        ),
-    )
-    diff = await diff_account(stack.rt.store, stack.rt.events, account_id, expected)
-    return diff.ok
+    return timed_event(f"Lifecycle subject {n} {uuid.uuid4().hex[:6]}", days=2, hours=n)
 
 
 async def _active(stack: Stack, user_id: str | None = None) -> list[dict[str, Any]]:
@@ -135,7 +117,7 @@ async def test_a_week_passes_and_notifications_never_stop(
         assert history.count("renewed") >= 3, history
         last = await stack.control.create_event(user_id, _event(2), immutable=True)
         await eventually(lambda: _stored(stack, "acc-w", last["id"]))
-        assert await _converged(stack, "acc-w", user_id)
+        assert await converged(stack, "acc-w", user_id)
         assert stack.managers[0].stats["renewed"] == history.count("renewed")
 
 
@@ -156,7 +138,7 @@ async def test_lifecycle_event_heals_with_no_lost_change(
             (await stack.control.create_event(user_id, _event(n), immutable=True))["id"]
             for n in range(6)
         ]
-        await eventually(lambda: _converged(stack, "acc-l", user_id))
+        await eventually(lambda: converged(stack, "acc-l", user_id))
         await stack.control.wait_idle()
         [before] = await _active(stack)
         if lifecycle_event == "missed":
@@ -174,7 +156,7 @@ async def test_lifecycle_event_heals_with_no_lost_change(
 
         async def healed() -> bool:
             active = await _active(stack)
-            return len(active) == 1 and await _converged(stack, "acc-l", user_id)
+            return len(active) == 1 and await converged(stack, "acc-l", user_id)
 
         await eventually(healed, timeout_s=30)
         [after] = await _active(stack)
