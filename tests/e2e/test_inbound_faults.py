@@ -122,6 +122,10 @@ async def test_database_converges_to_graph_under_faults(
         async def converged() -> bool:
             if not await stack.control.is_idle():
                 return False
+            # A batch writes, then announces: wait for the announcements too, or the check
+            # below can catch a batch between its write and its announcement.
+            if await stack.rt.events.pending_announcements("acc-f"):
+                return False
             diff = await diff_account(stack.rt.store, stack.rt.events, "acc-f", await _expected(stack, user_id))
             return diff.ok
 
