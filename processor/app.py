@@ -42,6 +42,7 @@ from processor import broker as broker_mod
 from processor.accounts import AccountStatuses
 from processor.announce import Announcer, OutboxRelay
 from processor.api import add_account_routes
+from processor.balance import Balancer, Registry
 from processor.broker import ConfirmPublisher
 from processor.consumer import ShardConsumer
 from processor.event_store import EventStore
@@ -59,7 +60,7 @@ from processor.topology import (
     OUTBOUND_INTAKE_QUEUE,
     TopologyConfig,
     declare_topology,
-    shard_queues,
+    shard_queue_names,
     shard_routing_key,
 )
 from processor.web import build_app
@@ -220,7 +221,6 @@ async def receiver_role(rt: Runtime, *, sock: socket.socket | None = None) -> As
 @contextlib.asynccontextmanager
 async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
     """Consume the inbound shard queues; drain within the grace period on exit."""
-    channel = await rt.connection.channel()
     window = SyncWindow(rt.settings.sync_window_past_days, rt.settings.sync_window_future_days)
     handler = InboundHandler(
         store=rt.store,
@@ -244,8 +244,8 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         ),
     )
     consumer = ShardConsumer(
-        channel=channel,
-        queues=await shard_queues(channel, "inbound", rt.settings.shard_count),
+        connection=rt.connection,
+        queue_names=shard_queue_names("inbound", rt.settings.shard_count),
         handler=handler,
         publisher=rt.publisher,
         retry_target="inbound",
@@ -254,6 +254,8 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         prefetch=rt.settings.prefetch,
     )
     await consumer.start()
+    balancer = Balancer(registry=Registry(rt.store.db), consumer=consumer, role="inbound")
+    await balancer.start()
     relay = OutboxRelay(
         publisher=rt.publisher,
         events=rt.events,
@@ -267,9 +269,8 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
     finally:
         background.cancel()
         await asyncio.gather(background, return_exceptions=True)
+        await balancer.stop()
         await consumer.stop(grace_s=rt.settings.shutdown_grace_s)
-        if not channel.is_closed:
-            await channel.close()
         log.info("worker.stopped")
 
 
@@ -279,10 +280,9 @@ async def outbound_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
     reporter = Reporter(
         publisher=rt.publisher, metrics=rt.metrics, timeout_s=rt.settings.publish_timeout_s
     )
-    intake_channel = await rt.connection.channel()
     intake = ShardConsumer(
-        channel=intake_channel,
-        queues=[await intake_channel.get_queue(OUTBOUND_INTAKE_QUEUE, ensure=False)],
+        connection=rt.connection,
+        queue_names=[OUTBOUND_INTAKE_QUEUE],
         handler=IntakeHandler(
             store=rt.store,
             publisher=rt.publisher,
@@ -296,10 +296,9 @@ async def outbound_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         validate=validate_intake,
         prefetch=rt.settings.prefetch,
     )
-    channel = await rt.connection.channel()
     applier = ShardConsumer(
-        channel=channel,
-        queues=await shard_queues(channel, "outbound", rt.settings.shard_count),
+        connection=rt.connection,
+        queue_names=shard_queue_names("outbound", rt.settings.shard_count),
         handler=OutboundHandler(
             store=rt.store,
             events=rt.events,
@@ -317,6 +316,8 @@ async def outbound_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         prefetch=rt.settings.prefetch,
     )
     await applier.start()
+    balancer = Balancer(registry=Registry(rt.store.db), consumer=applier, role="outbound")
+    await balancer.start()
     await intake.start()
     background = asyncio.create_task(_every(15.0, lambda: _wake_parked(rt)))
     log.info("outbound.started", shards=rt.settings.shard_count)
@@ -325,11 +326,9 @@ async def outbound_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
     finally:
         background.cancel()
         await asyncio.gather(background, return_exceptions=True)
+        await balancer.stop()
         await intake.stop(grace_s=rt.settings.shutdown_grace_s)
         await applier.stop(grace_s=rt.settings.shutdown_grace_s)
-        for ch in (intake_channel, channel):
-            if not ch.is_closed:
-                await ch.close()
         log.info("outbound.stopped")
 
 

@@ -10,12 +10,19 @@ every worker process (FerretDB's updates are not atomic against concurrent write
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    ConsumerTag,
+)
 from pymongo.errors import ConnectionFailure
 
 from processor.broker import ConfirmPublisher, Outcome, settle
@@ -26,6 +33,17 @@ log = get_logger(__name__)
 
 #: How long a batch waits when the database is unreachable before it is tried again.
 DATABASE_RETRY_S = 5.0
+#: How long :meth:`ShardConsumer.release` waits for a queue's running batches.
+RELEASE_WAIT_S = 30.0
+
+
+@dataclass
+class _Subscription:
+    """One queue consumed on a channel of its own, so that it can be let go on its own."""
+
+    channel: AbstractChannel
+    queue: AbstractQueue
+    tag: ConsumerTag
 
 
 @dataclass
@@ -49,13 +67,17 @@ Validator = Callable[[dict[str, Any]], str | None]
 
 
 class ShardConsumer:
-    """Consumes a set of queues and feeds per-account batches to a :class:`BatchHandler`."""
+    """Consumes a set of queues and feeds per-account batches to a :class:`BatchHandler`.
+
+    Each queue has a channel of its own. On a single-active-consumer queue that lets the
+    process hand one queue to another process (:meth:`release`) while it keeps the rest.
+    """
 
     def __init__(
         self,
         *,
-        channel: AbstractChannel,
-        queues: Sequence[AbstractQueue],
+        connection: AbstractConnection,
+        queue_names: Sequence[str],
         handler: BatchHandler,
         publisher: ConfirmPublisher,
         retry_target: str,
@@ -64,8 +86,8 @@ class ShardConsumer:
         prefetch: int,
         max_batch: int = 64,
     ) -> None:
-        self._channel = channel
-        self._queues = list(queues)
+        self._connection = connection
+        self._queue_names = list(queue_names)
         self._handler = handler
         self._publisher = publisher
         self._retry_target = retry_target
@@ -75,22 +97,82 @@ class ShardConsumer:
         self._max_batch = max_batch
         self._pending: dict[str, list[Delivery]] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._tags: list[tuple[AbstractQueue, ConsumerTag]] = []
+        self._busy: dict[str, str] = {}  # account -> queue of the batch being handled
+        self._batch_done = asyncio.Event()
+        self._subscriptions: dict[str, _Subscription] = {}
+        #: Queues being let go -> what arrived from them meanwhile (returned by the close).
+        self._releasing: dict[str, list[AbstractIncomingMessage]] = {}
         self._stopping = False
+        #: Deliveries received per queue (the balancer reads it to see where it is active).
+        self.received: dict[str, int] = dict.fromkeys(self._queue_names, 0)
+
+    @property
+    def queue_names(self) -> list[str]:
+        return list(self._queue_names)
 
     async def start(self) -> None:
-        """Set the prefetch and start consuming every queue."""
-        await self._channel.set_qos(prefetch_count=self._prefetch)
-        for index, given in enumerate(self._queues):
-            # After a reconnect aio-pika re-declares and re-consumes only the queues that
-            # were declared through the robust channel; a queue object from
-            # ``get_queue(ensure=False)`` is not among them, and its consumer silently stays
-            # gone: the "0 consumers after a broker restart" failure (RELIABILITY-NOTES 2.5).
-            # A passive declare registers the queue for restore without touching its arguments.
-            queue = await self._channel.declare_queue(given.name, passive=True)
-            self._queues[index] = queue
-            tag = await queue.consume(self._on_message(queue.name))
-            self._tags.append((queue, tag))
+        """Start consuming every queue, each on its own channel with the prefetch."""
+        for name in self._queue_names:
+            self._subscriptions[name] = await self._subscribe(name)
+
+    async def _subscribe(self, name: str) -> _Subscription:
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
+        # After a reconnect aio-pika re-declares and re-consumes only the queues that were
+        # declared through the robust channel; a queue object from
+        # ``get_queue(ensure=False)`` is not among them, and its consumer silently stays
+        # gone: the "0 consumers after a broker restart" failure (RELIABILITY-NOTES 2.5).
+        # A passive declare registers the queue for restore without touching its arguments.
+        queue = await channel.declare_queue(name, passive=True)
+        tag = await queue.consume(self._on_message(name))
+        return _Subscription(channel, queue, tag)
+
+    async def release(self, name: str) -> int:
+        """Let another consumer of the single-active-consumer queue ``name`` take it over.
+
+        Stops starting work from it, lets the batches already running finish and settle,
+        then closes its channel (the broker hands the queue to the next consumer in line
+        together with what this process had received but not started) and subscribes
+        again, at the back of the line. Returns how many deliveries went back. Other
+        queues go on meanwhile. An account's deliveries all come from one queue, so no
+        account is ever worked on here and in the next owner at the same time.
+        """
+        if self._stopping or name in self._releasing or name not in self._subscriptions:
+            return 0
+        self._releasing[name] = held = []
+        try:
+            for account_id in list(self._pending):
+                kept = [d for d in self._pending[account_id] if d.queue_name != name]
+                held += [d.message for d in self._pending[account_id] if d.queue_name == name]
+                if kept:
+                    self._pending[account_id] = kept
+                else:
+                    del self._pending[account_id]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + RELEASE_WAIT_S
+            while name in self._busy.values() and loop.time() < deadline:
+                self._batch_done.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._batch_done.wait(), deadline - loop.time())
+            if name in self._busy.values():
+                # A batch is stuck: keep the queue rather than let two owners overlap.
+                log.warning("consumer.release_timeout", queue=name)
+                del self._releasing[name]
+                for message in held:
+                    await self._accept(name, message, counted=True)
+                return 0
+            returned = len(held)
+            old = self._subscriptions.pop(name)
+            try:
+                await old.channel.close()
+            except Exception as exc:  # already gone with the connection: nothing is held
+                log.info("consumer.release_close_failed", queue=name, error=type(exc).__name__)
+            if not self._stopping:
+                self._subscriptions[name] = await self._subscribe(name)
+            log.info("consumer.released", queue=name, returned=returned)
+            return returned
+        finally:
+            self._releasing.pop(name, None)
 
     def _on_message(self, queue_name: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -98,7 +180,16 @@ class ShardConsumer:
 
         return on_message
 
-    async def _accept(self, queue_name: str, message: AbstractIncomingMessage) -> None:
+    async def _accept(
+        self, queue_name: str, message: AbstractIncomingMessage, *, counted: bool = False
+    ) -> None:
+        if not counted:
+            self.received[queue_name] = self.received.get(queue_name, 0) + 1
+        held = self._releasing.get(queue_name)
+        if held is not None:
+            # Its channel is about to close: the broker gives it to the next owner.
+            held.append(message)
+            return
         try:
             body = json.loads(message.body)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -125,6 +216,7 @@ class ShardConsumer:
     async def _drain(self, account_id: str) -> None:
         try:
             while batch := self._take(account_id):
+                self._busy[account_id] = batch[0].queue_name
                 with correlation(batch[0].message.correlation_id, account_id=account_id):
                     fallback = Outcome.requeue("handler set no outcome")
                     try:
@@ -141,7 +233,11 @@ class ShardConsumer:
                         if delivery.outcome is None:
                             delivery.outcome = fallback
                     await asyncio.gather(*(self._settle(d) for d in batch))
+                self._busy.pop(account_id, None)
+                self._batch_done.set()
         finally:
+            self._busy.pop(account_id, None)
+            self._batch_done.set()
             self._running.pop(account_id, None)
             if self._pending.get(account_id) and not self._stopping:
                 # Arrived between the last take and the pop above: start a new drain.
@@ -178,12 +274,11 @@ class ShardConsumer:
     async def stop(self, *, grace_s: float) -> None:
         """Stop intake, let running batches finish within ``grace_s``, requeue the rest."""
         self._stopping = True
-        for queue, tag in self._tags:
+        for name, sub in self._subscriptions.items():
             try:
-                await queue.cancel(tag)
+                await sub.queue.cancel(sub.tag)
             except Exception as exc:  # the channel may already be gone
-                log.info("consumer.cancel_failed", queue=queue.name, error=type(exc).__name__)
-        self._tags.clear()
+                log.info("consumer.cancel_failed", queue=name, error=type(exc).__name__)
         running = list(self._running.values())
         if running:
             _, still = await asyncio.wait(running, timeout=grace_s)
@@ -194,3 +289,7 @@ class ShardConsumer:
             for delivery in self._pending.pop(account_id):
                 delivery.outcome = Outcome.requeue("stopping")
                 await self._settle(delivery)
+        for sub in self._subscriptions.values():
+            if not sub.channel.is_closed:
+                await sub.channel.close()
+        self._subscriptions.clear()

@@ -42,6 +42,8 @@ EXPIRING_COLLECTIONS: list[str] = [
     "used_links",
     "connect_flows",
     "consent_flows",
+    # Worker heartbeats (processor/balance.py).
+    "workers",
 ]
 
 Document = dict[str, Any]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
 # Contract names (CONTRACT §3).
 ONERELATION_OUTBOUND = "onerelation.outbound"
@@ -163,12 +163,7 @@ async def declare_topology(channel: AbstractChannel, config: TopologyConfig) -> 
     await lifecycle_queue.bind(lifecycle, "lifecycle")
 
 
-async def shard_queues(
-    channel: AbstractChannel, role: str, shard_count: int
-) -> list[AbstractQueue]:
-    """The (already declared) shard queues of ``role`` (``inbound`` or ``outbound``)."""
+def shard_queue_names(role: str, shard_count: int) -> list[str]:
+    """The names of the shard queues of ``role`` (``inbound`` or ``outbound``)."""
     template = INBOUND_QUEUE if role == "inbound" else OUTBOUND_QUEUE
-    return [
-        await channel.get_queue(template.format(shard=shard), ensure=False)
-        for shard in range(shard_count)
-    ]
+    return [template.format(shard=shard) for shard in range(shard_count)]

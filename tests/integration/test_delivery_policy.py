@@ -20,7 +20,7 @@ from processor.topology import (
     INBOUND_EXCHANGE,
     TopologyConfig,
     declare_topology,
-    shard_queues,
+    shard_queue_names,
 )
 
 pytestmark = pytest.mark.integration
@@ -62,10 +62,9 @@ async def test_each_outcome_does_what_the_policy_says(amqp_url: str) -> None:
         await declare_topology(setup, TopologyConfig(shard_count=1, delivery_limit=2))
         publisher = await ConfirmPublisher.open(connection)
         handler = ScriptedHandler()
-        channel = await connection.channel()
         consumer = ShardConsumer(
-            channel=channel,
-            queues=await shard_queues(channel, "inbound", 1),
+            connection=connection,
+            queue_names=shard_queue_names("inbound", 1),
             handler=handler,
             publisher=publisher,
             retry_target="inbound",
