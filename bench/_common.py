@@ -112,6 +112,17 @@ async def _management(
             raise RuntimeError(f"management API {method} {path}: {resp.status} {await resp.text()}")
 
 
+async def management_json(backends: Backends, path: str) -> Any:
+    """GET ``path`` (under ``/api``) from RabbitMQ's management API; the parsed JSON."""
+    async with (
+        aiohttp.ClientSession(auth=backends.management_auth) as http,
+        http.get(backends.management_url + path) as resp,
+    ):
+        if resp.status >= 400:
+            raise RuntimeError(f"management API GET {path}: {resp.status} {await resp.text()}")
+        return await resp.json()
+
+
 @asynccontextmanager
 async def private_backends(tag: str) -> AsyncIterator[Backends]:
     """A fresh vhost (management API) and database; both removed on exit, even on failure."""
@@ -264,9 +275,15 @@ class ChildProcess:
         return self.proc.returncode
 
 
-def role_process(role: str, env: dict[str, str], log_dir: Path) -> ChildProcess:
-    """``python -m processor.cli <role>``: the production entry point of a service role."""
-    return ChildProcess(role, [sys.executable, "-m", "processor.cli", role], env, log_dir)
+def role_process(
+    role: str, env: dict[str, str], log_dir: Path, *, name: str | None = None
+) -> ChildProcess:
+    """``python -m processor.cli <role>``: the production entry point of a service role.
+
+    ``name`` (default: the role) names the process and its log file, so that several
+    processes of one role can run side by side.
+    """
+    return ChildProcess(name or role, [sys.executable, "-m", "processor.cli", role], env, log_dir)
 
 
 async def wait_ready(port: int, timeout_s: float = 60) -> None:
