@@ -30,9 +30,9 @@ log = get_logger(__name__)
 
 #: The heartbeat documents (``expires_at`` is swept like every other expiring record).
 WORKERS: Final = "workers"
-HEARTBEAT_S: Final = 5.0
+HEARTBEAT_S: Final = 2.0
 #: A process whose heartbeat is older than this is taken for gone.
-HEARTBEAT_TTL_S: Final = 20.0
+HEARTBEAT_TTL_S: Final = 10.0
 #: A shard is let go again (after deliveries kept coming to a process it is not assigned
 #: to) at most this often: each release returns what was received and not started, which
 #: counts as a delivery of those messages.
@@ -166,15 +166,15 @@ class Balancer:
             await asyncio.sleep(self._interval_s)
 
     async def round(self) -> None:
-        """Beat, read the live processes, and let go of the shards that are another's."""
+        """Beat, read the live processes, and let go of the shards that are another's and
+        that this process is receiving."""
         self.stats["rounds"] += 1
         await self._registry.beat(self._role, self.member)
         live = await self._registry.live(self._role)
         if self.member not in live:
             live.append(self.member)
         assignment = assign(self._consumer.queue_names, live)
-        changed = assignment != self._assignment
-        if changed:
+        if assignment != self._assignment:
             log.info(
                 "balancer.assignment",
                 role=self._role,
@@ -187,14 +187,14 @@ class Balancer:
         for name, owner in assignment.items():
             if owner == self.member:
                 continue
-            if changed:
-                await self._release(name, now)
-                continue
-            # Still receiving a shard that is another's: the line put this process in front
-            # again (or the owner is not subscribed yet). Let go, but not over and over.
-            got_more = received.get(name, 0) > self._received_at_release.get(name, 0)
+            # Only a process that has been receiving a shard is (or was) its active
+            # consumer: a standby, or the holder of a quiet shard, has nothing to hand over
+            # (a quiet shard moves when its next message arrives). The same shard is let go
+            # again only after a while, so that a shard whose owner died (and whose
+            # heartbeat has not expired yet) does not bounce between the survivors.
+            active = received.get(name, 0) > self._received_at_release.get(name, 0)
             waited = now - self._released_at.get(name, -1e9) >= self._release_again_after_s
-            if got_more and waited:
+            if active and waited:
                 await self._release(name, now)
 
     async def _release(self, name: str, now: float) -> None:
