@@ -86,6 +86,12 @@ ferretdb_binary() {
 }
 
 ferretdb_up() {
+  # The fault tests run private FerretDB processes from this binary even when the shared
+  # database is someone else's (already listening, or M365SYNC_MONGODB_URL): without it
+  # they would be skipped.
+  if [ -z "${M365SYNC_MONGODB_URL:-}" ] || command -v go >/dev/null 2>&1; then
+    ferretdb_binary
+  fi
   if [ -n "${M365SYNC_MONGODB_URL:-}" ]; then
     log "MongoDB: using M365SYNC_MONGODB_URL, nothing to start"
     return
@@ -94,7 +100,6 @@ ferretdb_up() {
     log "FerretDB: already listening on 127.0.0.1:27017"
     return
   fi
-  ferretdb_binary
   # Development and test data, on disk: on tmpfs the embedded SQLite died with SIGBUS in
   # its WAL reader several times an hour under the test suite, and it was no faster.
   local data="$run_dir/ferretdb-data"
