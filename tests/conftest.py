@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -126,3 +129,19 @@ async def mongo_db(mongodb_url: str) -> AsyncIterator[AsyncDatabase[dict[str, ob
     db = client.get_default_database()
     yield db
     await client.close()
+
+
+def _dump_tasks(signum: int, frame: object) -> None:
+    """``kill -USR1 <pytest pid>``: print every asyncio task's stack (a hung test's culprit)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        traceback.print_stack(frame, file=sys.stderr)  # type: ignore[arg-type]
+        return
+    for task in asyncio.all_tasks(loop):
+        print(f"--- {task.get_name()} {task!r:.200}", file=sys.stderr)
+        task.print_stack(limit=8, file=sys.stderr)
+
+
+if hasattr(signal, "SIGUSR1"):
+    signal.signal(signal.SIGUSR1, _dump_tasks)
