@@ -18,13 +18,13 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 
 from pymongo.asynchronous.database import AsyncDatabase
 
 from processor.logs import get_logger
-from processor.timeutil import utcnow
+from processor.timeutil import as_utc, utcnow
 
 log = get_logger(__name__)
 
@@ -96,15 +96,11 @@ class Registry:
         return sorted(
             str(doc["member"])
             for doc in docs
-            if doc.get("expires_at") is not None and _aware(doc["expires_at"]) > now
+            if doc.get("expires_at") is not None and as_utc(doc["expires_at"]) > now
         )
 
     async def leave(self, role: str, member: str) -> None:
         await self._collection.delete_one({"_id": f"{role}/{member}"})
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class Balancer:

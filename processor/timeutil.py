@@ -13,6 +13,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """A datetime read back from the database as aware UTC (the driver may return naive)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def parse_graph_datetime(value: str) -> datetime:
     """Parse Graph's ISO timestamps (7 fractional digits, ``Z`` or offset) to aware UTC.
 

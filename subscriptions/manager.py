@@ -39,7 +39,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo.errors import PyMongoError
@@ -52,7 +52,7 @@ from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
 from processor.messages import resync_message
 from processor.store import Document, Store
-from processor.timeutil import isoformat_z, parse_graph_datetime, utcnow
+from processor.timeutil import as_utc, isoformat_z, parse_graph_datetime, utcnow
 from processor.tokens import ReauthorizationRequired
 from processor.topology import INBOUND_EXCHANGE, shard_routing_key
 from subscriptions.registration import (
@@ -126,10 +126,6 @@ def _fraction(*parts: str) -> float:
     """A stable number in [0, 1) per key: spreads accounts over intervals and jitter."""
     digest = hashlib.blake2b("|".join(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class SubscriptionManager:
@@ -234,7 +230,7 @@ class SubscriptionManager:
     ) -> bool:
         if state.get("paused") or account_id in self._repairs:
             return True
-        live = [r for r in records if _aware(r["expires_at"]) > now]
+        live = [r for r in records if as_utc(r["expires_at"]) > now]
         if len(live) != 1 or len(records) != 1:
             return True
         if self._renewal_due(account_id, live[0], now):
@@ -242,10 +238,10 @@ class SubscriptionManager:
         return self._check_due(account_id, now)
 
     def _renewal_due(self, account_id: str, record: Document, now: datetime) -> bool:
-        expires_at = _aware(record["expires_at"])
+        expires_at = as_utc(record["expires_at"])
         granted_at = record.get("granted_at")
         lifetime_s = (
-            (expires_at - _aware(granted_at)).total_seconds()
+            (expires_at - as_utc(granted_at)).total_seconds()
             if isinstance(granted_at, datetime)
             else DEFAULT_LIFETIME_S
         )
@@ -367,8 +363,8 @@ class SubscriptionManager:
         now = self._clock()
         records = await self._records(account_id)
         live = sorted(
-            (r for r in records if _aware(r["expires_at"]) > now),
-            key=lambda r: _aware(r["expires_at"]),
+            (r for r in records if as_utc(r["expires_at"]) > now),
+            key=lambda r: as_utc(r["expires_at"]),
         )
         for record in records:
             if record not in live:  # expired: Graph has deleted it already
@@ -399,7 +395,7 @@ class SubscriptionManager:
     async def _connecting(self, account_id: str) -> bool:
         """Whether the connect flow holds the account (it creates the subscription itself)."""
         lease = await self._store.leases.find_one({"_id": f"{CONNECT_LEASE_PREFIX}{account_id}"})
-        return lease is not None and _aware(lease["expires_at"]) > utcnow()
+        return lease is not None and as_utc(lease["expires_at"]) > utcnow()
 
     async def _records(self, account_id: str) -> list[Document]:
         return [doc async for doc in self._store.subscriptions.find({"account_id": account_id})]

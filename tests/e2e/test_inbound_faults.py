@@ -15,13 +15,16 @@ from typing import Any
 import pytest
 
 from processor.timeutil import isoformat_z
-from processor.verify import diff_account, expected_events, plaintext_findings, sensitive_values
-from tests.e2e.harness import Stack, eventually, running_stack
+from processor.verify import diff_account, plaintext_findings, sensitive_values
+from tests.e2e.harness import (
+    WINDOW_END,
+    WINDOW_START,
+    eventually,
+    expected_for,
+    running_stack,
+)
 
 pytestmark = pytest.mark.e2e
-
-WINDOW_START = datetime.now(UTC) - timedelta(days=30)
-WINDOW_END = datetime.now(UTC) + timedelta(days=365)
 
 
 def _event(rng: random.Random, n: int) -> dict[str, Any]:
@@ -44,15 +47,6 @@ def _event(rng: random.Random, n: int) -> dict[str, Any]:
             }
         ],
     }
-
-
-async def _expected(stack: Stack, user_id: str) -> dict[str, Any]:
-    return expected_events(
-        await stack.control.events(user_id, immutable=True),
-        await stack.control.calendar_view(
-            user_id, isoformat_z(WINDOW_START), isoformat_z(WINDOW_END), immutable=True
-        ),
-    )
 
 
 async def test_database_converges_to_graph_under_faults(
@@ -137,13 +131,13 @@ async def test_database_converges_to_graph_under_faults(
             # below can catch a batch between its write and its announcement.
             if await stack.rt.events.pending_announcements("acc-f"):
                 return False
-            diff = await diff_account(stack.rt.store, stack.rt.events, "acc-f", await _expected(stack, user_id))
+            diff = await diff_account(stack.rt.store, stack.rt.events, "acc-f", await expected_for(stack, user_id))
             return diff.ok
 
         await eventually(converged, timeout_s=90, interval_s=0.5)
         counters = await stack.control.counters()
         assert counters["by_status"].get("429", 0) > 0, counters["by_status"]
-        expected = await _expected(stack, user_id)
+        expected = await expected_for(stack, user_id)
         diff = await diff_account(stack.rt.store, stack.rt.events, "acc-f", expected)
         assert diff.ok, diff.summary()
         assert diff.compared == len(expected)
