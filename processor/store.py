@@ -48,6 +48,14 @@ EXPIRING_COLLECTIONS: list[str] = [
 
 Document = dict[str, Any]
 
+#: A lease of ours with longer than this to live cannot change hands before we delete it
+#: (clocks of the processes sharing leases are assumed to agree to well within this).
+LEASE_RELEASE_MARGIN = timedelta(seconds=10)
+
+
+def _token_cache_id(account_id: str, version: int) -> str:
+    return f"{account_id}:{version}"
+
 
 def aad(*parts: str) -> bytes:
     """Associated data binding a ciphertext to its place: ``collection|account|record|field``."""
@@ -84,6 +92,8 @@ class Store:
         # updates are not atomic against concurrent writers).
         self.data_keys = db["data_keys"]
         self.token_caches = db["token_caches"]
+        # Per account, the version of its newest token cache (a hint: see load_token_cache).
+        self.token_cache_heads = db["token_cache_heads"]
         self.subscriptions = db["subscriptions"]
         self.events = db["events"]
         self.leases = db["leases"]
@@ -198,7 +208,11 @@ class Store:
 
     async def identity(self, account_id: str) -> AccountIdentity:
         """The decrypted user and tenant ids; :class:`AccountUnavailable` if not bound."""
-        doc = await self.get_account(account_id)
+        return await self.identity_of(account_id, await self.get_account(account_id))
+
+    async def identity_of(self, account_id: str, doc: Document | None) -> AccountIdentity:
+        """:meth:`identity` from the account document already read (with ``user_ct`` and
+        ``tenant_ct``)."""
         if doc is None or "user_ct" not in doc:
             raise AccountUnavailable(account_id, "not connected")
         cipher = await self.cipher_for(account_id)
@@ -223,9 +237,7 @@ class Store:
 
     async def load_token_cache(self, account_id: str) -> tuple[str, int] | None:
         """The newest serialized MSAL cache and its version, decrypted."""
-        doc = await self.token_caches.find_one(
-            {"account_id": account_id}, sort=[("version", DESCENDING)]
-        )
+        doc = await self._newest_token_cache(account_id)
         if doc is None:
             return None
         cipher = await self.cipher_for(account_id)
@@ -234,6 +246,32 @@ class Store:
             doc["cache_ct"], aad("token_caches", account_id, str(version), "cache")
         )
         return text, version
+
+    async def _newest_token_cache(self, account_id: str) -> Document | None:
+        """The newest cache document, found by ``_id`` where possible.
+
+        FerretDB pushes only ``_id`` equality down to SQL: a query on ``account_id``
+        decodes every account's caches (several kB each), which made the first token of
+        each of n accounts cost O(n) on the slow path. The
+        head names the newest version; it may lag behind a concurrent save (updates are
+        not atomic), so the versions after it are looked up too (a save always adds the
+        version after one that exists). Without a head, or with one whose version is
+        gone, the query on ``account_id`` decides, as it always did.
+        """
+        head = await self.token_cache_heads.find_one({"_id": account_id})
+        if head is not None and isinstance(head.get("version"), int):
+            version = int(head["version"])
+            doc = await self.token_caches.find_one({"_id": _token_cache_id(account_id, version)})
+            while doc is not None:
+                newer = await self.token_caches.find_one(
+                    {"_id": _token_cache_id(account_id, version + 1)}
+                )
+                if newer is None:
+                    return doc
+                doc, version = newer, version + 1
+        return await self.token_caches.find_one(
+            {"account_id": account_id}, sort=[("version", DESCENDING)]
+        )
 
     async def save_token_cache(
         self, account_id: str, serialized: str, expected_version: int
@@ -248,7 +286,7 @@ class Store:
         try:
             await self.token_caches.insert_one(
                 {
-                    "_id": f"{account_id}:{version}",
+                    "_id": _token_cache_id(account_id, version),
                     "account_id": account_id,
                     "version": version,
                     "cache_ct": cipher.encrypt_str(
@@ -259,6 +297,12 @@ class Store:
             )
         except DuplicateKeyError:
             return False
+        with contextlib.suppress(DuplicateKeyError):  # a concurrent first save made the head
+            await self.token_cache_heads.update_one(
+                {"_id": account_id},
+                {"$set": {"version": version, "updated_at": utcnow()}},
+                upsert=True,
+            )
         # Older versions hold superseded refresh tokens: keep one back for readers mid-swap.
         await self.token_caches.delete_many(
             {"account_id": account_id, "version": {"$lt": version - 1}}
@@ -268,6 +312,7 @@ class Store:
     async def delete_token_cache(self, account_id: str) -> None:
         """Remove every stored token cache of the account."""
         await self.token_caches.delete_many({"account_id": account_id})
+        await self.token_cache_heads.delete_one({"_id": account_id})
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -280,11 +325,17 @@ class Store:
         user_id: str,
         tenant_id: str,
         expires_at: datetime,
+        granted_at: datetime | None = None,
     ) -> str:
-        """Record a subscription we created; returns its keyed hash."""
+        """Record a subscription we created; returns its keyed hash.
+
+        ``granted_at``: when the expiry was asked for (see :meth:`set_subscription_expiry`),
+        recorded in the same write.
+        """
         cipher = await self.cipher_for(account_id)
         sub_hash = self.hasher.hash_id("subscription", subscription_id)
         now = utcnow()
+        granted = {} if granted_at is None else {"granted_at": granted_at}
         await self.subscriptions.replace_one(
             {"_id": sub_hash},
             {
@@ -298,6 +349,7 @@ class Store:
                 "tenant_hash": self.hasher.hash_id("tenant", tenant_id),
                 "user_hash": self.hasher.hash_id("user", user_id.lower()),
                 "expires_at": expires_at,
+                **granted,
                 "created_at": now,
                 "updated_at": now,
             },
@@ -330,14 +382,19 @@ class Store:
 
     async def subscription_id(self, account_id: str, subscription_hash: str) -> str | None:
         """Graph's id of one of the account's subscriptions, decrypted."""
-        doc = await self.subscriptions.find_one(
-            {"_id": subscription_hash, "account_id": account_id}
-        )
-        if doc is None:
+        # By ``_id`` alone, the account compared here: FerretDB pushes only a filter that is
+        # exactly ``{_id: x}`` down to SQL; with ``account_id`` it decodes every record.
+        doc = await self.subscriptions.find_one({"_id": subscription_hash})
+        return None if doc is None else await self.subscription_id_of(account_id, doc)
+
+    async def subscription_id_of(self, account_id: str, doc: Document) -> str | None:
+        """Graph's id from a subscription record already read (with ``subscription_ct``);
+        None when the record is not the account's."""
+        if doc.get("account_id") != account_id:
             return None
         cipher = await self.cipher_for(account_id)
         return cipher.decrypt_str(
-            doc["subscription_ct"], aad("subscriptions", account_id, subscription_hash, "id")
+            doc["subscription_ct"], aad("subscriptions", account_id, str(doc["_id"]), "id")
         )
 
     async def delete_subscription(self, subscription_hash: str) -> None:
@@ -351,31 +408,51 @@ class Store:
         """Take the named lease for ``ttl_s`` unless someone else holds a live one.
 
         A unique-key insert decides the race; an expired lease is removed first (by its
-        exact expiry, so a lease renewed meanwhile is not removed).
+        exact expiry, so a lease renewed meanwhile is not removed). The insert is tried
+        before anything is read: a free lease (the usual case) then costs one insert, which
+        FerretDB checks against its unique index, where a read by ``_id`` goes through
+        every lease.
         """
         now = utcnow()
+        lease = {"_id": name, "owner": owner, "expires_at": now + timedelta(seconds=ttl_s)}
+        with contextlib.suppress(DuplicateKeyError):
+            await self.leases.insert_one(lease)
+            return True
         current = await self.leases.find_one({"_id": name})
-        if current is not None:
-            if current["owner"] == owner:
-                await self.leases.update_one(
-                    {"_id": name, "owner": owner},
-                    {"$set": {"expires_at": now + timedelta(seconds=ttl_s)}},
-                )
-                return True
-            if current["expires_at"].replace(tzinfo=now.tzinfo) > now:
-                return False
-            await self.leases.delete_one({"_id": name, "expires_at": current["expires_at"]})
-        try:
-            await self.leases.insert_one(
-                {"_id": name, "owner": owner, "expires_at": now + timedelta(seconds=ttl_s)}
+        if current is None:
+            return False  # given back meanwhile: this race is lost, as any other
+        if current["owner"] == owner:
+            await self.leases.update_one(
+                {"_id": name, "owner": owner}, {"$set": {"expires_at": lease["expires_at"]}}
             )
+            return True
+        if current["expires_at"].replace(tzinfo=now.tzinfo) > now:
+            return False
+        await self.leases.delete_one({"_id": name, "expires_at": current["expires_at"]})
+        try:
+            await self.leases.insert_one(lease)
         except DuplicateKeyError:
             return False
         return True
 
     async def release_lease(self, name: str, owner: str) -> None:
-        """Give the lease back if we still hold it."""
-        await self.leases.delete_one({"_id": name, "owner": owner})
+        """Give the lease back if we still hold it.
+
+        A filter that is exactly ``{_id: x}`` is the only one FerretDB pushes down to SQL
+        (``{_id, owner}`` decodes every lease). A live lease of ours can only be taken over
+        once it has expired (see :meth:`try_lease`), so while it has comfortably longer to
+        live it is deleted by ``_id`` alone; near its expiry the owner is part of the filter.
+        """
+        current = await self.leases.find_one({"_id": name})
+        if current is None or current.get("owner") != owner:
+            return
+        expires_at = current["expires_at"]
+        now = utcnow()
+        left = expires_at.replace(tzinfo=now.tzinfo) - now
+        if left > LEASE_RELEASE_MARGIN:
+            await self.leases.delete_one({"_id": name})
+        else:
+            await self.leases.delete_one({"_id": name, "owner": owner})
 
     async def sweep_expired(self) -> dict[str, int]:
         """Remove expired records (FerretDB has no TTL indexes); returns counts per collection."""

@@ -24,6 +24,20 @@ lease per account and time slot. Subscription writes pass a token bucket (per pr
 a concurrency limit, and the first scan waits a random delay, so a restart never fires
 every account at once.
 
+Reads are made per batch, not per account. On FerretDB (the test database) a query by
+``account_id`` decodes every document of the collection and even an ``_id`` lookup goes
+through the whole table, so reads per account made a cycle O(n²). A scan therefore
+works in batches (``batch_size``, small enough that a batch's leases are not held long):
+it takes the leases of a batch, then reads the batch's accounts, states and
+subscription records with one ``$in`` query each (after the leases, so the read is fresh
+for every account of the batch; on MongoDB an indexed read of just the batch) and decides
+each account from that read; a create looks again at a read at most
+``records_max_age_s`` old (and at the connect flow's lease) just before it writes. An
+account whose lease was taken more than half its TTL ago is left to the next scan. The
+Graph check lists a mailbox once per batch, however many accounts share it (a delegated
+listing is the same for all of them), and confirms a stray with an ``_id`` read before
+deleting it.
+
 Time: subscription expiry is Graph's clock. ``clock`` (default: real UTC) is what the
 manager compares expiries with; tests give it the simulator's clock.
 """
@@ -38,7 +52,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -97,6 +111,38 @@ class ManagerSettings:
     #: Wait after a failed account action before trying that account again.
     retry_after_failure_s: float = 60.0
     publish_timeout_s: float = 2.5
+    #: Due accounts whose leases are taken together and decided from one read of the
+    #: subscription records. Capped so that a batch's writes take at most about
+    #: ``batch_hold_s`` at ``writes_per_s``: the leases of a batch are held until each of
+    #: its accounts is done (an erasure waits 10 s for them).
+    batch_size: int = 64
+    batch_hold_s: float = 5.0
+    #: A create decides from a read of the records at most this old.
+    records_max_age_s: float = 1.0
+
+
+#: Graph's subscription list of a mailbox, and of it ours for its events (Graph id -> hash).
+_GraphView = tuple[list[dict[str, Any]], dict[str, str]]
+
+
+@dataclass
+class _Batch:
+    """What a batch of accounts is decided from, read once after their leases were taken:
+    the accounts, the manager's per-account state and the subscription records.
+
+    ``read_at`` is when the read of the records *began* (monotonic): every write made
+    under a lease taken before that is in it. ``listings`` holds Graph's subscription list
+    per mailbox, fetched after the first read.
+    """
+
+    account_ids: list[str]
+    accounts: dict[str, Document] = field(default_factory=dict)
+    states: dict[str, Document] = field(default_factory=dict)
+    records: dict[str, list[Document]] = field(default_factory=dict)  # account -> records
+    read_at: float = float("-inf")
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    listings: dict[tuple[str, str], _GraphView] = field(default_factory=dict)
+    listing_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 
 
 class TokenBucket:
@@ -220,10 +266,83 @@ class SubscriptionManager:
                 resyncs.append(account_id)
             if self._needs_work(account_id, records.get(account_id, []), state, now):
                 due.append(account_id)
-        await asyncio.gather(*(self._periodic_resync(a, now) for a in resyncs))
         ready = [a for a in due if self._not_before.get(a, 0.0) <= time.monotonic()]
-        await asyncio.gather(*(self._guarded(a) for a in ready))
+        size = self._batch_size()
+        for start in range(0, len(ready), size):
+            await self._service_batch(ready[start : start + size])
+        # After the subscriptions (a late renewal loses notifications, a late pass does not).
+        await asyncio.gather(*(self._periodic_resync(a, now) for a in resyncs))
         return len(ready)
+
+    def _batch_size(self) -> int:
+        settings = self._settings
+        by_rate = int(settings.writes_per_s * settings.batch_hold_s)
+        return max(1, min(settings.batch_size, max(settings.max_concurrency, by_rate)))
+
+    async def _service_batch(self, account_ids: list[str]) -> None:
+        """Take the batch's leases, read the records once, then work on each held account."""
+        taken: dict[str, float] = {}  # account -> monotonic time its lease was taken
+
+        async def take(account_id: str) -> None:
+            async with self._limit:
+                try:
+                    if await self._store.try_lease(
+                        self._lease_name(account_id), self.owner, ttl_s=self._settings.lease_ttl_s
+                    ):
+                        taken[account_id] = time.monotonic()
+                    else:
+                        self.stats["lease_busy"] += 1
+                except PyMongoError as exc:
+                    self._failed(account_id, exc)
+
+        await asyncio.gather(*(take(a) for a in account_ids))
+        if not taken:
+            return
+        batch = _Batch(account_ids=sorted(taken))
+        try:
+            await self._read_batch(batch)
+        except PyMongoError as exc:
+            log.warning("subscriptions.records_unreadable", error=str(exc)[:200])
+            await asyncio.gather(*(self._release(a) for a in taken))
+            return
+        await asyncio.gather(*(self._guarded(a, batch=batch, taken_at=t) for a, t in taken.items()))
+
+    async def _read_batch(self, batch: _Batch) -> None:
+        """Read the batch's accounts, states and subscription records: one query each.
+
+        Each query names the batch's accounts (``$in``), so on MongoDB it reads through an
+        index what the batch needs and no more. (FerretDB, the test database, evaluates
+        such a filter by going through the whole collection: a query per batch costs about
+        what a few lookups do there.)
+        """
+        ids = {"$in": batch.account_ids}
+        batch.accounts = {
+            str(doc["_id"]): doc
+            async for doc in self._store.accounts.find(
+                {"_id": ids},
+                {"status": 1, "user_ct": 1, "tenant_ct": 1, "user_hash": 1, "tenant_hash": 1},
+            )
+        }
+        batch.states = {str(doc["_id"]): doc async for doc in self._state.find({"_id": ids})}
+        await self._read_records(batch)
+
+    async def _read_records(self, batch: _Batch) -> None:
+        """(Re)read the subscription records of the batch's accounts into ``batch``."""
+        began = time.monotonic()
+        records: dict[str, list[Document]] = {}
+        async for doc in self._store.subscriptions.find(
+            {"account_id": {"$in": batch.account_ids}},
+            {"account_id": 1, "expires_at": 1, "granted_at": 1, "subscription_ct": 1},
+        ):
+            records.setdefault(str(doc["account_id"]), []).append(doc)
+        batch.records, batch.read_at = records, began
+
+    async def _recent_records(self, batch: _Batch, account_id: str) -> list[Document]:
+        """The account's records from a read at most ``records_max_age_s`` old."""
+        async with batch.lock:  # concurrent callers share one re-read
+            if time.monotonic() - batch.read_at > self._settings.records_max_age_s:
+                await self._read_records(batch)
+        return batch.records.get(account_id, [])
 
     def _needs_work(
         self, account_id: str, records: list[Document], state: Document, now: datetime
@@ -290,10 +409,10 @@ class SubscriptionManager:
                 return  # try again next scan (a published copy just means one more pass)
         self._slots["resync", account_id] = slot
 
-    async def _guarded(self, account_id: str) -> None:
+    async def _guarded(self, account_id: str, *, batch: _Batch, taken_at: float) -> None:
         async with self._limit:
             try:
-                await self.service_account(account_id)
+                await self._service_held(account_id, batch, taken_at)
             except ReauthorizationRequired as exc:
                 await self._reauthorization_required(account_id, exc.reason)
             except ThrottledError as exc:
@@ -306,13 +425,12 @@ class SubscriptionManager:
                 AccountUnavailable,
                 PyMongoError,
             ) as exc:
-                self.stats["failures"] += 1
-                log.warning(
-                    "subscriptions.account_failed", account_id=account_id, error=str(exc)[:200]
-                )
-                self._not_before[account_id] = (
-                    time.monotonic() + self._settings.retry_after_failure_s
-                )
+                self._failed(account_id, exc)
+
+    def _failed(self, account_id: str, exc: Exception) -> None:
+        self.stats["failures"] += 1
+        log.warning("subscriptions.account_failed", account_id=account_id, error=str(exc)[:200])
+        self._not_before[account_id] = time.monotonic() + self._settings.retry_after_failure_s
 
     async def _reauthorization_required(self, account_id: str, reason: str) -> None:
         self.stats["reauthorization_required"] += 1
@@ -323,9 +441,17 @@ class SubscriptionManager:
 
     # ---- one account, under its lease ---------------------------------------------------------
 
+    @staticmethod
+    def _lease_name(account_id: str) -> str:
+        return f"subscription:{account_id}"
+
+    async def _release(self, account_id: str) -> None:
+        with contextlib.suppress(Exception):  # it expires anyway
+            await self._store.release_lease(self._lease_name(account_id), self.owner)
+
     @contextlib.asynccontextmanager
     async def _lease(self, account_id: str, *, wait_s: float = 0.0) -> Any:
-        name = f"subscription:{account_id}"
+        name = self._lease_name(account_id)
         deadline = time.monotonic() + wait_s
         while not await self._store.try_lease(name, self.owner, ttl_s=self._settings.lease_ttl_s):
             if time.monotonic() >= deadline:
@@ -336,8 +462,18 @@ class SubscriptionManager:
         try:
             yield True
         finally:
-            with contextlib.suppress(Exception):  # it expires anyway
-                await self._store.release_lease(name, self.owner)
+            await self._release(account_id)
+
+    async def _service_held(self, account_id: str, batch: _Batch, taken_at: float) -> None:
+        """Work on an account of a batch whose lease this manager took at ``taken_at``."""
+        try:
+            if time.monotonic() - taken_at > self._settings.lease_ttl_s / 2:
+                # Waited too long for its turn: the lease might lapse while working on it.
+                self.stats["lease_stale"] += 1
+                return  # the next scan takes it again
+            await self._service_locked(account_id, batch)
+        finally:
+            await self._release(account_id)
 
     async def service_account(self, account_id: str, *, lease_wait_s: float = 0.0) -> bool:
         """Bring one account to its wanted state; False when another copy holds its lease."""
@@ -347,11 +483,19 @@ class SubscriptionManager:
             await self._service_locked(account_id)
             return True
 
-    async def _service_locked(self, account_id: str) -> None:
-        account = await self._store.get_account(account_id)
+    async def _service_locked(self, account_id: str, batch: _Batch | None = None) -> None:
+        """Decide and act for one account whose lease is held.
+
+        ``batch``: what was read after the lease was taken (None: read it now).
+        """
+        if batch is None:
+            account = await self._store.get_account(account_id)
+            state = await self._state.find_one({"_id": account_id}) or {}
+        else:
+            account = batch.accounts.get(account_id)
+            state = batch.states.get(account_id, {})
         if account is None or "user_ct" not in account:
             return
-        state = await self._state.find_one({"_id": account_id}) or {}
         if account.get("status") in PAUSED_STATUSES:
             if not state.get("paused"):
                 await self._set_state(account_id, paused=True)
@@ -361,7 +505,10 @@ class SubscriptionManager:
         if state.get("paused"):
             resync_reason = "reconnected"
         now = self._clock()
-        records = await self._records(account_id)
+        if batch is None:
+            records = await self._records(account_id)
+        else:
+            records = batch.records.get(account_id, [])
         live = sorted(
             (r for r in records if as_utc(r["expires_at"]) > now),
             key=lambda r: as_utc(r["expires_at"]),
@@ -377,7 +524,7 @@ class SubscriptionManager:
         if self._check_due(account_id, now):
             check = await self._take_check_slot(account_id, now) or check
         if current is not None and check:
-            current = await self._check(account_id, current, now)
+            current = await self._check(account_id, account, current, batch)
         if current is not None and (
             "renew" in repairs or self._renewal_due(account_id, current, now)
         ):
@@ -385,7 +532,9 @@ class SubscriptionManager:
         if current is None:
             if await self._connecting(account_id):
                 return  # the connect flow is creating it; look again next scan
-            await self._create(account_id)
+            if batch is not None and await self._made_meanwhile(batch, account_id, records, now):
+                return  # someone else (the connect flow) made one since the batch's read
+            await self._create(account_id, account)
             resync_reason = "recreated" if records else "subscribed"
         if resync_reason is not None:
             await self.publish_resync(account_id, full=True, reason=resync_reason)
@@ -400,37 +549,66 @@ class SubscriptionManager:
     async def _records(self, account_id: str) -> list[Document]:
         return [doc async for doc in self._store.subscriptions.find({"account_id": account_id})]
 
-    async def _create(self, account_id: str) -> None:
-        await self._bucket.take()
-        granted_at = self._clock()
-        sub_hash, expires_at = await create_subscription(
-            self._store,
-            self._graph,
-            account_id=account_id,
-            public_url=self._settings.public_url,
-            now=granted_at,
+    async def _subscription_id(self, account_id: str, record: Document) -> str | None:
+        """Graph's id of a record: decrypted from the record when it was read with its
+        ciphertext (a batch's read, or a whole record), else read by ``_id``."""
+        if "subscription_ct" in record:
+            return await self._store.subscription_id_of(account_id, record)
+        return await self._store.subscription_id(account_id, str(record["_id"]))
+
+    async def _made_meanwhile(
+        self, batch: _Batch, account_id: str, records: list[Document], now: datetime
+    ) -> bool:
+        """Whether a recent read shows a live record the batch's first read did not have."""
+        known = {str(r["_id"]) for r in records}
+        return any(
+            str(r["_id"]) not in known and as_utc(r["expires_at"]) > now
+            for r in await self._recent_records(batch, account_id)
         )
-        await self._store.set_subscription_expiry(
-            sub_hash, expires_at=expires_at, granted_at=granted_at
-        )
+
+    async def _create(self, account_id: str, account: Document) -> None:
+        identity = await self._store.identity_of(account_id, account)
+        while True:
+            await self._bucket.take()  # one token per Graph write
+            granted_at = self._clock()
+            minutes = self._lifetime_minutes
+            try:
+                await create_subscription(
+                    self._store,
+                    self._graph,
+                    account_id=account_id,
+                    public_url=self._settings.public_url,
+                    now=granted_at,
+                    lifetimes_minutes=(minutes,),
+                    identity=identity,
+                    record_granted_at=True,
+                )
+            except PermanentError:
+                if minutes == MAX_EVENT_SUBSCRIPTION_MINUTES - 5:
+                    raise
+                # Graph refused the optimistic lifetime: use the documented maximum from now on.
+                self._lifetime_minutes = MAX_EVENT_SUBSCRIPTION_MINUTES - 5
+                continue
+            break
         self.stats["created"] += 1
 
     async def _renew(self, account_id: str, record: Document) -> Document | None:
         """PATCH a longer expiry (this also reauthorizes); None when Graph no longer has it."""
         sub_hash = str(record["_id"])
-        sub_id = await self._store.subscription_id(account_id, sub_hash)
+        sub_id = await self._subscription_id(account_id, record)
         if sub_id is None:
             return None
         answer: dict[str, Any] | None = None
         while True:
             granted_at = self._clock()
             await self._bucket.take()
+            minutes = self._lifetime_minutes  # another account's answer may change it meanwhile
             try:
                 answer = await self._graph.renew_subscription(
-                    account_id, sub_id, granted_at + timedelta(minutes=self._lifetime_minutes)
+                    account_id, sub_id, granted_at + timedelta(minutes=minutes)
                 )
             except PermanentError:
-                if self._lifetime_minutes == MAX_EVENT_SUBSCRIPTION_MINUTES - 5:
+                if minutes == MAX_EVENT_SUBSCRIPTION_MINUTES - 5:
                     raise
                 # Graph refused the optimistic lifetime: use the documented maximum from now on.
                 self._lifetime_minutes = MAX_EVENT_SUBSCRIPTION_MINUTES - 5
@@ -455,33 +633,26 @@ class SubscriptionManager:
 
     async def _delete(self, account_id: str, record: Document) -> None:
         sub_hash = str(record["_id"])
-        sub_id = await self._store.subscription_id(account_id, sub_hash)
+        sub_id = await self._subscription_id(account_id, record)
         if sub_id is not None:
             await self._bucket.take()
             await self._graph.delete_subscription(account_id, sub_id)
         await self._store.delete_subscription(sub_hash)
 
-    async def _check(self, account_id: str, record: Document, now: datetime) -> Document | None:
+    async def _check(
+        self, account_id: str, account: Document, record: Document, batch: _Batch | None
+    ) -> Document | None:
         """Compare with what Graph holds; returns the record if Graph still has it."""
         self.stats["checks"] += 1
         sub_hash = str(record["_id"])
-        ours = await self._store.subscription_id(account_id, sub_hash)
-        held = await self._graph.list_subscriptions(account_id)
-        notification_url = f"{self._settings.public_url}/graph/notifications"
-        identity = await self._store.identity(account_id)
+        ours = await self._subscription_id(account_id, record)
+        held, mine = await self._graph_view(account_id, account, batch)
         # A delegated token lists every subscription of the *user*, and several accounts may
         # be bound to one mailbox: only a subscription of ours that no account has a record
         # of is a stray (a crash's leftover). One that is being created right now has no
-        # record for a moment, so a stray is deleted only when an earlier check saw it too.
-        resource = f"users/{identity.user_id}/events".lower()
-        others = {
-            self._store.hasher.hash_id("subscription", str(h["id"])): str(h["id"])
-            for h in held
-            if h.get("id")
-            and h.get("id") != ours
-            and h.get("notificationUrl") == notification_url
-            and str(h.get("resource", "")).lower() == resource
-        }
+        # record for a moment, so a stray is deleted only when an earlier check saw it too,
+        # and only if an ``_id`` read just before deleting still finds no record of it.
+        others = {h: graph_id for graph_id, h in mine.items() if graph_id != ours}
         recorded: set[str] = set()
         if others:  # one query for all of them (a mailbox may serve many accounts)
             cursor = self._store.subscriptions.find({"_id": {"$in": list(others)}}, {"_id": 1})
@@ -490,6 +661,8 @@ class SubscriptionManager:
         seen_before = self._stray_candidates.get(account_id, set())
         self._stray_candidates[account_id] = candidates - seen_before
         for stray_id in sorted(candidates & seen_before):
+            if await self._store.subscriptions.find_one({"_id": mine[stray_id]}, {"_id": 1}):
+                continue  # recorded meanwhile: not a stray
             await self._bucket.take()
             await self._graph.delete_subscription(account_id, stray_id)
             self.stats["deleted_stray"] += 1
@@ -500,6 +673,38 @@ class SubscriptionManager:
             self.stats["missing"] += 1
             return None
         return record
+
+    async def _graph_view(
+        self, account_id: str, account: Document, batch: _Batch | None
+    ) -> _GraphView:
+        """What Graph lists for the account's mailbox, and of that the event subscriptions
+        with our notification URL (Graph id -> record hash).
+
+        Within a batch a mailbox is listed once (after the batch's read of the records):
+        a delegated listing is the same for every account bound to that user.
+        """
+        key = (str(account.get("tenant_hash", "")), str(account.get("user_hash", "")))
+        if batch is None or not all(key):
+            return await self._list_mine(account_id, account)
+        async with batch.listing_locks.setdefault(key, asyncio.Lock()):
+            view = batch.listings.get(key)
+            if view is None:  # first of the mailbox, or the one before failed
+                view = batch.listings[key] = await self._list_mine(account_id, account)
+            return view
+
+    async def _list_mine(self, account_id: str, account: Document) -> _GraphView:
+        held = await self._graph.list_subscriptions(account_id)
+        identity = await self._store.identity_of(account_id, account)
+        notification_url = f"{self._settings.public_url}/graph/notifications"
+        resource = f"users/{identity.user_id}/events".lower()
+        mine = {
+            str(h["id"]): self._store.hasher.hash_id("subscription", str(h["id"]))
+            for h in held
+            if h.get("id")
+            and h.get("notificationUrl") == notification_url
+            and str(h.get("resource", "")).lower() == resource
+        }
+        return held, mine
 
     async def _set_state(self, account_id: str, **fields: Any) -> None:
         await self._state.update_one(
@@ -547,10 +752,8 @@ class SubscriptionManager:
         async with self._lease(account_id, wait_s=10.0) as held:
             if not held:
                 return False
-            record = await self._store.subscriptions.find_one(
-                {"_id": subscription_hash, "account_id": account_id}
-            )
-            if record is None:
+            record = await self._store.subscriptions.find_one({"_id": subscription_hash})
+            if record is None or record.get("account_id") != account_id:
                 return True  # already replaced
             renewed = await self._renew(account_id, record)
             if renewed is None:

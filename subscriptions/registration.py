@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from processor.errors import PermanentError
 from processor.graph import GraphClient
 from processor.logs import get_logger
-from processor.store import Store
+from processor.store import AccountIdentity, Store
 from processor.timeutil import isoformat_z, parse_graph_datetime, utcnow
 
 log = get_logger(__name__)
@@ -17,6 +18,8 @@ log = get_logger(__name__)
 #: newer documentation quotes 10,080 minutes, so that is asked first and this is the fallback.
 MAX_EVENT_SUBSCRIPTION_MINUTES = 4230
 OPTIMISTIC_SUBSCRIPTION_MINUTES = 10080
+#: The lifetimes asked for, in order: a 400 for one is retried with the next.
+LIFETIMES_MINUTES = (OPTIMISTIC_SUBSCRIPTION_MINUTES, MAX_EVENT_SUBSCRIPTION_MINUTES - 5)
 
 
 async def register_account(
@@ -39,13 +42,20 @@ async def create_subscription(
     account_id: str,
     public_url: str,
     now: datetime | None = None,
+    lifetimes_minutes: Sequence[int] = LIFETIMES_MINUTES,
+    identity: AccountIdentity | None = None,
+    record_granted_at: bool = False,
 ) -> tuple[str, datetime]:
     """Create the account's event subscription with a fresh clientState.
 
     Asks for the longest lifetime and reads the granted expiry back from the answer; a
-    400 for the optimistic lifetime is retried with the documented maximum.
+    400 for the optimistic lifetime is retried with the documented maximum. A caller that
+    knows Graph's answer already passes just that lifetime (``lifetimes_minutes``), one
+    that has read the account passes its ``identity``, and ``record_granted_at`` stores
+    ``now`` as the time the expiry was granted (the subscription manager's clock).
     """
-    identity = await store.identity(account_id)
+    if identity is None:
+        identity = await store.identity(account_id)
     client_state = secrets.token_urlsafe(48)  # 64 characters; Graph allows 128
     now = now or utcnow()
     body = {
@@ -57,7 +67,8 @@ async def create_subscription(
         "latestSupportedTlsVersion": "v1_2",
     }
     answer = None
-    for minutes in (OPTIMISTIC_SUBSCRIPTION_MINUTES, MAX_EVENT_SUBSCRIPTION_MINUTES - 5):
+    last: PermanentError | None = None
+    for minutes in lifetimes_minutes:
         body["expirationDateTime"] = isoformat_z(now + timedelta(minutes=minutes))
         try:
             answer = await graph.create_subscription(account_id, body)
@@ -71,7 +82,7 @@ async def create_subscription(
             )
             last = exc
     if answer is None:
-        raise last
+        raise last or ValueError("no lifetime to ask for")
     expires_at = parse_graph_datetime(str(answer["expirationDateTime"]))
     sub_hash = await store.save_subscription(
         account_id,
@@ -80,6 +91,7 @@ async def create_subscription(
         user_id=identity.user_id,
         tenant_id=identity.tenant_id,
         expires_at=expires_at,
+        granted_at=now if record_granted_at else None,
     )
     log.info(
         "subscription.created",

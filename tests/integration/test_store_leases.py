@@ -1,0 +1,123 @@
+"""Leases and the token-cache head of the store, on the real MongoDB-wire database.
+
+The subscription manager's leases are taken insert-first and given back by ``_id`` (the
+only filter FerretDB looks up without reading the collection); these tests hold the
+guarantees that shortcut must keep: one holder at a time, a lease is never given back by
+someone who does not hold it, an expired lease can be taken over. The token-cache head is
+a hint: a stale or missing head must never hide the newest cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from processor.store import LEASE_RELEASE_MARGIN
+from processor.timeutil import utcnow
+from tests.integration.support import make_store
+
+pytestmark = pytest.mark.integration
+
+
+async def test_one_of_many_concurrent_takers_gets_a_free_lease(
+    mongo_db: AsyncDatabase[dict[str, Any]],
+) -> None:
+    store, _ = make_store(mongo_db)
+    results = await asyncio.gather(
+        *(store.try_lease("l", f"owner-{i}", ttl_s=30) for i in range(8))
+    )
+    assert results.count(True) == 1
+    holder = f"owner-{results.index(True)}"
+    doc = await store.leases.find_one({"_id": "l"})
+    assert doc is not None
+    assert doc["owner"] == holder
+
+
+async def test_the_holder_extends_its_lease_and_others_are_refused(
+    mongo_db: AsyncDatabase[dict[str, Any]],
+) -> None:
+    store, _ = make_store(mongo_db)
+    assert await store.try_lease("l", "a", ttl_s=5)
+    first = (await store.leases.find_one({"_id": "l"}) or {})["expires_at"]
+    assert not await store.try_lease("l", "b", ttl_s=5)
+    assert await store.try_lease("l", "a", ttl_s=60)
+    extended = (await store.leases.find_one({"_id": "l"}) or {})["expires_at"]
+    assert extended > first
+
+
+async def test_an_expired_lease_is_taken_over(mongo_db: AsyncDatabase[dict[str, Any]]) -> None:
+    store, _ = make_store(mongo_db)
+    await store.leases.insert_one(
+        {"_id": "l", "owner": "gone", "expires_at": utcnow() - timedelta(seconds=1)}
+    )
+    results = await asyncio.gather(*(store.try_lease("l", f"o-{i}", ttl_s=30) for i in range(4)))
+    assert results.count(True) == 1
+    doc = await store.leases.find_one({"_id": "l"})
+    assert doc is not None
+    assert doc["owner"] == f"o-{results.index(True)}"
+
+
+@pytest.mark.parametrize("ttl_s", [3, 60], ids=["near-expiry", "long-to-live"])
+async def test_release_gives_back_only_ones_own_lease(
+    mongo_db: AsyncDatabase[dict[str, Any]], ttl_s: int
+) -> None:
+    """Both paths of release (by ``_id`` while far from expiry, by owner near it)."""
+    assert timedelta(seconds=3) < LEASE_RELEASE_MARGIN < timedelta(seconds=60)
+    store, _ = make_store(mongo_db)
+    assert await store.try_lease("l", "a", ttl_s=ttl_s)
+    await store.release_lease("l", "b")
+    assert (await store.leases.find_one({"_id": "l"}) or {}).get("owner") == "a"
+    await store.release_lease("l", "a")
+    assert await store.leases.find_one({"_id": "l"}) is None
+    assert await store.try_lease("l", "b", ttl_s=ttl_s)
+    await store.release_lease("l", "a")  # a no longer holds it: b's lease stays
+    assert (await store.leases.find_one({"_id": "l"}) or {}).get("owner") == "b"
+
+
+async def test_a_lagging_token_cache_head_still_finds_the_newest_cache(
+    mongo_db: AsyncDatabase[dict[str, Any]],
+) -> None:
+    """The head may lag behind a concurrent save (updates are not atomic): the versions
+    after it are looked up too."""
+    store, _ = make_store(mongo_db)
+    await store.ensure_indexes()
+    await store.create_account("acc-1")
+    for version, text in enumerate(["c1", "c2", "c3"]):
+        assert await store.save_token_cache("acc-1", text, version)
+    assert await store.load_token_cache("acc-1") == ("c3", 3)
+    await store.token_cache_heads.update_one({"_id": "acc-1"}, {"$set": {"version": 2}})
+    assert await store.load_token_cache("acc-1") == ("c3", 3)
+
+
+@pytest.mark.parametrize("head", ["missing", "gone"])
+async def test_without_a_usable_head_the_newest_cache_is_found_by_account(
+    mongo_db: AsyncDatabase[dict[str, Any]], head: str
+) -> None:
+    """A cache saved before heads existed (no head), or a head naming a version already
+    pruned, falls back to the query by account."""
+    store, _ = make_store(mongo_db)
+    await store.ensure_indexes()
+    await store.create_account("acc-1")
+    for version, text in enumerate(["c1", "c2", "c3", "c4"]):
+        assert await store.save_token_cache("acc-1", text, version)
+    if head == "missing":
+        await store.token_cache_heads.delete_one({"_id": "acc-1"})
+    else:  # version 1 was pruned when version 3 was saved
+        await store.token_cache_heads.update_one({"_id": "acc-1"}, {"$set": {"version": 1}})
+    assert await store.load_token_cache("acc-1") == ("c4", 4)
+
+
+async def test_deleting_the_token_cache_removes_its_head(
+    mongo_db: AsyncDatabase[dict[str, Any]],
+) -> None:
+    store, _ = make_store(mongo_db)
+    await store.ensure_indexes()
+    await store.create_account("acc-1")
+    assert await store.save_token_cache("acc-1", "c1", 0)
+    await store.delete_token_cache("acc-1")
+    assert await store.load_token_cache("acc-1") is None
+    assert await store.token_cache_heads.find_one({"_id": "acc-1"}) is None
