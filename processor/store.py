@@ -27,7 +27,7 @@ from crypto import CipherCache, DataCipher, DecryptionError, Hasher, KeyRing, Wr
 from processor.errors import AccountUnavailable
 from processor.interfaces import SubscriptionRecord
 from processor.logs import get_logger
-from processor.timeutil import utcnow
+from processor.timeutil import as_utc, utcnow
 
 log = get_logger(__name__)
 
@@ -37,6 +37,7 @@ SCHEMA_VERSION = 1
 #: (FerretDB has no TTL indexes). Modules that add such a collection list it here.
 EXPIRING_COLLECTIONS: list[str] = [
     "leases",
+    "lease_takeovers",
     "events",
     # Connect and consent (subscriptions/connect.py, consent.py, links.py).
     "used_links",
@@ -48,9 +49,12 @@ EXPIRING_COLLECTIONS: list[str] = [
 
 Document = dict[str, Any]
 
-#: A lease of ours with longer than this to live cannot change hands before we delete it
-#: (clocks of the processes sharing leases are assumed to agree to well within this).
+#: A lease of ours with longer than this to live cannot change hands before we delete or
+#: extend it (clocks of the processes sharing leases are assumed to agree to well within
+#: this); nearer its end it is left to expire.
 LEASE_RELEASE_MARGIN = timedelta(seconds=10)
+#: How long the record of a takeover of an expired lease is kept (see ``try_lease``).
+LEASE_TAKEOVER_CLAIM_TTL = timedelta(minutes=10)
 
 
 def _token_cache_id(account_id: str, version: int) -> str:
@@ -97,6 +101,7 @@ class Store:
         self.subscriptions = db["subscriptions"]
         self.events = db["events"]
         self.leases = db["leases"]
+        self.lease_takeovers = db["lease_takeovers"]
         self._subscription_cache: dict[str, tuple[float, SubscriptionRecord | None]] = {}
         self._subscription_cache_ttl_s = subscription_cache_ttl_s
 
@@ -407,11 +412,20 @@ class Store:
     async def try_lease(self, name: str, owner: str, *, ttl_s: float) -> bool:
         """Take the named lease for ``ttl_s`` unless someone else holds a live one.
 
-        A unique-key insert decides the race; an expired lease is removed first (by its
-        exact expiry, so a lease renewed meanwhile is not removed). The insert is tried
-        before anything is read: a free lease (the usual case) then costs one insert, which
-        FerretDB checks against its unique index, where a read by ``_id`` goes through
-        every lease.
+        Unique-key inserts decide every race, and a lease is only ever removed by a party
+        that won one, because FerretDB's deletes and updates read the matching documents
+        first and then write by ``_id``: a delete "by exact expiry" can still remove the
+        lease someone inserted in between. So:
+
+        - The insert is tried first; a free lease (the usual case) costs one insert, which
+          FerretDB checks against its unique index (a read by ``_id`` goes through every
+          lease).
+        - Our own lease is extended only while it has more than ``LEASE_RELEASE_MARGIN``
+          to live (nobody can take it over before it expires); nearer its end we wait for
+          it to expire like anyone else.
+        - An expired lease is taken over only by the one who first inserts its takeover
+          claim (``lease_takeovers``, keyed by the lease and its exact expiry); the sweeper
+          claims the same way before it removes one.
         """
         now = utcnow()
         lease = {"_id": name, "owner": owner, "expires_at": now + timedelta(seconds=ttl_s)}
@@ -421,44 +435,62 @@ class Store:
         current = await self.leases.find_one({"_id": name})
         if current is None:
             return False  # given back meanwhile: this race is lost, as any other
-        if current["owner"] == owner:
+        left = as_utc(current["expires_at"]) - now
+        if current["owner"] == owner and left > LEASE_RELEASE_MARGIN:
             await self.leases.update_one(
-                {"_id": name, "owner": owner}, {"$set": {"expires_at": lease["expires_at"]}}
+                {"_id": name}, {"$set": {"expires_at": lease["expires_at"]}}
             )
             return True
-        if current["expires_at"].replace(tzinfo=now.tzinfo) > now:
+        if left > timedelta(0) or not await self._claim_expired(current):
             return False
-        await self.leases.delete_one({"_id": name, "expires_at": current["expires_at"]})
         try:
             await self.leases.insert_one(lease)
         except DuplicateKeyError:
+            return False  # someone's insert-first came between our delete and our insert
+        return True
+
+    async def _claim_expired(self, lease: Document) -> bool:
+        """Remove an expired lease if we are the first to claim it (see :meth:`try_lease`)."""
+        claim = f"{lease['_id']}@{as_utc(lease['expires_at']).isoformat()}"
+        try:
+            await self.lease_takeovers.insert_one(
+                {"_id": claim, "expires_at": utcnow() + LEASE_TAKEOVER_CLAIM_TTL}
+            )
+        except DuplicateKeyError:
             return False
+        # Nobody else deletes this lease: its owner no longer releases it, and only the
+        # claim's winner removes it. Its exact expiry stays in the filter, so a claim that
+        # wakes up long after (its record swept) matches nothing.
+        await self.leases.delete_one({"_id": lease["_id"], "expires_at": lease["expires_at"]})
         return True
 
     async def release_lease(self, name: str, owner: str) -> None:
         """Give the lease back if we still hold it.
 
-        A filter that is exactly ``{_id: x}`` is the only one FerretDB pushes down to SQL
-        (``{_id, owner}`` decodes every lease). A live lease of ours can only be taken over
-        once it has expired (see :meth:`try_lease`), so while it has comfortably longer to
-        live it is deleted by ``_id`` alone; near its expiry the owner is part of the filter.
+        Only while it has more than ``LEASE_RELEASE_MARGIN`` to live: until it expires
+        nobody else can take it or remove it, so the delete by ``_id`` alone (the one
+        filter FerretDB looks up without reading every lease) removes ours. Nearer its end
+        it is left to expire (and to the takeover claim of :meth:`try_lease`).
         """
         current = await self.leases.find_one({"_id": name})
         if current is None or current.get("owner") != owner:
             return
-        expires_at = current["expires_at"]
-        now = utcnow()
-        left = expires_at.replace(tzinfo=now.tzinfo) - now
-        if left > LEASE_RELEASE_MARGIN:
+        if as_utc(current["expires_at"]) - utcnow() > LEASE_RELEASE_MARGIN:
             await self.leases.delete_one({"_id": name})
-        else:
-            await self.leases.delete_one({"_id": name, "owner": owner})
 
     async def sweep_expired(self) -> dict[str, int]:
-        """Remove expired records (FerretDB has no TTL indexes); returns counts per collection."""
+        """Remove expired records (FerretDB has no TTL indexes); returns counts per collection.
+
+        Expired leases go through the same takeover claim as :meth:`try_lease`, so the
+        sweeper never removes a lease that someone took over a moment before.
+        """
         now = utcnow()
         counts = {}
         for name in EXPIRING_COLLECTIONS:
+            if name == "leases":
+                expired = [doc async for doc in self.leases.find({"expires_at": {"$lt": now}})]
+                counts[name] = sum([await self._claim_expired(doc) for doc in expired])
+                continue
             result = await self.db[name].delete_many({"expires_at": {"$lt": now}})
             counts[name] = result.deleted_count
         return counts

@@ -163,7 +163,9 @@ class Eraser:
         """Every document of the account except the account document itself."""
         db = self._store.db
         total = 0
-        lease_names = re.compile(f"^[^:]+:{re.escape(account_id)}$")
+        # "subscription:<id>", "connect:<id>", "resync:<id>:<slot>", and the takeover
+        # claims of expired ones, "<lease>@<expiry>".
+        lease_names = re.compile(f"^[^:]+:{re.escape(account_id)}([:@]|$)")
         for name in sorted(await db.list_collection_names()):
             if name.startswith("system."):
                 continue
@@ -171,7 +173,7 @@ class Eraser:
             total += (await collection.delete_many({"account_id": account_id})).deleted_count
             if name != "accounts":
                 total += (await collection.delete_many({"_id": account_id})).deleted_count
-            if name == "leases":
+            if name in ("leases", "lease_takeovers"):
                 total += (
                     await collection.delete_many({"_id": {"$regex": lease_names.pattern}})
                 ).deleted_count

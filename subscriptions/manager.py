@@ -31,12 +31,12 @@ works in batches (``batch_size``, small enough that a batch's leases are not hel
 it takes the leases of a batch, then reads the batch's accounts, states and
 subscription records with one ``$in`` query each (after the leases, so the read is fresh
 for every account of the batch; on MongoDB an indexed read of just the batch) and decides
-each account from that read; a create looks again at a read at most
-``records_max_age_s`` old (and at the connect flow's lease) just before it writes. An
-account whose lease was taken more than half its TTL ago is left to the next scan. The
-Graph check lists a mailbox once per batch, however many accounts share it (a delegated
-listing is the same for all of them), and confirms a stray with an ``_id`` read before
-deleting it.
+each account from that read. Before a create it looks at the connect flow's lease, then
+at a read of the records begun after that look (the batch's concurrent creates share
+one). An account whose lease was taken more than half its TTL ago is left to the next
+scan. The Graph check lists a mailbox once per batch, however many accounts share it (a
+delegated listing is the same for all of them), and confirms a stray with an ``_id``
+read before deleting it.
 
 Time: subscription expiry is Graph's clock. ``clock`` (default: real UTC) is what the
 manager compares expiries with; tests give it the simulator's clock.
@@ -117,12 +117,17 @@ class ManagerSettings:
     #: its accounts is done (an erasure waits 10 s for them).
     batch_size: int = 64
     batch_hold_s: float = 5.0
-    #: A create decides from a read of the records at most this old.
-    records_max_age_s: float = 1.0
 
 
-#: Graph's subscription list of a mailbox, and of it ours for its events (Graph id -> hash).
-_GraphView = tuple[list[dict[str, Any]], dict[str, str]]
+@dataclass(frozen=True)
+class _GraphView:
+    """Graph's subscription list of a mailbox (``held``); of it, ours for its events
+    (``mine``: Graph id -> record hash); and of those, the hashes that had a record when
+    the list was read (``recorded``, read only when the mailbox holds several of ours)."""
+
+    held: list[dict[str, Any]]
+    mine: dict[str, str]
+    recorded: frozenset[str]
 
 
 @dataclass
@@ -337,10 +342,10 @@ class SubscriptionManager:
             records.setdefault(str(doc["account_id"]), []).append(doc)
         batch.records, batch.read_at = records, began
 
-    async def _recent_records(self, batch: _Batch, account_id: str) -> list[Document]:
-        """The account's records from a read at most ``records_max_age_s`` old."""
+    async def _records_since(self, batch: _Batch, account_id: str, since: float) -> list[Document]:
+        """The account's records from a read that began at or after ``since`` (monotonic)."""
         async with batch.lock:  # concurrent callers share one re-read
-            if time.monotonic() - batch.read_at > self._settings.records_max_age_s:
+            if batch.read_at < since:
                 await self._read_records(batch)
         return batch.records.get(account_id, [])
 
@@ -530,9 +535,14 @@ class SubscriptionManager:
         ):
             current = await self._renew(account_id, current)
         if current is None:
+            checked_at = time.monotonic()
             if await self._connecting(account_id):
                 return  # the connect flow is creating it; look again next scan
-            if batch is not None and await self._made_meanwhile(batch, account_id, records, now):
+            # The connect flow's lease was gone at ``checked_at``: a record it made is in
+            # any read begun after that.
+            if batch is not None and await self._made_meanwhile(
+                batch, account_id, records, now, since=checked_at
+            ):
                 return  # someone else (the connect flow) made one since the batch's read
             await self._create(account_id, account)
             resync_reason = "recreated" if records else "subscribed"
@@ -557,13 +567,13 @@ class SubscriptionManager:
         return await self._store.subscription_id(account_id, str(record["_id"]))
 
     async def _made_meanwhile(
-        self, batch: _Batch, account_id: str, records: list[Document], now: datetime
+        self, batch: _Batch, account_id: str, records: list[Document], now: datetime, since: float
     ) -> bool:
         """Whether a recent read shows a live record the batch's first read did not have."""
         known = {str(r["_id"]) for r in records}
         return any(
             str(r["_id"]) not in known and as_utc(r["expires_at"]) > now
-            for r in await self._recent_records(batch, account_id)
+            for r in await self._records_since(batch, account_id, since)
         )
 
     async def _create(self, account_id: str, account: Document) -> None:
@@ -646,18 +656,17 @@ class SubscriptionManager:
         self.stats["checks"] += 1
         sub_hash = str(record["_id"])
         ours = await self._subscription_id(account_id, record)
-        held, mine = await self._graph_view(account_id, account, batch)
+        view = await self._graph_view(account_id, account, batch)
+        held, mine = view.held, view.mine
         # A delegated token lists every subscription of the *user*, and several accounts may
         # be bound to one mailbox: only a subscription of ours that no account has a record
         # of is a stray (a crash's leftover). One that is being created right now has no
         # record for a moment, so a stray is deleted only when an earlier check saw it too,
         # and only if an ``_id`` read just before deleting still finds no record of it.
         others = {h: graph_id for graph_id, h in mine.items() if graph_id != ours}
-        recorded: set[str] = set()
-        if others:  # one query for all of them (a mailbox may serve many accounts)
-            cursor = self._store.subscriptions.find({"_id": {"$in": list(others)}}, {"_id": 1})
-            recorded = {str(doc["_id"]) async for doc in cursor}
-        candidates = {graph_id for sub_hash, graph_id in others.items() if sub_hash not in recorded}
+        candidates = {
+            graph_id for sub_hash, graph_id in others.items() if sub_hash not in view.recorded
+        }
         seen_before = self._stray_candidates.get(account_id, set())
         self._stray_candidates[account_id] = candidates - seen_before
         for stray_id in sorted(candidates & seen_before):
@@ -681,7 +690,8 @@ class SubscriptionManager:
         with our notification URL (Graph id -> record hash).
 
         Within a batch a mailbox is listed once (after the batch's read of the records):
-        a delegated listing is the same for every account bound to that user.
+        a delegated listing is the same for every account bound to that user, and so is
+        the one query for which of them have records.
         """
         key = (str(account.get("tenant_hash", "")), str(account.get("user_hash", "")))
         if batch is None or not all(key):
@@ -704,7 +714,13 @@ class SubscriptionManager:
             and h.get("notificationUrl") == notification_url
             and str(h.get("resource", "")).lower() == resource
         }
-        return held, mine
+        recorded: set[str] = set()
+        if len(mine) > 1:  # a mailbox serving several accounts (or holding a stray)
+            cursor = self._store.subscriptions.find(
+                {"_id": {"$in": list(mine.values())}}, {"_id": 1}
+            )
+            recorded = {str(doc["_id"]) async for doc in cursor}
+        return _GraphView(held=held, mine=mine, recorded=frozenset(recorded))
 
     async def _set_state(self, account_id: str, **fields: Any) -> None:
         await self._state.update_one(
