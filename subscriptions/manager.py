@@ -51,10 +51,10 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from pymongo.errors import PyMongoError
 
@@ -80,6 +80,8 @@ log = get_logger(__name__)
 STATE_COLLECTION = "subscription_state"
 #: The lease the connect flow holds while it binds an account and creates its subscription.
 CONNECT_LEASE_PREFIX = "connect:"
+
+_T = TypeVar("_T")
 #: Lifetime assumed for a record that does not say when it was granted.
 DEFAULT_LIFETIME_S = (MAX_EVENT_SUBSCRIPTION_MINUTES - 5) * 60.0
 
@@ -578,29 +580,35 @@ class SubscriptionManager:
 
     async def _create(self, account_id: str, account: Document) -> None:
         identity = await self._store.identity_of(account_id, account)
+
+        async def write(minutes: int) -> None:
+            await create_subscription(
+                self._store,
+                self._graph,
+                account_id=account_id,
+                public_url=self._settings.public_url,
+                now=self._clock(),
+                lifetimes_minutes=(minutes,),
+                identity=identity,
+                record_granted_at=True,
+            )
+
+        await self._with_lifetime(write)
+        self.stats["created"] += 1
+
+    async def _with_lifetime(self, write: Callable[[int], Awaitable[_T]]) -> _T:
+        """One subscription write (a token of the bucket each try) asking for the lifetime
+        Graph grants: the optimistic one until a 400 refuses it, then, from then on, the
+        documented maximum."""
         while True:
-            await self._bucket.take()  # one token per Graph write
-            granted_at = self._clock()
-            minutes = self._lifetime_minutes
+            await self._bucket.take()
+            minutes = self._lifetime_minutes  # another account's answer may change it meanwhile
             try:
-                await create_subscription(
-                    self._store,
-                    self._graph,
-                    account_id=account_id,
-                    public_url=self._settings.public_url,
-                    now=granted_at,
-                    lifetimes_minutes=(minutes,),
-                    identity=identity,
-                    record_granted_at=True,
-                )
+                return await write(minutes)
             except PermanentError:
                 if minutes == MAX_EVENT_SUBSCRIPTION_MINUTES - 5:
                     raise
-                # Graph refused the optimistic lifetime: use the documented maximum from now on.
                 self._lifetime_minutes = MAX_EVENT_SUBSCRIPTION_MINUTES - 5
-                continue
-            break
-        self.stats["created"] += 1
 
     async def _renew(self, account_id: str, record: Document) -> Document | None:
         """PATCH a longer expiry (this also reauthorizes); None when Graph no longer has it."""
@@ -608,22 +616,16 @@ class SubscriptionManager:
         sub_id = await self._subscription_id(account_id, record)
         if sub_id is None:
             return None
-        answer: dict[str, Any] | None = None
-        while True:
+        granted_at = self._clock()
+
+        async def write(minutes: int) -> dict[str, Any] | None:
+            nonlocal granted_at
             granted_at = self._clock()
-            await self._bucket.take()
-            minutes = self._lifetime_minutes  # another account's answer may change it meanwhile
-            try:
-                answer = await self._graph.renew_subscription(
-                    account_id, sub_id, granted_at + timedelta(minutes=minutes)
-                )
-            except PermanentError:
-                if minutes == MAX_EVENT_SUBSCRIPTION_MINUTES - 5:
-                    raise
-                # Graph refused the optimistic lifetime: use the documented maximum from now on.
-                self._lifetime_minutes = MAX_EVENT_SUBSCRIPTION_MINUTES - 5
-                continue
-            break
+            return await self._graph.renew_subscription(
+                account_id, sub_id, granted_at + timedelta(minutes=minutes)
+            )
+
+        answer = await self._with_lifetime(write)
         if answer is None:
             log.info("subscription.renewal_gone", account_id=account_id, subscription=sub_hash)
             await self._store.delete_subscription(sub_hash)
