@@ -13,6 +13,7 @@ Logs carry the account id and a reason, never a token, code or state.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import time
 import uuid
@@ -39,7 +40,11 @@ from processor.tokens import DEFAULT_SCOPES, MsalApps, initiate_flow_async, rede
 from processor.topology import INBOUND_EXCHANGE, shard_routing_key
 from processor.web import json_error
 from subscriptions.links import LinkRejected, LinkVerifier, is_guid
-from subscriptions.registration import create_subscription, register_account
+from subscriptions.registration import (
+    SUBSCRIPTION_LEASE_PREFIX,
+    create_subscription,
+    register_account,
+)
 
 __all__ = [
     "CONNECT_FLOWS",
@@ -62,6 +67,8 @@ SERVICE_KEY_PURPOSE: Final = "connect"
 MAX_STATE_CHARS: Final = 512
 #: Holds off a second callback of the same account while one is binding it.
 CONNECT_LEASE_TTL_S: Final = 60.0
+#: How long the connect flow waits for a subscription manager's lease of the account.
+SUBSCRIPTION_LEASE_WAIT_S: Final = 10.0
 #: Statuses in which an account's existing connection still stands (a failed reconnect
 #: attempt does not overwrite them).
 _WORKING: Final = frozenset({"connected", "backfilling", "deletions_paused"})
@@ -355,22 +362,39 @@ class _Connect:
         )
 
     async def _ensure_subscription(self, account_id: str) -> None:
-        live = await self._store.subscriptions.find_one(
-            {"account_id": account_id, "expires_at": {"$gt": utcnow()}}, {"_id": 1}
-        )
-        if live is not None:
-            return
+        """Create the account's subscription unless a live one exists.
+
+        Under the subscription manager's lease of the account, so that a manager scan
+        creating one at the same moment (a reconnect whose subscription had expired) does
+        not make a second. If a manager holds it past the wait, the subscription is left to
+        the manager (it creates a missing one on its next scan).
+        """
+        name, owner = f"{SUBSCRIPTION_LEASE_PREFIX}{account_id}", uuid.uuid4().hex
+        deadline = time.monotonic() + SUBSCRIPTION_LEASE_WAIT_S
+        while not await self._store.try_lease(name, owner, ttl_s=CONNECT_LEASE_TTL_S):
+            if time.monotonic() >= deadline:
+                log.info("connect.subscription_left_to_manager", account_id=account_id)
+                return
+            await asyncio.sleep(0.2)
         try:
-            await create_subscription(
-                self._store,
-                self._graph,
-                account_id=account_id,
-                public_url=self._settings.public_url,
+            live = await self._store.subscriptions.find_one(
+                {"account_id": account_id, "expires_at": {"$gt": utcnow()}}, {"_id": 1}
             )
-        except Exception as exc:  # the subscription manager's periodic check creates it later
-            log.warning(
-                "connect.subscription_failed", account_id=account_id, error=type(exc).__name__
-            )
+            if live is not None:
+                return
+            try:
+                await create_subscription(
+                    self._store,
+                    self._graph,
+                    account_id=account_id,
+                    public_url=self._settings.public_url,
+                )
+            except Exception as exc:  # the subscription manager's periodic check creates it later
+                log.warning(
+                    "connect.subscription_failed", account_id=account_id, error=type(exc).__name__
+                )
+        finally:
+            await self._store.release_lease(name, owner)
 
     async def _announce(self, account_id: str, *, reconnect: bool, previous: str | None) -> None:
         """Tell 1Relation the new status (``register_account`` wrote ``connected`` silently)."""

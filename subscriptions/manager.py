@@ -72,6 +72,7 @@ from processor.topology import INBOUND_EXCHANGE, shard_routing_key
 from subscriptions.registration import (
     MAX_EVENT_SUBSCRIPTION_MINUTES,
     OPTIMISTIC_SUBSCRIPTION_MINUTES,
+    SUBSCRIPTION_LEASE_PREFIX,
     create_subscription,
 )
 
@@ -450,7 +451,7 @@ class SubscriptionManager:
 
     @staticmethod
     def _lease_name(account_id: str) -> str:
-        return f"subscription:{account_id}"
+        return f"{SUBSCRIPTION_LEASE_PREFIX}{account_id}"
 
     async def _release(self, account_id: str) -> None:
         with contextlib.suppress(Exception):  # it expires anyway

@@ -20,6 +20,9 @@ MAX_EVENT_SUBSCRIPTION_MINUTES = 4230
 OPTIMISTIC_SUBSCRIPTION_MINUTES = 10080
 #: The lifetimes asked for, in order: a 400 for one is retried with the next.
 LIFETIMES_MINUTES = (OPTIMISTIC_SUBSCRIPTION_MINUTES, MAX_EVENT_SUBSCRIPTION_MINUTES - 5)
+#: Lease held by whoever creates, renews or deletes an account's subscription (the
+#: subscription manager, the connect flow, erasure): ``<prefix><account id>``.
+SUBSCRIPTION_LEASE_PREFIX = "subscription:"
 
 
 async def register_account(

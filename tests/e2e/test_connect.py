@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -18,6 +19,7 @@ import pytest
 from subscriptions.connect import CONNECT_FLOWS
 from subscriptions.consent import CONSENT_FLOWS, TENANTS
 from subscriptions.links import USED_LINKS
+from subscriptions.registration import SUBSCRIPTION_LEASE_PREFIX
 from tests.e2e.harness import (
     Stack,
     browse,
@@ -330,3 +332,38 @@ async def test_reconnect_keeps_events_and_refuses_another_user(
         assert refused.query()["reason"] == "different_user"
         assert (await stack.rt.store.identity("acc-r")).user_id == user_id
         assert len(await stack.control.subscriptions()) == 1
+
+
+async def test_reconnect_creates_its_subscription_under_the_managers_lease(
+    tmp_path: Path, amqp_url: str, mongodb_url: str
+) -> None:
+    """A reconnect whose subscription is gone creates the new one only under the account's
+    subscription lease: while a subscription manager holds it (a scan about to create one
+    itself), the connect flow waits, so the two never both create."""
+    async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url) as stack:
+        user_id = (await stack.control.users())[0]["id"]
+        _assert_connected(await browser_connect(stack, "acc-w", user_id=user_id))
+        [sub] = await stack.control.subscriptions()
+        await stack.rt.graph.delete_subscription("acc-w", sub["id"])
+        await stack.rt.store.delete_subscription(
+            stack.rt.store.hasher.hash_id("subscription", sub["id"])
+        )
+        assert await _active_subscriptions(stack) == []
+
+        lease, manager = f"{SUBSCRIPTION_LEASE_PREFIX}acc-w", "a-subscription-manager"
+        assert await stack.rt.store.try_lease(lease, manager, ttl_s=60.0)
+        reconnect = asyncio.create_task(browser_connect(stack, "acc-w", user_id=user_id))
+        await asyncio.sleep(2.0)
+        assert not reconnect.done()
+        assert await _active_subscriptions(stack) == []  # waiting for the lease
+        await stack.rt.store.release_lease(lease, manager)
+
+        _assert_connected(await asyncio.wait_for(reconnect, 15))
+        subs = await _active_subscriptions(stack)
+        assert len(subs) == 1
+        assert subs[0]["id"] != sub["id"]
+        assert await stack.rt.store.leases.find_one({"_id": lease}) is None
+
+
+async def _active_subscriptions(stack: Stack) -> list[dict[str, Any]]:
+    return [s for s in await stack.control.subscriptions() if s["state"] == "active"]
