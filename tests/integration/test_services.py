@@ -151,3 +151,20 @@ async def test_updates_are_not_atomic_against_concurrent_writers(
     doc = await coll.find_one({"_id": "c"})
     assert doc is not None
     assert 1 <= int(doc["n"]) <= 50  # type: ignore[call-overload]
+
+
+async def test_racing_deletes_by_id_have_exactly_one_deleter(
+    mongo_db: AsyncDatabase[dict[str, object]],
+) -> None:
+    """Concurrent ``delete_one({_id})`` of one document: exactly one reports a deletion.
+
+    The connect flow's state is taken once on this (whoever deletes it owns it). A filter
+    with more than ``_id`` is not such a guard here: FerretDB reads the matches, then
+    deletes by ``_id`` (see the lease takeover in ``processor/store.py``).
+    """
+    coll = mongo_db["take_once"]
+    for round_ in range(10):
+        await coll.insert_one({"_id": "state", "data": "x" * 2000})
+        results = await asyncio.gather(*(coll.delete_one({"_id": "state"}) for _ in range(8)))
+        counts = [r.deleted_count for r in results]
+        assert sum(counts) == 1, f"round {round_}: {counts}"
