@@ -385,11 +385,16 @@ class Store:
         self._subscription_cache[subscription_hash] = (now + self._subscription_cache_ttl_s, record)
         return record
 
-    async def subscription_id(self, account_id: str, subscription_hash: str) -> str | None:
-        """Graph's id of one of the account's subscriptions, decrypted."""
+    async def subscription_of(self, account_id: str, subscription_hash: str) -> Document | None:
+        """The account's subscription record; None if there is none or it is another's."""
         # By ``_id`` alone, the account compared here: FerretDB pushes only a filter that is
         # exactly ``{_id: x}`` down to SQL; with ``account_id`` it decodes every record.
         doc = await self.subscriptions.find_one({"_id": subscription_hash})
+        return doc if doc is not None and doc.get("account_id") == account_id else None
+
+    async def subscription_id(self, account_id: str, subscription_hash: str) -> str | None:
+        """Graph's id of one of the account's subscriptions, decrypted."""
+        doc = await self.subscription_of(account_id, subscription_hash)
         return None if doc is None else await self.subscription_id_of(account_id, doc)
 
     async def subscription_id_of(self, account_id: str, doc: Document) -> str | None:
@@ -447,6 +452,17 @@ class Store:
             await self.leases.insert_one(lease)
         except DuplicateKeyError:
             return False  # someone's insert-first came between our delete and our insert
+        return True
+
+    async def take_lease(
+        self, name: str, owner: str, *, ttl_s: float, wait_s: float, poll_s: float = 0.1
+    ) -> bool:
+        """:meth:`try_lease`, tried again every ``poll_s`` for up to ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while not await self.try_lease(name, owner, ttl_s=ttl_s):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
         return True
 
     async def _claim_expired(self, lease: Document) -> bool:

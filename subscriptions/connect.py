@@ -13,7 +13,6 @@ Logs carry the account id and a reason, never a token, code or state.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import time
 import uuid
@@ -370,12 +369,11 @@ class _Connect:
         the manager (it creates a missing one on its next scan).
         """
         name, owner = f"{SUBSCRIPTION_LEASE_PREFIX}{account_id}", uuid.uuid4().hex
-        deadline = time.monotonic() + SUBSCRIPTION_LEASE_WAIT_S
-        while not await self._store.try_lease(name, owner, ttl_s=CONNECT_LEASE_TTL_S):
-            if time.monotonic() >= deadline:
-                log.info("connect.subscription_left_to_manager", account_id=account_id)
-                return
-            await asyncio.sleep(0.2)
+        if not await self._store.take_lease(
+            name, owner, ttl_s=CONNECT_LEASE_TTL_S, wait_s=SUBSCRIPTION_LEASE_WAIT_S, poll_s=0.2
+        ):
+            log.info("connect.subscription_left_to_manager", account_id=account_id)
+            return
         try:
             live = await self._store.subscriptions.find_one(
                 {"account_id": account_id, "expires_at": {"$gt": utcnow()}}, {"_id": 1}

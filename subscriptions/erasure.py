@@ -123,13 +123,11 @@ class Eraser:
         return Erasure(account is not None, deleted, left, documents)
 
     async def _hold(self, name: str, owner: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._lease_wait_s
-        while not await self._store.try_lease(name, owner, ttl_s=LEASE_TTL_S):
-            if loop.time() >= deadline:
-                log.warning("erasure.lease_busy", lease=name.partition(":")[0])
-                return  # erase anyway; a straggler's documents go with the next DELETE
-            await asyncio.sleep(0.1)
+        if not await self._store.take_lease(
+            name, owner, ttl_s=LEASE_TTL_S, wait_s=self._lease_wait_s
+        ):
+            log.warning("erasure.lease_busy", lease=name.partition(":")[0])
+            # erase anyway; a straggler's documents go with the next DELETE
 
     async def _delete_graph_subscriptions(self, account_id: str) -> tuple[int, int]:
         hashes = [

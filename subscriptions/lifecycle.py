@@ -68,10 +68,7 @@ class LifecycleHandler:
             self.stats["unknown_event"] += 1
             log.info("lifecycle.unknown_event", account_id=account_id, lifecycle_event=event[:40])
             return Outcome.ack()
-        # By ``_id`` alone (FerretDB reads every record for any other filter), then the account.
-        record = await self._store.subscriptions.find_one({"_id": sub_hash}, {"account_id": 1})
-        if record is not None and record.get("account_id") != account_id:
-            record = None
+        record = await self._store.subscription_of(account_id, sub_hash)
         account = await self._store.get_account(account_id)
         if record is None or account is None:
             self.stats["unknown"] += 1

@@ -459,14 +459,15 @@ class SubscriptionManager:
 
     @contextlib.asynccontextmanager
     async def _lease(self, account_id: str, *, wait_s: float = 0.0) -> Any:
-        name = self._lease_name(account_id)
-        deadline = time.monotonic() + wait_s
-        while not await self._store.try_lease(name, self.owner, ttl_s=self._settings.lease_ttl_s):
-            if time.monotonic() >= deadline:
-                self.stats["lease_busy"] += 1
-                yield False
-                return
-            await asyncio.sleep(0.1)
+        if not await self._store.take_lease(
+            self._lease_name(account_id),
+            self.owner,
+            ttl_s=self._settings.lease_ttl_s,
+            wait_s=wait_s,
+        ):
+            self.stats["lease_busy"] += 1
+            yield False
+            return
         try:
             yield True
         finally:
@@ -562,13 +563,6 @@ class SubscriptionManager:
     async def _records(self, account_id: str) -> list[Document]:
         return [doc async for doc in self._store.subscriptions.find({"account_id": account_id})]
 
-    async def _subscription_id(self, account_id: str, record: Document) -> str | None:
-        """Graph's id of a record: decrypted from the record when it was read with its
-        ciphertext (a batch's read, or a whole record), else read by ``_id``."""
-        if "subscription_ct" in record:
-            return await self._store.subscription_id_of(account_id, record)
-        return await self._store.subscription_id(account_id, str(record["_id"]))
-
     async def _made_meanwhile(
         self, batch: _Batch, account_id: str, records: list[Document], now: datetime, since: float
     ) -> bool:
@@ -614,7 +608,7 @@ class SubscriptionManager:
     async def _renew(self, account_id: str, record: Document) -> Document | None:
         """PATCH a longer expiry (this also reauthorizes); None when Graph no longer has it."""
         sub_hash = str(record["_id"])
-        sub_id = await self._subscription_id(account_id, record)
+        sub_id = await self._store.subscription_id_of(account_id, record)
         if sub_id is None:
             return None
         granted_at = self._clock()
@@ -646,7 +640,7 @@ class SubscriptionManager:
 
     async def _delete(self, account_id: str, record: Document) -> None:
         sub_hash = str(record["_id"])
-        sub_id = await self._subscription_id(account_id, record)
+        sub_id = await self._store.subscription_id_of(account_id, record)
         if sub_id is not None:
             await self._bucket.take()
             await self._graph.delete_subscription(account_id, sub_id)
@@ -658,7 +652,7 @@ class SubscriptionManager:
         """Compare with what Graph holds; returns the record if Graph still has it."""
         self.stats["checks"] += 1
         sub_hash = str(record["_id"])
-        ours = await self._subscription_id(account_id, record)
+        ours = await self._store.subscription_id_of(account_id, record)
         view = await self._graph_view(account_id, account, batch)
         held, mine = view.held, view.mine
         # A delegated token lists every subscription of the *user*, and several accounts may
@@ -771,8 +765,8 @@ class SubscriptionManager:
         async with self._lease(account_id, wait_s=10.0) as held:
             if not held:
                 return False
-            record = await self._store.subscriptions.find_one({"_id": subscription_hash})
-            if record is None or record.get("account_id") != account_id:
+            record = await self._store.subscription_of(account_id, subscription_hash)
+            if record is None:
                 return True  # already replaced
             renewed = await self._renew(account_id, record)
             if renewed is None:
