@@ -155,8 +155,6 @@ class Balancer:
         while True:
             try:
                 await self.round()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # the database or broker is away: try next round
                 log.warning("balancer.round_failed", role=self._role, error=type(exc).__name__)
             await asyncio.sleep(self._interval_s)

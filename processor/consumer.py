@@ -217,31 +217,35 @@ class ShardConsumer:
         try:
             while batch := self._take(account_id):
                 self._busy[account_id] = batch[0].queue_name
-                with correlation(batch[0].message.correlation_id, account_id=account_id):
-                    fallback = Outcome.requeue("handler set no outcome")
-                    try:
-                        await self._handler.handle_batch(account_id, batch)
-                    except ConnectionFailure as exc:
-                        # The database is away: wait in the retry queue, which does not count
-                        # against the delivery limit (requeues would dead-letter the batch
-                        # after a few server-selection timeouts).
-                        log.warning("batch.database_unavailable", error=type(exc).__name__)
-                        fallback = Outcome.retry(DATABASE_RETRY_S)
-                    except Exception:  # a handler bug must not strand the batch unsettled
-                        log.exception("batch.failed", size=len(batch))
-                    for delivery in batch:
-                        if delivery.outcome is None:
-                            delivery.outcome = fallback
-                    await asyncio.gather(*(self._settle(d) for d in batch))
-                self._busy.pop(account_id, None)
-                self._batch_done.set()
+                try:
+                    await self._handle(account_id, batch)
+                finally:
+                    self._busy.pop(account_id, None)
+                    self._batch_done.set()
         finally:
-            self._busy.pop(account_id, None)
-            self._batch_done.set()
             self._running.pop(account_id, None)
             if self._pending.get(account_id) and not self._stopping:
                 # Arrived between the last take and the pop above: start a new drain.
                 self._running[account_id] = asyncio.create_task(self._drain(account_id))
+
+    async def _handle(self, account_id: str, batch: list[Delivery]) -> None:
+        """Hand one batch to the handler and settle every delivery of it."""
+        with correlation(batch[0].message.correlation_id, account_id=account_id):
+            fallback = Outcome.requeue("handler set no outcome")
+            try:
+                await self._handler.handle_batch(account_id, batch)
+            except ConnectionFailure as exc:
+                # The database is away: wait in the retry queue, which does not count
+                # against the delivery limit (requeues would dead-letter the batch
+                # after a few server-selection timeouts).
+                log.warning("batch.database_unavailable", error=type(exc).__name__)
+                fallback = Outcome.retry(DATABASE_RETRY_S)
+            except Exception:  # a handler bug must not strand the batch unsettled
+                log.exception("batch.failed", size=len(batch))
+            for delivery in batch:
+                if delivery.outcome is None:
+                    delivery.outcome = fallback
+            await asyncio.gather(*(self._settle(d) for d in batch))
 
     def _take(self, account_id: str) -> list[Delivery]:
         pending = self._pending.get(account_id)
