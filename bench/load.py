@@ -75,6 +75,7 @@ from processor.topology import (
     RETRY_QUEUE,
 )
 from processor.verify import Diff, diff_account, expected_events
+from tests.e2e.harness import timed_event
 
 #: The simulator's faults during the load (``--fault NAME=VALUE`` overrides or adds).
 DEFAULT_FAULTS: dict[str, Any] = {
@@ -119,16 +120,9 @@ class Load:
 
 
 def _event_body(n: int, version: int) -> dict[str, Any]:
-    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    start += timedelta(days=1 + n % 60, hours=n % 9)
     return {
-        "subject": f"Load {n} v{version}",
+        **timed_event(f"Load {n} v{version}", days=1 + n % 60, hours=n % 9),
         "body": {"contentType": "text", "content": f"sustained load, change {version}"},
-        "start": {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
-        "end": {
-            "dateTime": (start + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%S"),
-            "timeZone": "UTC",
-        },
     }
 
 
