@@ -68,12 +68,14 @@ class Counters:
     throttled_429: int = 0
     unavailable_503: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5000))
+    # The top-level fields of every PATCH of an event that reached the store, in order.
+    patch_fields: deque[list[str]] = field(default_factory=lambda: deque(maxlen=5000))
 
     def to_json(self) -> dict[str, Any]:
         return {"total": self.total, "by_kind": dict(self.by_kind),
                 "by_mailbox": dict(self.by_mailbox), "by_status": dict(self.by_status),
                 "throttled_429": self.throttled_429, "unavailable_503": self.unavailable_503,
-                "recent": list(self.recent)}
+                "recent": list(self.recent), "patch_fields": list(self.patch_fields)}
 
 
 def _deny() -> GraphError:
@@ -475,6 +477,8 @@ class GraphApi:
 
     async def update_event(self, ctx: Ctx, user: User, eid: str) -> web.Response:
         body = await self._body(ctx)
+        if isinstance(body, dict):
+            self.counters.patch_fields.append(sorted(body))
         record, orig = self.store.update_event(user.id, eid, body)
         return self._json(self._render(ctx, self.store.instance(record, orig), select=False))
 

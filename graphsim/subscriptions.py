@@ -348,7 +348,9 @@ class SubscriptionManager:
             if sub.state != "active" or sub.user_id != user_id or sub.paused:
                 continue
             kinds = [change_type]
-            if self.faults.duplicates:
+            if self.faults.notify_copies > 0:
+                kinds = [change_type] * self.faults.notify_copies
+            elif self.faults.duplicates:
                 if change_type == "created":
                     kinds.append("updated")
                 elif change_type == "updated":

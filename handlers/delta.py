@@ -32,6 +32,7 @@ from typing import Any
 
 from crypto import DataCipher, DecryptionError
 from handlers.inbound import SELECT, SyncWindow
+from handlers.ports import LinkReader
 from processor.accounts import SYNC_STATE, AccountStatuses, record_sync
 from processor.event_store import Change, EventStore
 from processor.graph import DeltaResetRequired, GraphClient
@@ -99,6 +100,7 @@ class _Round:
     items: int = 0
     pages: int = 0
     delta_link: str | None = None
+    linked: set[str] = field(default_factory=set)  # link_index keys of the account
 
 
 class DeltaRunner:
@@ -114,7 +116,9 @@ class DeltaRunner:
         window: SyncWindow,
         settings: DeltaSettings | None = None,
         now: Callable[[], datetime] = utcnow,
+        links: LinkReader | None = None,
     ) -> None:
+        self._links = links
         self._store = store
         self._events = events
         self._graph = graph
@@ -202,11 +206,32 @@ class DeltaRunner:
         limit = asyncio.Semaphore(self._settings.upsert_concurrency)
         # One read of every stored version instead of one per item (see stored_versions).
         known = await self._events.stored_versions(account_id)
+        linked = await self._links.indexed_keys(account_id) if self._links else set()
+        rnd.linked = linked
 
         async def upsert(item: Mapping[str, Any]) -> Change | None:
             async with limit:
+                echo, relation_event_id = False, None
+                key = self._events.event_key(account_id, str(item["id"]))
+                txn = item.get("transactionId")
+                if self._links is not None and (
+                    key in linked
+                    or (
+                        isinstance(txn, str)
+                        and self._links.transaction_key(account_id, txn) in linked
+                    )
+                ):
+                    # An event linked to 1Relation: its version may be our own write.
+                    echo, relation_event_id = await self._links.echo_of(
+                        account_id, key, item, cipher
+                    )
                 return await self._events.upsert_version(
-                    account_id, item, cipher=cipher, known=known
+                    account_id,
+                    item,
+                    cipher=cipher,
+                    known=known,
+                    announce=not echo,
+                    relation_event_id=relation_event_id,
                 )
 
         pages = self._graph.calendar_view_delta(
@@ -328,7 +353,12 @@ class DeltaRunner:
                     if written is not None:
                         changes.append(written)
                     continue
-            gone = await self._events.mark_deleted(account_id, key)
+            ours = (
+                self._links is not None
+                and key in rnd.linked
+                and self._links.deleted_by_us(await self._links.doc_for(account_id, key), key)
+            )
+            gone = await self._events.mark_deleted(account_id, key, announce=not ours)
             if gone is not None:
                 changes.append(gone)
             if doc.get("type") == "seriesMaster":

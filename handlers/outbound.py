@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crypto import DataCipher, DecryptionError
+from handlers.decisions import plan_update
 from handlers.outbound_validation import (
     FIELD_GROUPS,
     MAX_MESSAGE_BYTES,
@@ -38,7 +39,7 @@ from processor.errors import (
     ThrottledError,
     TransientError,
 )
-from processor.event_store import EventStore
+from processor.event_store import EventStore, next_sequence
 from processor.graph import GraphClient
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
@@ -148,6 +149,7 @@ class Reporter:
             origin="microsoft",
             last_modified=lm,
             relation_event_id=link.relation_event_id,
+            sequence=next_sequence(None),
         )
         body["lost_fields"] = sorted(lost)
         body["revision"] = change.revision
@@ -164,6 +166,7 @@ class Reporter:
                 origin="microsoft",
                 last_modified=None,
                 relation_event_id=link.relation_event_id,
+                sequence=next_sequence(None),
             ),
         )
 
@@ -394,6 +397,10 @@ class OutboundHandler:
             return  # redelivered or reordered: already applied or superseded
         if change.op == "delete":
             if link.graph_id is not None and not link.deleted:
+                # Graph's notification of the deletion may be handled before DELETE returns.
+                await self._links.record_intent(
+                    link, revision=change.revision, intended={}, cipher=cipher, op="delete"
+                )
                 await self._graph.delete_event(change.account_id, user_id, link.graph_id)
                 self.writes.labels(kind="delete").inc()
             await self._links.record_deleted(
@@ -411,20 +418,16 @@ class OutboundHandler:
     ) -> None:
         assert change.event is not None
         fields = {k: v for k, v in change.event.items() if v is not None}
+        txn = transaction_id(change.account_id, change.relation_event_id, link.generation)
         await self._links.record_intent(
-            link, revision=change.revision, intended=fields, cipher=cipher
+            link, revision=change.revision, intended=fields, cipher=cipher, transaction_id=txn
         )
         body = {
             **to_graph(fields),
             "singleValueExtendedProperties": [{"id": ORIGIN_PROPERTY_ID, "value": "1relation"}],
         }
         created = await self._graph.create_event(
-            change.account_id,
-            user_id,
-            body,
-            transaction_id=transaction_id(
-                change.account_id, change.relation_event_id, link.generation
-            ),
+            change.account_id, user_id, body, transaction_id=txn
         )
         self.writes.labels(kind="create").inc()
         await self._links.record_written(
@@ -436,6 +439,7 @@ class OutboundHandler:
             change_key=created.get("changeKey"),
             last_modified=_lm(created),
             cipher=cipher,
+            answer=created,
         )
 
     async def _update(
@@ -461,21 +465,16 @@ class OutboundHandler:
             and outlook_lm is not None
             and outlook_lm > link.base_lm
         )
-        patch: dict[str, Any] = {}
-        lost: list[str] = []
-        for names in FIELD_GROUPS.values():
-            mine = {n: change.event[n] for n in names if n in change.event}
-            if not mine:
-                continue
-            current = {n: outlook.get(n) for n in mine}
-            if comparable(mine) == comparable(current):
-                continue  # Outlook already shows it: never PATCH a field that did not change
-            base = {n: link.state.get(n) for n in mine}
-            theirs_changed = outlook_changed and comparable(current) != comparable(base)
-            if theirs_changed and outlook_lm is not None and outlook_lm > change.occurred_at:
-                lost.extend(mine)  # both sides changed this group; Outlook's change is newer
-                continue
-            patch.update(mine)
+        plan = plan_update(
+            outlook=outlook,
+            last_written=link.state,
+            wanted=change.event,
+            outlook_changed_at=outlook_lm if outlook_changed else None,
+            wanted_at=change.occurred_at,
+            groups=FIELD_GROUPS,
+            normalise=comparable,
+        )
+        patch, lost = plan.patch, list(plan.lost_fields)
         if lost:
             await self._reporter.conflict(link, change, lost, outlook_lm)
         if not patch:
@@ -491,7 +490,7 @@ class OutboundHandler:
         if updated is None:
             # Deleted in Outlook: not recreated (the user meant it); 1Relation is told.
             await self._links.record_deleted(
-                link, change.revision, tombstone_ttl_s=self._tombstone_ttl_s
+                link, change.revision, tombstone_ttl_s=self._tombstone_ttl_s, by_us=False
             )
             await self._reporter.deleted_in_outlook(link)
             return
@@ -500,10 +499,12 @@ class OutboundHandler:
             revision=change.revision,
             graph_id=link.graph_id,
             event_key=link.event_key,
-            state={**link.state, **patch},
+            # Fields left out because Outlook already showed them are part of the base too.
+            state={**link.state, **{n: v for n, v in change.event.items() if n not in lost}},
             change_key=updated.get("changeKey"),
             last_modified=_lm(updated),
             cipher=cipher,
+            answer=updated,
         )
 
 

@@ -232,6 +232,7 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         window=window,
         links=rt.links,
         run_delta=DeltaRunner(
+            links=rt.links,
             store=rt.store,
             events=rt.events,
             graph=rt.graph,

@@ -87,6 +87,14 @@ class Metrics:
             "echoes_suppressed_total",
             "Notifications of the service's own writes recognised and not echoed to 1Relation.",
         )
+        self.fetches_skipped = self.counter(
+            "fetches_skipped_total",
+            "Notifications settled without a Graph fetch (their version was already known).",
+        )
+        self.burst_passes = self.counter(
+            "burst_delta_passes_total",
+            "Delta passes run instead of per-event fetches for a burst on one mailbox.",
+        )
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
         """A counter named ``m365sync_<name>`` in this registry."""
