@@ -358,7 +358,8 @@ class SubscriptionManager:
             for kind in kinds:
                 if kind in sub.change_types:
                     self.delivery.enqueue(sub.notification_url, sub.id,
-                                          self._item(sub, kind, record), "change")
+                                          self._item(sub, kind, record), "change",
+                                          delay_s=self.faults.notify_delay_ms / 1000)
             if (change_type == "deleted" and self.faults.deleted_ghosts > 0
                     and "updated" in sub.change_types
                     and rng.random() < self.faults.deleted_ghosts):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from crypto import DataCipher, DecryptionError
@@ -452,13 +453,22 @@ class OutboundHandler:
         outlook: dict[str, Any] = dict(link.state)
         outlook_lm = link.base_lm
         if seen is not None:
-            outlook = self._events.decrypt(seen, cipher)[1]
+            # Fields the store does not keep (categories) are as the service last wrote them.
+            outlook = {**link.state, **self._events.decrypt(seen, cipher)[1]}
             outlook_lm = seen.get("lm")
             if outlook.get("isOrganizer") is False:
                 raise PermanentError(
                     "the account does not organise this meeting, so the change is not written "
                     "(it would fail or send attendees a misleading update)"
                 )
+            if (
+                link.base_lm is not None
+                and outlook_lm is not None
+                and _aware(outlook_lm) < _aware(link.base_lm)
+            ):
+                # The stored copy predates our last write (its notification is not handled
+                # yet): what we wrote is what Outlook shows for those fields.
+                outlook = {**outlook, **link.state}
         outlook_changed = (
             seen is not None
             and link.base_lm is not None
@@ -506,6 +516,10 @@ class OutboundHandler:
             cipher=cipher,
             answer=updated,
         )
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _lm(event: Mapping[str, Any]) -> Any:

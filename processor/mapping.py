@@ -63,9 +63,34 @@ def comparable(fields: Mapping[str, Any]) -> dict[str, Any]:
             out[name] = (value or {}).get("displayName", "") if value else ""
         elif name == "categories":
             out[name] = sorted(value or [])
+        elif name == "recurrence":
+            out[name] = _recurrence(value)
         else:
             out[name] = value
     return out
+
+
+def _recurrence(value: Any) -> tuple[Any, ...] | None:
+    """A recurrence as a comparable tuple: Graph answers with every default filled in
+    (``firstDayOfWeek``, ``index``, ``endDate`` ``0001-01-01`` for other range types, ...)."""
+    if not isinstance(value, Mapping):
+        return None
+    pattern = value.get("pattern") or {}
+    rng = value.get("range") or {}
+    rtype = rng.get("type")
+    return (
+        pattern.get("type"),
+        pattern.get("interval") or 1,
+        pattern.get("month") or 0,
+        pattern.get("dayOfMonth") or 0,
+        tuple(sorted(str(d).lower() for d in pattern.get("daysOfWeek") or [])),
+        str(pattern.get("firstDayOfWeek") or "sunday").lower(),
+        str(pattern.get("index") or "first").lower(),
+        rtype,
+        rng.get("startDate"),
+        rng.get("endDate") if rtype == "endDate" else None,
+        rng.get("numberOfOccurrences") if rtype == "numbered" else None,
+    )
 
 
 class LinkStore:
