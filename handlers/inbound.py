@@ -8,6 +8,7 @@ concurrently (the Graph client keeps the per-mailbox limit) and written one afte
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,6 +42,9 @@ log = get_logger(__name__)
 SELECT = ("id", *KEPT_FIELDS, "transactionId")
 #: This many distinct events to fetch in one batch take one delta pass instead.
 BURST_MIN_EVENTS = 16
+#: Events (and versions per event) whose notified versions the handler remembers.
+SETTLED_EVENTS = 20_000
+SETTLED_PER_EVENT = 8
 #: Account statuses in which the service makes no Graph calls for the account.
 PAUSED_STATUSES = frozenset({"reauthorization_required", "admin_consent_required", "disconnected"})
 
@@ -98,6 +102,9 @@ class InboundHandler:
     ) -> None:
         self._links = links
         self._burst_min_events = burst_min_events
+        # Versions (changeKey hashes) at or below what is stored, per event: a notification
+        # copy naming one of them needs no fetch. Only an optimisation (lost on restart).
+        self._settled: OrderedDict[str, set[str]] = OrderedDict()
         self._statuses = statuses
         self._store = store
         self._events = events
@@ -253,6 +260,13 @@ class InboundHandler:
                         account_id, user_id, cipher, event_hash, result
                     )
                     outcome = Outcome.ack()
+                    if result is not None:
+                        # Each notified version existed before this fetch, so the stored
+                        # version is now at or above it.
+                        self._remember(
+                            event_hash,
+                            {str(d.body["etag_hash"]) for d in group if d.body.get("etag_hash")},
+                        )
                 except (TransientError, PermanentError) as exc:
                     if isinstance(exc, ReauthorizationRequired):
                         raise
@@ -286,7 +300,8 @@ class InboundHandler:
         if None in etags:
             return None
         stored_ck, tombstone = await self._events.stored_version(account_id, event_hash)
-        if not tombstone and stored_ck is not None and etags == {stored_ck}:
+        settled = {stored_ck} | self._settled.get(event_hash, set())
+        if not tombstone and stored_ck is not None and etags <= settled:
             self._metrics.fetches_skipped.inc()
             return []
         if self._links is None or link is None:
@@ -309,6 +324,12 @@ class InboundHandler:
         self._metrics.echoes_suppressed.inc()
         self._metrics.fetches_skipped.inc()
         return []
+
+    def _remember(self, event_hash: str, etags: set[str]) -> None:
+        known = self._settled.pop(event_hash, set()) | etags
+        self._settled[event_hash] = set(list(known)[-SETTLED_PER_EVENT:])
+        while len(self._settled) > SETTLED_EVENTS:
+            self._settled.popitem(last=False)
 
     async def _reconcile(
         self,

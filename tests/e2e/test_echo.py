@@ -59,8 +59,11 @@ def _shuffled_mix(account_id: str, rng: random.Random) -> tuple[list[dict[str, A
     [
         # Graph's notification is handled before the service has Graph's answer to its write.
         pytest.param({"write_answer_delay_ms": 400, "duplicates": True}, id="notification-first"),
-        # The answer is long recorded when the notification arrives.
-        pytest.param({"notify_delay_ms": 600, "duplicates": True}, id="answer-first"),
+        # The answer is recorded when the notification arrives (Graph answers in 60 ms, so
+        # the database holds an event before 1Relation's delete of it is written).
+        pytest.param(
+            {"notify_delay_ms": 150, "latency_ms": 60, "duplicates": True}, id="answer-first"
+        ),
     ],
 )
 async def test_the_service_never_announces_its_own_writes_as_microsoft_changes(
@@ -107,7 +110,8 @@ async def test_a_change_notified_three_times_costs_at_most_one_get(
     async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-t", user_id)
-        await stack.control.set_faults(notify_copies=3)
+        # The copies of one change arrive up to a second apart, in different batches.
+        await stack.control.set_faults(notify_copies=3, reorder_ms=1000, seed=4)
         ids = [
             (await stack.control.create_event(user_id, timed_event(f"Event {n}", days=n + 1), immutable=True))["id"]
             for n in range(8)
@@ -188,15 +192,16 @@ async def test_a_burst_on_one_mailbox_takes_one_delta_pass_instead_of_a_get_each
         await eventually(lambda: _settled(stack, "acc-b", user_id), timeout_s=60, interval_s=0.3)
         counters = await stack.control.counters()
         print({"burst_requests_per_change": counters["total"] / len(ids), "by_kind": counters["by_kind"]})
-        assert _burst_passes(stack) > passes_before
         assert counters["by_kind"].get("calendarView.delta", 0) >= 1
         assert counters["total"] <= len(ids) / 2
+        assert _burst_passes(stack) > passes_before
         announced = {a["event_key"] for a in await stack.announcements() if a["routing_key"] == "event.upserted"}
         assert announced == {stack.rt.events.event_key("acc-b", gid) for gid in ids}
 
 
 def _burst_passes(stack: Stack) -> float:
-    return float(stack.rt.metrics.burst_passes._value.get())
+    counter = getattr(stack.rt.metrics, "burst_passes", None)  # absent before the burst path
+    return 0.0 if counter is None else float(counter._value.get())
 
 
 #: For each field 1Relation can send, a value different from the base event's.
