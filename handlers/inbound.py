@@ -288,11 +288,10 @@ class InboundHandler:
         """
         deleted = any(d.body.get("change_type") == "deleted" for d in group)
         etags = {d.body.get("etag_hash") for d in group}
-        link = None
-        if self._links is not None:
-            link = await self._links.doc_for(account_id, event_hash)
         if deleted:
-            if self._links is not None and self._links.deleted_by_us(link, event_hash):
+            if self._links is not None and self._links.deleted_by_us(
+                await self._links.doc_for(account_id, event_hash), event_hash
+            ):
                 self._metrics.echoes_suppressed.inc()
                 await self._events.mark_deleted(account_id, event_hash, announce=False)
                 return []
@@ -304,7 +303,10 @@ class InboundHandler:
         if not tombstone and stored_ck is not None and etags <= settled:
             self._metrics.fetches_skipped.inc()
             return []
-        if self._links is None or link is None:
+        if self._links is None:
+            return None
+        link = await self._links.doc_for(account_id, event_hash)
+        if link is None:
             return None
         ours = self._links.echo_hashes(link)
         if not etags <= ours | ({stored_ck} if stored_ck and not tombstone else set()):
