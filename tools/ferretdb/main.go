@@ -12,6 +12,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -24,9 +25,18 @@ func main() {
 	listen := flag.String("listen-addr", "127.0.0.1:27017", "TCP address to accept MongoDB wire protocol connections on")
 	dir := flag.String("sqlite-dir", "", "existing directory that holds one SQLite file per database")
 	pgURL := flag.String("postgresql-url", "", "PostgreSQL database FerretDB keeps its collections in")
+	level := flag.String("log-level", "warn", "debug, info, warn or error (info logs every connection)")
 	flag.Parse()
 
-	config := &ferretdb.Config{Listener: ferretdb.ListenerConfig{TCP: *listen}}
+	var logLevel slog.Level
+	if err := logLevel.UnmarshalText([]byte(*level)); err != nil {
+		fmt.Fprintln(os.Stderr, "ferretdb-embed:", err)
+		os.Exit(2)
+	}
+	config := &ferretdb.Config{
+		Listener: ferretdb.ListenerConfig{TCP: *listen},
+		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel})),
+	}
 	where := ""
 	switch {
 	case (*dir == "") == (*pgURL == ""):
