@@ -40,11 +40,12 @@ log = get_logger(__name__)
 #: ``transactionId`` names the create a new event came from (how an echo of the service's
 #: own create is recognised before Graph's answer to it has been recorded).
 SELECT = ("id", *KEPT_FIELDS, "transactionId")
-#: This many distinct events to fetch in one batch take one delta pass instead.
+#: This many distinct events to fetch in one batch take one delta pass instead
+#: (``M365SYNC_BURST_MIN_EVENTS``).
 BURST_MIN_EVENTS = 16
 #: Events (and versions per event) whose notified versions the handler remembers.
-SETTLED_EVENTS = 20_000
-SETTLED_PER_EVENT = 8
+SETTLED_EVENTS = 10_000
+SETTLED_PER_EVENT = 4
 #: Account statuses in which the service makes no Graph calls for the account.
 PAUSED_STATUSES = frozenset({"reauthorization_required", "admin_consent_required", "disconnected"})
 

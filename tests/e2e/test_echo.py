@@ -88,7 +88,9 @@ async def test_the_service_never_announces_its_own_writes_as_microsoft_changes(
         await asyncio.sleep(1.0)  # a late echo would be announced by now
         announced = await stack.announcements()
         echoes = [a for a in announced if a["routing_key"] in ("event.upserted", "event.deleted")]
-        print({"echoes": len(echoes), "announcements": Counter(a["routing_key"] for a in announced)})
+        counters = await stack.control.counters()
+        print({"echoes": len(echoes), "announcements": Counter(a["routing_key"] for a in announced),
+               "graph_requests": counters["by_kind"]})
         assert echoes == []
 
 
