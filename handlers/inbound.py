@@ -295,6 +295,8 @@ class InboundHandler:
             ):
                 self._metrics.echoes_suppressed.inc()
                 await self._events.mark_deleted(account_id, event_hash, announce=False)
+                for key in await self._events.series_instance_keys(account_id, event_hash):
+                    await self._events.mark_deleted(account_id, key, announce=False)
                 return []
             return None
         if None in etags:
@@ -313,6 +315,8 @@ class InboundHandler:
         if not etags <= ours | ({stored_ck} if stored_ck and not tombstone else set()):
             return None
         written = self._links.written(link, account_id, cipher)
+        if written is not None and written[1].get("type") == "seriesMaster":
+            return None  # its occurrences are re-expanded on the fetch path
         if written is not None and written[0] in etags:
             await self._events.upsert_version(
                 account_id,

@@ -282,6 +282,8 @@ async def test_a_revision_changing_one_field_patches_only_that_field(
             seen.append(patches[0] if patches else [])
             assert patches == [[name]], (name, patches)
         print({"fields_per_patch": [len(p) for p in seen]})
+        # The recurring event our writes made is in the database with its occurrences.
+        await eventually(lambda: _settled(stack, "acc-p", user_id), timeout_s=30)
 
         await stack.control.wait_idle()
         await asyncio.sleep(0.5)
