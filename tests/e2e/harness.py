@@ -342,18 +342,30 @@ class BrowserRun:
         return dict(parse_qsl(urlsplit(self.location).query))
 
 
-async def browse(stack: Stack, path: str, *, max_hops: int = 3) -> BrowserRun:
-    """GET ``path`` on the receiver and follow redirects by hand, as a browser would, until
-    the answer is not a redirect or points outside the receiver and the simulator."""
+def browser_jar() -> Any:
+    """A browser's cookies; accepts cookies of IP-address hosts like a browser does."""
+    import aiohttp  # noqa: PLC0415
+
+    return aiohttp.CookieJar(unsafe=True)
+
+
+async def browse(
+    stack: Stack, path_or_url: str, *, max_hops: int = 3, jar: Any = None
+) -> BrowserRun:
+    """GET ``path_or_url`` (a receiver path or a full URL) and follow redirects by hand, as a
+    browser would, until the answer is not a redirect or points outside the receiver and the
+    simulator. ``jar`` is the browser's cookies (a fresh browser when None)."""
     import ssl  # noqa: PLC0415
 
     import aiohttp  # noqa: PLC0415
 
     base = f"http://127.0.0.1:{stack.port}"
-    url = base + path
+    url = path_or_url if "://" in path_or_url else base + path_or_url
     context = ssl.create_default_context(cafile=str(stack.sim.ca_file))
     hops: list[str] = []
-    async with aiohttp.ClientSession(trust_env=False) as http:
+    async with aiohttp.ClientSession(
+        trust_env=False, cookie_jar=jar if jar is not None else browser_jar()
+    ) as http:
         for _ in range(max_hops):
             hops.append(url.split("?")[0])
             async with http.get(url, allow_redirects=False, ssl=context) as resp:
