@@ -66,12 +66,6 @@ async def test_sign_in_url_finished_in_another_browser_binds_nothing(
         sign_in_url = await _start(
             stack, "/connect", mint_link(stack, "acc-attacker"), attacker_jar
         )
-        assert _query(sign_in_url)["prompt"] == "select_account"
-        [cookie] = list(attacker_jar)
-        assert cookie.key == BROWSER_COOKIE  # http on loopback: no __Host- prefix possible
-        assert cookie["httponly"] is True
-        assert cookie["samesite"] == "Lax"
-        assert cookie["path"] == "/"
 
         # The colleague's browser signs in (as the colleague) and lands on the callback.
         await stack.control.set_signin_user(victim["id"])
@@ -90,7 +84,13 @@ async def test_sign_in_url_finished_in_another_browser_binds_nothing(
         account = await stack.rt.store.get_account("acc-attacker")
         assert account is not None
         assert account["user_hash"] == stack.rt.hasher.hash_id("user", attacker["id"].lower())
+        assert _query(sign_in_url)["prompt"] == "select_account"
         assert "select_account" in (await stack.control.state())["authorize_prompts"]
+        [cookie] = list(attacker_jar)
+        assert cookie.key == BROWSER_COOKIE  # http on loopback: no __Host- prefix possible
+        assert cookie["httponly"] is True
+        assert cookie["samesite"] == "Lax"
+        assert cookie["path"] == "/"
 
 
 async def test_one_mailbox_is_bound_to_one_account(
