@@ -483,7 +483,7 @@ async def subscriptions_role(
 
 async def run_roles(settings: Settings, roles: Sequence[str]) -> int:
     """Run ``roles`` in this process until SIGTERM or SIGINT; returns the exit code."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, log_format=settings.log_format)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

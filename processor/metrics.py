@@ -32,6 +32,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._callbacks: dict[str, _Callback] = {}
 
         # Receiver (Graph webhooks).
         self.notifications_received = self.counter(
@@ -127,7 +128,7 @@ class Metrics:
         For components that keep their own tallies (a :class:`collections.Counter`) and
         must not depend on this module.
         """
-        self.registry.register(_Callback(PREFIX + name, documentation, label, source, "counter"))
+        self._callback(PREFIX + name, documentation, label, source, "counter")
 
     def gauges(
         self,
@@ -137,7 +138,25 @@ class Metrics:
         source: Callable[[], Mapping[str, float]],
     ) -> None:
         """A gauge family ``m365sync_<name>`` read from ``source`` at each scrape."""
-        self.registry.register(_Callback(PREFIX + name, documentation, label, source, "gauge"))
+        self._callback(PREFIX + name, documentation, label, source, "gauge")
+
+    def _callback(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        source: Callable[[], Mapping[str, float]],
+        kind: str,
+    ) -> None:
+        # A role started again in the same process (tests run two managers in one) reads
+        # from its newest source instead of registering the family twice.
+        existing = self._callbacks.get(name)
+        if existing is not None:
+            existing.source = source
+            return
+        collector = _Callback(name, documentation, label, source, kind)
+        self.registry.register(collector)
+        self._callbacks[name] = collector
 
     def histogram(
         self,
@@ -171,14 +190,14 @@ class _Callback(Collector):
         self._name = name
         self._documentation = documentation
         self._label = label
-        self._source = source
+        self.source = source
         self._kind = kind
 
     def describe(self) -> Iterator[Metric]:
         yield from self._family({})
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._family(self._source())
+        yield from self._family(self.source())
 
     def _family(self, values: Mapping[str, float]) -> Iterator[Metric]:
         family: CounterMetricFamily | GaugeMetricFamily

@@ -71,6 +71,7 @@ class Settings:
     mass_delete_min_events: int = 10
     shutdown_grace_s: float = 25.0
     log_level: str = "info"
+    log_format: str = "auto"
 
     @property
     def database_name(self) -> str:
@@ -228,6 +229,13 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _log_format(value: str) -> str:
+    log_format = value.lower()
+    if log_format not in ("auto", "console", "json"):
+        raise ValueError(f"must be auto, console or json, got {value!r}")
+    return log_format
+
+
 def load_settings(
     env: Mapping[str, str] | None = None,
     *,
@@ -311,6 +319,7 @@ def load_settings(
             "M365SYNC_SHUTDOWN_GRACE_S", _positive_float, defaults.shutdown_grace_s
         ),
         log_level=r.parse("M365SYNC_LOG_LEVEL", _log_level, defaults.log_level),
+        log_format=r.parse("M365SYNC_LOG_FORMAT", _log_format, defaults.log_format),
     )
 
 
