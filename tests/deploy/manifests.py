@@ -70,11 +70,13 @@ _METRIC = re.compile(r"\bm365sync_[a-z0-9_]+")
 def metrics_in(expr: str) -> set[str]:
     """The m365sync metric families a PromQL expression reads (histogram suffixes cut)."""
     found = set()
+    known = exported_metrics()
     for name in _METRIC.findall(expr):
+        family = name
         for suffix in ("_bucket", "_sum", "_count"):
-            if name.endswith(suffix) and name not in exported_metrics():
-                name = name[: -len(suffix)]
-        found.add(name)
+            if name.endswith(suffix) and name not in known:
+                family = name[: -len(suffix)]
+        found.add(family)
     return found
 
 

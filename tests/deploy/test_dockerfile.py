@@ -12,8 +12,8 @@ def _stages() -> list[list[tuple[str, str]]]:
     """The Dockerfile's stages, each a list of (INSTRUCTION, arguments), continuations joined."""
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     stages: list[list[tuple[str, str]]] = []
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         instruction, _, args = line.partition(" ")
@@ -32,7 +32,8 @@ def test_image_is_multi_stage_and_the_final_stage_holds_only_the_runtime():
     final = stages[-1]
     assert not any(i == "RUN" and re.search(r"\bpip\b|apt-get|compileall", a) for i, a in final)
     copies = [a for i, a in final if i == "COPY"]
-    assert copies and all(a.startswith("--from=") for a in copies)
+    assert copies
+    assert all(a.startswith("--from=") for a in copies)
 
 
 def test_no_development_dependencies_are_installed():
@@ -52,6 +53,7 @@ def test_runs_as_a_numeric_non_root_user_with_m365sync_as_entrypoint():
     users = [a for i, a in final if i == "USER"]
     assert users
     uid = users[-1].split(":")[0]
-    assert uid.isdigit() and int(uid) != 0
+    assert uid.isdigit()
+    assert int(uid) != 0
     (entrypoint,) = [a for i, a in final if i == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ["m365sync"]
