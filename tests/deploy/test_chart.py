@@ -124,17 +124,32 @@ def test_every_setting_is_set_or_documented_and_secrets_are_only_referenced(rend
     assert not _kind(docs, "Secret")
     secret_name = chart_values["secrets"]["existingSecret"]
     for deployment in _deployments(docs).values():
-        (container,) = deployment["spec"]["template"]["spec"]["containers"]
-        secret_env = set()
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        secret_env, plain_env = set(), {}
         for env in container["env"]:
+            if "value" in env:  # only the path of the mounted certificate is not a Secret
+                plain_env[env["name"]] = env["value"]
+                continue
             ref = env["valueFrom"]["secretKeyRef"]
             assert ref["name"] == secret_name
             secret_env.add(env["name"])
-        configured = set(config["data"]) | secret_env
+        assert set(plain_env) <= {"M365SYNC_CLIENT_CERTIFICATE_PATH"}
+        configured = set(config["data"]) | secret_env | set(plain_env)
         documented = set(chart_values["documentedDefaults"])
         missing = settings_variables() - configured - documented
         assert not missing, f"set or document in values.yaml: {sorted(missing)}"
-        assert configured >= SERVICE_REQUIRED
+        required = set(SERVICE_REQUIRED)
+        if "M365SYNC_CLIENT_CERTIFICATE_PATH" in plain_env:
+            # The certificate replaces the secret, and is a file mounted from a Secret.
+            required.discard("M365SYNC_CLIENT_SECRET")
+            assert "M365SYNC_CLIENT_SECRET" not in configured
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            directory = plain_env["M365SYNC_CLIENT_CERTIFICATE_PATH"].rsplit("/", 1)[0]
+            assert mounts[directory]["readOnly"] is True
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            assert "secret" in volumes[mounts[directory]["name"]]
+        assert configured >= required
         assert not secret_env & set(config["data"])
     assert config["data"]["M365SYNC_METRICS_HOST"] == "0.0.0.0"
     assert config["data"]["M365SYNC_LOG_FORMAT"] == "json"
@@ -150,6 +165,16 @@ def test_a_secret_placed_in_config_is_refused(helm):
     )
     assert result.returncode != 0
     assert "M365SYNC_MASTER_KEYS is a secret" in result.stderr
+
+
+def test_with_a_certificate_the_client_secret_is_not_passed(helm):
+    """Configuring the certificate mounts it and drops the client secret from every pod (the service refuses both)."""
+    docs = render(helm, extra=("--set", "clientCertificate.existingSecret=cert"))
+    for deployment in _deployments(docs).values():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        names = {env["name"] for env in container["env"]}
+        assert "M365SYNC_CLIENT_CERTIFICATE_PATH" in names
+        assert "M365SYNC_CLIENT_SECRET" not in names
 
 
 def test_too_many_replicas_for_the_shards_is_refused(helm):
