@@ -58,7 +58,7 @@ DEMO_ACCOUNT = "demo-account-1"
 #: Exit code when the demo refuses to run (as for a configuration error).
 EXIT_REFUSED = 2
 #: The only settings the environment may give the demo.
-_PASSED_THROUGH = ("M365SYNC_LOG_LEVEL", "M365SYNC_HTTP_PORT")
+_PASSED_THROUGH = ("M365SYNC_LOG_LEVEL", "M365SYNC_LOG_FORMAT", "M365SYNC_HTTP_PORT")
 _MANAGEMENT_PORT = 15672
 
 
@@ -168,7 +168,10 @@ async def run_demo(*, changes: int = 40, env: dict[str, str] | None = None) -> i
     """Run the demo; returns 0 when the database converged to Microsoft's ground truth,
     :data:`EXIT_REFUSED` when it cannot have a vhost and database of its own."""
     env = dict(os.environ if env is None else env)
-    configure_logging(env.get("M365SYNC_LOG_LEVEL", "warning"))
+    configure_logging(
+        env.get("M365SYNC_LOG_LEVEL", "warning"),
+        log_format=env.get("M365SYNC_LOG_FORMAT", "auto").lower(),
+    )
     try:
         targets = demo_targets(env)
         user = urlsplit(targets.amqp_url).username or "guest"
