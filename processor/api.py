@@ -395,6 +395,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         return_url_origins=settings.return_url_origins,
         used=MongoUsedLinks(rt.db),
         hasher=rt.hasher,
+        require_audience=settings.link_audience_required,
     )
     add_connect_routes(
         app,
@@ -406,7 +407,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         apps=apps,
         links=links,
     )
-    add_consent_routes(app, settings=settings, store=rt.store, links=links)
+    add_consent_routes(app, settings=settings, store=rt.store, links=links, apps=apps)
     add_api_routes(
         app,
         settings=settings,
