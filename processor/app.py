@@ -177,7 +177,8 @@ async def build_runtime(
         "graph_calls_total",
         "Microsoft Graph calls of this process: requests (HTTP calls made), and by outcome "
         "succeeded, not_found, throttled (429/503/504 answers), retries, unauthorized, "
-        "delta_resets, errors.",
+        "delta_resets, errors, gate_waits (held back by a mailbox's Retry-After), "
+        "gate_refusals (failed without a request while the mailbox waits).",
         "outcome",
         lambda: graph.stats,
     )
