@@ -84,7 +84,7 @@ def _origin(message: AbstractIncomingMessage) -> tuple[str, str]:
 async def _read_dead_letters(
     settings: Settings,
 ) -> tuple[aio_pika.abc.AbstractRobustConnection, list[AbstractIncomingMessage]]:
-    connection = await broker_mod.connect(settings.amqp_url, name="m365sync:dlq")
+    connection = await broker_mod.connect(settings.amqp_urls, name="m365sync:dlq")
     channel = await connection.channel()
     queue = await channel.get_queue(DEAD_QUEUE, ensure=False)
     messages: list[AbstractIncomingMessage] = []
