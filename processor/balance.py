@@ -48,6 +48,8 @@ class Releasable(Protocol):
     @property
     def received(self) -> Mapping[str, int]: ...
 
+    def report(self) -> Mapping[str, Any]: ...
+
     async def release(self, name: str) -> int: ...
 
 
@@ -75,20 +77,28 @@ class Registry:
         self._collection = db[WORKERS]
         self._clock = clock
 
-    async def beat(self, role: str, member: str) -> None:
+    async def beat(self, role: str, member: str, report: Mapping[str, Any] | None = None) -> None:
         now = self._clock()
+        fields: dict[str, Any] = {
+            "role": role,
+            "member": member,
+            "seen_at": now,
+            "expires_at": now + timedelta(seconds=HEARTBEAT_TTL_S),
+        }
+        if report is not None:
+            fields["report"] = dict(report)
         await self._collection.update_one(
-            {"_id": f"{role}/{member}"},
-            {
-                "$set": {
-                    "role": role,
-                    "member": member,
-                    "seen_at": now,
-                    "expires_at": now + timedelta(seconds=HEARTBEAT_TTL_S),
-                }
-            },
-            upsert=True,
+            {"_id": f"{role}/{member}"}, {"$set": fields}, upsert=True
         )
+
+    async def reports(self, role: str) -> list[dict[str, Any]]:
+        """The ``report`` of each live process of ``role`` (:class:`processor.lag.LagTracker`)."""
+        now = self._clock()
+        return [
+            dict(doc.get("report") or {})
+            async for doc in self._collection.find({"role": role})
+            if doc.get("expires_at") is not None and as_utc(doc["expires_at"]) > now
+        ]
 
     async def live(self, role: str) -> list[str]:
         now = self._clock()
@@ -138,7 +148,7 @@ class Balancer:
 
     async def start(self) -> None:
         """Announce this process (after its consumer subscribed) and start the rounds."""
-        await self._registry.beat(self._role, self.member)
+        await self._registry.beat(self._role, self.member, self._consumer.report())
         self._task = asyncio.create_task(self._run(), name=f"balancer:{self._role}")
 
     async def stop(self) -> None:
@@ -163,7 +173,7 @@ class Balancer:
         """Beat, read the live processes, and let go of the shards that are another's and
         that this process is receiving."""
         self.stats["rounds"] += 1
-        await self._registry.beat(self._role, self.member)
+        await self._registry.beat(self._role, self.member, self._consumer.report())
         live = await self._registry.live(self._role)
         if self.member not in live:
             live.append(self.member)

@@ -25,6 +25,7 @@ from aio_pika.robust_connection import RobustConnection
 from yarl import URL
 
 from processor.interfaces import OutgoingMessage, PublishError
+from processor.lag import PUBLISHED_HEADER, now_ms
 from processor.logs import get_logger
 from processor.topology import DEAD_EXCHANGE, DELAY_HEADER, RETRY_EXCHANGE, retry_delay_bucket
 
@@ -45,6 +46,8 @@ ORIGIN_EXCHANGE_HEADER = "x-m365sync-origin-exchange"
 ORIGIN_ROUTING_KEY_HEADER = "x-m365sync-origin-routing-key"
 ORIGIN_QUEUE_HEADER = "x-m365sync-origin-queue"
 RETRIES_HEADER = "x-m365sync-retries"
+#: Milliseconds since the epoch at which the service dead-lettered the message.
+DEAD_LETTERED_HEADER = "x-m365sync-dead-lettered-ms"
 
 
 async def connect(
@@ -149,7 +152,7 @@ class ConfirmPublisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
-            headers=dict(message.headers),
+            headers={PUBLISHED_HEADER: now_ms(), **message.headers},
             expiration=(message.expiration_ms / 1000)
             if message.expiration_ms is not None
             else None,
@@ -233,6 +236,7 @@ def _copy(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_p
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=message.message_id,
         correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
         headers=merged,
     )
 
@@ -279,6 +283,7 @@ async def settle(
                     ORIGIN_EXCHANGE_HEADER: message.exchange or "",
                     ORIGIN_ROUTING_KEY_HEADER: message.routing_key or "",
                     ORIGIN_QUEUE_HEADER: queue_name,
+                    DEAD_LETTERED_HEADER: now_ms(),
                 },
             )
             await publisher.publish_raw(DEAD_EXCHANGE, "", copy, timeout_s=timeout_s)

@@ -26,6 +26,7 @@ from aio_pika.abc import (
 from pymongo.errors import ConnectionFailure
 
 from processor.broker import ConfirmPublisher, Outcome, settle
+from processor.lag import LagTracker
 from processor.logs import correlation, get_logger
 from processor.metrics import Metrics
 
@@ -105,10 +106,15 @@ class ShardConsumer:
         self._stopping = False
         #: Deliveries received per queue (the balancer reads it to see where it is active).
         self.received: dict[str, int] = dict.fromkeys(self._queue_names, 0)
+        self.lag = LagTracker(histogram=metrics.message_lag)
 
     @property
     def queue_names(self) -> list[str]:
         return list(self._queue_names)
+
+    def report(self) -> dict[str, Any]:
+        """Lag figures for the heartbeat (:meth:`processor.lag.LagTracker.report`)."""
+        return self.lag.report()
 
     async def start(self) -> None:
         """Start consuming every queue, each on its own channel with the prefetch."""
@@ -162,6 +168,7 @@ class ShardConsumer:
                     await self._accept(name, message, counted=True)
                 return 0
             returned = len(held)
+            self.lag.forget(name)
             old = self._subscriptions.pop(name)
             try:
                 await old.channel.close()
@@ -185,6 +192,7 @@ class ShardConsumer:
     ) -> None:
         if not counted:
             self.received[queue_name] = self.received.get(queue_name, 0) + 1
+            self.lag.received(queue_name, message)
         held = self._releasing.get(queue_name)
         if held is not None:
             # Its channel is about to close: the broker gives it to the next owner.
@@ -269,6 +277,7 @@ class ShardConsumer:
             queue_name=delivery.queue_name,
         )
         self._metrics.messages_processed.labels(queue=delivery.queue_name, outcome=action).inc()
+        self.lag.settled(delivery.queue_name, delivery.message)
 
     @property
     def in_flight(self) -> int:

@@ -21,6 +21,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Latency buckets for the webhook: Graph counts > 2.9 s as slow and gives up at 3 s.
 _WEBHOOK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.9, 5.0, 10.0)
 
+#: Lag buckets: sub-second when healthy, minutes under throttling (retry waits up to 600 s).
+_LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
 
 class Metrics:
     """The service's counters and histograms, registered in a private registry."""
@@ -86,6 +89,14 @@ class Metrics:
         self.echoes_suppressed = self.counter(
             "echoes_suppressed_total",
             "Notifications of the service's own writes recognised and not echoed to 1Relation.",
+        )
+
+        self.message_lag = self.histogram(
+            "message_lag_seconds",
+            "Time from a message's first publish to its settlement by a consumer, by queue "
+            "(includes waits in the retry queues).",
+            ("queue",),
+            buckets=_LAG_BUCKETS_S,
         )
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
