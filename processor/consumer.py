@@ -239,6 +239,9 @@ class ShardConsumer:
     async def _handle(self, account_id: str, batch: list[Delivery]) -> None:
         """Hand one batch to the handler and settle every delivery of it."""
         with correlation(batch[0].message.correlation_id, account_id=account_id):
+            # Debug-level marks of when this process worked on the account: the scaling
+            # test checks from them that no two processes ever overlap on one account.
+            log.debug("batch.started", queue=batch[0].queue_name, size=len(batch))
             fallback = Outcome.requeue("handler set no outcome")
             try:
                 await self._handler.handle_batch(account_id, batch)
@@ -254,6 +257,7 @@ class ShardConsumer:
                 if delivery.outcome is None:
                     delivery.outcome = fallback
             await asyncio.gather(*(self._settle(d) for d in batch))
+            log.debug("batch.settled", queue=batch[0].queue_name, size=len(batch))
 
     def _take(self, account_id: str) -> list[Delivery]:
         pending = self._pending.get(account_id)
