@@ -9,6 +9,7 @@ from processor.errors import TransientError
 from processor.event_store import EventStore
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
+from processor.metrics import Metrics
 from processor.store import Store, aad
 from processor.timeutil import isoformat_z, utcnow
 from processor.topology import ONERELATION_INBOUND
@@ -52,8 +53,15 @@ class AccountStatuses:
     """Changes account statuses and tells 1Relation (``account.status``) when one changes."""
 
     def __init__(
-        self, *, store: Store, events: EventStore, publisher: Publisher, timeout_s: float
+        self,
+        *,
+        store: Store,
+        events: EventStore,
+        publisher: Publisher,
+        metrics: Metrics,
+        timeout_s: float,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._events = events
         self._publisher = publisher
@@ -71,6 +79,7 @@ class AccountStatuses:
         text = DEFAULT_REASONS[status] if reason is None else reason
         changed = await self._store.set_status(account_id, status, text)
         if changed:
+            self._metrics.account_status_changes.labels(status=status).inc()
             log.info("account.status_changed", account_id=account_id, status=status)
             await self.publish(account_id)
         return changed

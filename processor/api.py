@@ -396,6 +396,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
     apps = MsalApps(
         client_id=settings.client_id,
         client_secret=settings.client_secret,
+        client_certificate=settings.client_certificate,
         authority_host=settings.authority_host,
         ca_bundle=settings.ca_bundle,
     )

@@ -72,7 +72,10 @@ async def run_demo(*, changes: int = 40) -> int:
     from graphsim.client import SimControl  # noqa: PLC0415  the simulator is a dev tool
     from graphsim.server import SimConfig, Simulator  # noqa: PLC0415
 
-    configure_logging(os.environ.get("M365SYNC_LOG_LEVEL", "warning"))
+    configure_logging(
+        os.environ.get("M365SYNC_LOG_LEVEL", "warning"),
+        log_format=os.environ.get("M365SYNC_LOG_FORMAT", "auto").lower(),
+    )
     started = time.monotonic()
     rng = random.Random(42)  # noqa: S311  a reproducible script, not a secret
     async with AsyncExitStack() as stack:
