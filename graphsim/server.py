@@ -215,4 +215,5 @@ class Simulator:
             "tenants": [t.to_json() for t in self.store.tenants.values()],
             "users": [b.user.to_json() for b in self.store.mailboxes.values()],
             "signin_user_id": self.identity.state.signin_user_id,
+            "authorize_prompts": list(self.identity.state.prompts),
         }

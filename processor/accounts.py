@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any, Final
 
 from processor.errors import TransientError
@@ -46,7 +47,31 @@ DEFAULT_REASONS: Final = {
     "disconnected": "The account is not connected to Microsoft 365.",
 }
 
+#: What failed, and what a person can do, when an account enters a status that stops it.
+FAILURES: Final = {
+    "reauthorization_required": (
+        "Microsoft 365 refused the account's stored sign-in",
+        "The user must click 'Connect to Microsoft' in 1Relation again; the calendar "
+        "catches up by itself afterwards.",
+    ),
+    "admin_consent_required": (
+        "Microsoft 365 refused access because the organisation has not approved the app",
+        "An administrator of the user's Microsoft 365 organisation must approve the app, "
+        "then the user connects again.",
+    ),
+}
+
 SYNC_STATE = "sync_state"
+
+
+def describe_failure(status: str, reason: str, *, at: datetime) -> str:
+    """``last_error`` for a failure that put the account in ``status``: what failed, when,
+    why and what a person can do, in words (``reason`` is ours, never Graph's text)."""
+    what, action = FAILURES.get(
+        status, ("Synchronisation stopped", DEFAULT_REASONS.get(status, ""))
+    )
+    why = f": {reason.rstrip('.')}" if reason and reason != DEFAULT_REASONS.get(status) else ""
+    return f"{what} at {isoformat_z(at)}{why}. {action}".strip()
 
 
 class AccountStatuses:
@@ -77,6 +102,11 @@ class AccountStatuses:
         if status not in STATUSES:
             raise ValueError(f"unknown account status {status!r}")
         text = DEFAULT_REASONS[status] if reason is None else reason
+        if status in FAILURES:
+            # Written before the status so that the account.status it causes carries it.
+            await record_sync(
+                self._store, account_id, error=describe_failure(status, text, at=utcnow())
+            )
         changed = await self._store.set_status(account_id, status, text)
         if changed:
             self._metrics.account_status_changes.labels(status=status).inc()

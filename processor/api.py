@@ -405,6 +405,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         return_url_origins=settings.return_url_origins,
         used=MongoUsedLinks(rt.db),
         hasher=rt.hasher,
+        require_audience=settings.link_audience_required,
     )
     add_connect_routes(
         app,
@@ -416,7 +417,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         apps=apps,
         links=links,
     )
-    add_consent_routes(app, settings=settings, store=rt.store, links=links)
+    add_consent_routes(app, settings=settings, store=rt.store, links=links, apps=apps)
     add_operator_page(app)
 
     async def operator_facts() -> dict[str, Any]:

@@ -65,7 +65,7 @@ from processor.topology import (
     shard_queue_names,
     shard_routing_key,
 )
-from processor.web import build_app
+from processor.web import build_app, build_internal_app
 from subscriptions.lifecycle import LifecycleConsumer, LifecycleHandler
 from subscriptions.manager import ManagerSettings, SubscriptionManager
 
@@ -177,7 +177,8 @@ async def build_runtime(
         "graph_calls_total",
         "Microsoft Graph calls of this process: requests (HTTP calls made), and by outcome "
         "succeeded, not_found, throttled (429/503/504 answers), retries, unauthorized, "
-        "delta_resets, errors.",
+        "delta_resets, errors, gate_waits (held back by a mailbox's Retry-After), "
+        "gate_refusals (failed without a request while the mailbox waits).",
         "outcome",
         lambda: graph.stats,
     )
@@ -231,6 +232,40 @@ async def receiver_role(rt: Runtime, *, sock: socket.socket | None = None) -> As
         await runner.cleanup()
         close_account_routes()
         log.info("receiver.stopped")
+
+
+@contextlib.asynccontextmanager
+async def internal_listener(
+    rt: Runtime, *, sock: socket.socket | None = None
+) -> AsyncIterator[int]:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on the internal listener (every role,
+    one per process: the roles of one process share their metrics); yields the bound port.
+
+    Bound to ``M365SYNC_METRICS_HOST`` (loopback by default), away from the ingress.
+    """
+    app = build_internal_app(readiness=rt.readiness, metrics=rt.metrics)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    if sock is not None:
+        site: web.BaseSite = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, rt.settings.metrics_host, rt.settings.metrics_port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise RuntimeError(
+            f"cannot listen for metrics on {rt.settings.metrics_host}:{rt.settings.metrics_port}"
+            f" ({exc.strerror}); set M365SYNC_METRICS_PORT (0 picks a free port)"
+        ) from exc
+    server = getattr(site, "_server", None)
+    sockets = getattr(server, "sockets", None) or []
+    port = sockets[0].getsockname()[1] if sockets else rt.settings.metrics_port
+    log.info("metrics.started", host=rt.settings.metrics_host, port=port)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager
@@ -494,6 +529,7 @@ async def run_roles(settings: Settings, roles: Sequence[str]) -> int:
             INBOUND_MAILBOX_CONCURRENCY if "worker" in roles else OUTBOUND_MAILBOX_CONCURRENCY
         )
         rt = await build_runtime(settings, stack, mailbox_concurrency=concurrency)
+        await stack.enter_async_context(internal_listener(rt))
         if "receiver" in roles:
             await stack.enter_async_context(receiver_role(rt))
         if "worker" in roles:

@@ -62,6 +62,11 @@ class Settings:
     public_url: str = ""
     http_host: str = "0.0.0.0"  # noqa: S104  the contract's default: the receiver sits behind an ingress
     http_port: int = 8080
+    #: The internal listener for ``/metrics`` (and health), never exposed through the ingress.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    #: Refuse connect/consent links without an ``aud`` naming their route.
+    link_audience_required: bool = False
     master_keys: tuple[MasterKey, ...] = ()
     hash_key: bytes = field(default=b"", repr=False)
     connect_secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -252,6 +257,15 @@ def _ca_bundle(value: str) -> str:
     return value
 
 
+def _boolean(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
 def _log_level(value: str) -> str:
     level = value.lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -377,6 +391,11 @@ def load_settings(
         ),
         http_host=r.get("M365SYNC_HTTP_HOST", defaults.http_host) or defaults.http_host,
         http_port=r.parse("M365SYNC_HTTP_PORT", _port, defaults.http_port),
+        metrics_host=r.get("M365SYNC_METRICS_HOST", defaults.metrics_host) or defaults.metrics_host,
+        metrics_port=r.parse("M365SYNC_METRICS_PORT", _port, defaults.metrics_port),
+        link_audience_required=r.parse(
+            "M365SYNC_LINK_AUDIENCE_REQUIRED", _boolean, defaults.link_audience_required
+        ),
         master_keys=master_keys,
         hash_key=hash_key,
         connect_secrets=r.parse(

@@ -377,6 +377,7 @@ def initiate_flow(
     domain_hint: str | None = None,
     tenant: str = "organizations",
     response_mode: str = "query",
+    prompt: str | None = None,
 ) -> dict[str, Any]:
     """Start an auth-code + PKCE flow; keep the whole dict server-side, send ``auth_uri``.
 
@@ -391,6 +392,7 @@ def initiate_flow(
         login_hint=login_hint,
         domain_hint=domain_hint,
         response_mode=response_mode,
+        prompt=prompt,
     )
 
 
@@ -403,6 +405,7 @@ async def initiate_flow_async(
     domain_hint: str | None = None,
     tenant: str = "organizations",
     response_mode: str = "query",
+    prompt: str | None = None,
 ) -> dict[str, Any]:
     """:func:`initiate_flow` with the blocking discovery off the event loop."""
     app = await asyncio.to_thread(apps.build, tenant=tenant)
@@ -413,6 +416,7 @@ async def initiate_flow_async(
         login_hint=login_hint,
         domain_hint=domain_hint,
         response_mode=response_mode,
+        prompt=prompt,
     )
 
 
@@ -424,6 +428,7 @@ def _initiate(
     login_hint: str | None,
     domain_hint: str | None,
     response_mode: str,
+    prompt: str | None = None,
 ) -> dict[str, Any]:
     if response_mode not in ("form_post", "query"):
         raise ValueError(f"response_mode must be 'form_post' or 'query', not {response_mode!r}")
@@ -437,6 +442,7 @@ def _initiate(
             login_hint=login_hint,
             domain_hint=domain_hint,
             response_mode=response_mode,
+            prompt=prompt,
         )
     return flow
 
