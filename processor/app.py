@@ -129,7 +129,7 @@ async def build_runtime(
     await store.ensure_indexes()
     events = EventStore(db=db, hasher=hasher, tombstone_ttl_s=settings.tombstone_ttl_days * 86400)
 
-    connection = await broker_mod.connect(settings.amqp_url, name=f"m365sync:{os.getpid()}")
+    connection = await broker_mod.connect(settings.amqp_urls, name=f"m365sync:{os.getpid()}")
     stack.push_async_callback(connection.close)
     channel = await connection.channel()
     await declare_topology(

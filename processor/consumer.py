@@ -27,6 +27,7 @@ from aio_pika.abc import (
 from pymongo.errors import ConnectionFailure
 
 from processor.broker import ConfirmPublisher, Outcome, settle
+from processor.lag import LagTracker
 from processor.logs import correlation, get_logger
 from processor.messages import INBOUND_SCHEMA
 from processor.metrics import Metrics
@@ -108,10 +109,15 @@ class ShardConsumer:
         self._stopping = False
         #: Deliveries received per queue (the balancer reads it to see where it is active).
         self.received: dict[str, int] = dict.fromkeys(self._queue_names, 0)
+        self.lag = LagTracker(histogram=metrics.message_lag)
 
     @property
     def queue_names(self) -> list[str]:
         return list(self._queue_names)
+
+    def report(self) -> dict[str, Any]:
+        """Lag figures for the heartbeat (:meth:`processor.lag.LagTracker.report`)."""
+        return self.lag.report()
 
     async def start(self) -> None:
         """Start consuming every queue, each on its own channel with the prefetch."""
@@ -165,6 +171,7 @@ class ShardConsumer:
                     await self._accept(name, message, counted=True)
                 return 0
             returned = len(held)
+            self.lag.forget(name)
             old = self._subscriptions.pop(name)
             try:
                 await old.channel.close()
@@ -188,6 +195,7 @@ class ShardConsumer:
     ) -> None:
         if not counted:
             self.received[queue_name] = self.received.get(queue_name, 0) + 1
+            self.lag.received(queue_name, message)
         held = self._releasing.get(queue_name)
         if held is not None:
             # Its channel is about to close: the broker gives it to the next owner.
@@ -234,6 +242,9 @@ class ShardConsumer:
     async def _handle(self, account_id: str, batch: list[Delivery]) -> None:
         """Hand one batch to the handler and settle every delivery of it."""
         with correlation(batch[0].message.correlation_id, account_id=account_id):
+            # Debug-level marks of when this process worked on the account: the scaling
+            # test checks from them that no two processes ever overlap on one account.
+            log.debug("batch.started", queue=batch[0].queue_name, size=len(batch))
             fallback = Outcome.requeue("handler set no outcome")
             try:
                 await self._handler.handle_batch(account_id, batch)
@@ -249,6 +260,7 @@ class ShardConsumer:
                 if delivery.outcome is None:
                     delivery.outcome = fallback
             await asyncio.gather(*(self._settle(d) for d in batch))
+            log.debug("batch.settled", queue=batch[0].queue_name, size=len(batch))
 
     def _take(self, account_id: str) -> list[Delivery]:
         pending = self._pending.get(account_id)
@@ -272,6 +284,7 @@ class ShardConsumer:
             queue_name=delivery.queue_name,
         )
         self._metrics.messages_processed.labels(queue=delivery.queue_name, outcome=action).inc()
+        self.lag.settled(delivery.queue_name, delivery.message)
         lag_s = inbound_lag_s(delivery.body)
         if lag_s is not None:
             self._metrics.inbound_lag.observe(lag_s)

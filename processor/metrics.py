@@ -116,6 +116,14 @@ class Metrics:
             ("status",),
         )
 
+        self.message_lag = self.histogram(
+            "message_lag_seconds",
+            "Time from a message's first publish to its settlement by a consumer, by queue "
+            "(includes waits in the retry queues).",
+            ("queue",),
+            buckets=_LAG_BUCKETS_S,
+        )
+
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
         """A counter named ``m365sync_<name>`` in this registry."""
         return Counter(PREFIX + name, documentation, labelnames, registry=self.registry)

@@ -95,6 +95,11 @@ class Settings:
     log_format: str = "auto"
 
     @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker's node URLs, in the order they are tried (``amqp_url`` split at commas)."""
+        return split_amqp_urls(self.amqp_url)
+
+    @property
     def database_name(self) -> str:
         """The database named by the MongoDB URL's path."""
         return database_name_from_url(self.mongodb_url)
@@ -232,9 +237,20 @@ def _mongodb_url(value: str) -> str:
 
 
 def _amqp_url(value: str) -> str:
-    if not value.startswith(("amqp://", "amqps://")):
-        raise SettingsError("M365SYNC_AMQP_URL: must start with amqp:// or amqps://")
+    # Several comma-separated URLs name the nodes of one cluster: the connection tries them
+    # in turn, at start and after every loss.
+    urls = split_amqp_urls(value)
+    if not urls:
+        raise SettingsError("M365SYNC_AMQP_URL: must name at least one amqp:// URL")
+    for url in urls:
+        if not url.startswith(("amqp://", "amqps://")):
+            raise SettingsError("M365SYNC_AMQP_URL: each URL must start with amqp:// or amqps://")
     return value
+
+
+def split_amqp_urls(value: str) -> tuple[str, ...]:
+    """The URLs of a ``M365SYNC_AMQP_URL`` value (one, or several separated by commas)."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def _ca_bundle(value: str) -> str:
