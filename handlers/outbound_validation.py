@@ -287,7 +287,7 @@ _FIELD_CHECKS: dict[str, Any] = {
 
 def _identifier(body: Mapping[str, Any], name: str) -> str:
     value = body.get(name)
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or _ID.fullmatch(value) is None:
         raise InvalidMessage(
             f"{name} must be 1-128 letters, digits or . _ : @ -, got {_show(value)}"
         )

@@ -17,6 +17,7 @@ import base64
 import binascii
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -84,6 +85,7 @@ CONTRACT_EVENT_FIELDS: Final = (
     "webLink",
 )
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_LIMIT: Final = re.compile(r"[0-9]{1,7}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -138,7 +140,10 @@ def _decode_cursor(text: str) -> tuple[datetime, str]:
         raise _BadRequest("cursor is not one this service issued") from None
     if isinstance(millis, bool) or not isinstance(millis, int) or not isinstance(key, str):
         raise _BadRequest("cursor is not one this service issued")
-    return _EPOCH + timedelta(milliseconds=millis), key
+    try:
+        return _EPOCH + timedelta(milliseconds=millis), key
+    except OverflowError:  # an integer no datetime can hold
+        raise _BadRequest("cursor is not one this service issued") from None
 
 
 def _instant(query: Mapping[str, str], name: str) -> datetime:
@@ -164,7 +169,8 @@ def _limit(query: Mapping[str, str]) -> int:
     value = query.get("limit")
     if value is None:
         return DEFAULT_LIMIT
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    # str.isdigit() also accepts "²" and other non-ASCII digits int() refuses.
+    if _LIMIT.fullmatch(value) is None or not 1 <= int(value) <= MAX_LIMIT:
         raise _BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
     return int(value)
 
