@@ -95,9 +95,36 @@ def validator_for(name: str) -> Any:
 
 @cache
 def openapi_document() -> dict[str, Any]:
-    """``docs/openapi.yaml`` as a dict (served as ``/api/v1/openapi.json``)."""
+    """``docs/openapi.yaml`` as one self-contained dict (served as ``/api/v1/openapi.json``).
+
+    A component that is ``$ref: schemas/<name>.schema.json`` gets that message schema's
+    content inline, so the served document needs no other file.
+    """
     import yaml  # noqa: PLC0415  only the receiver needs it, once
 
     with OPENAPI_PATH.open(encoding="utf-8") as file:
         document: dict[str, Any] = yaml.safe_load(file)
+    components = document.get("components", {}).get("schemas", {})
+    for name, component in components.items():
+        ref = component.get("$ref", "") if isinstance(component, dict) else ""
+        if ref.startswith("schemas/") and ref.endswith(".schema.json"):
+            schema = load_schema(ref.removeprefix("schemas/").removesuffix(".schema.json"))
+            inline = {k: v for k, v in schema.items() if k not in ("$schema", "$id")}
+            components[name] = _rebase(inline, f"#/components/schemas/{name}/")
     return document
+
+
+def _rebase(node: Any, base: str) -> Any:
+    """``node`` with its document-local ``#/...`` references moved under ``base``."""
+    if isinstance(node, dict):
+        return {
+            key: (
+                base + value.removeprefix("#/")
+                if key == "$ref" and isinstance(value, str) and value.startswith("#/")
+                else _rebase(value, base)
+            )
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_rebase(item, base) for item in node]
+    return node

@@ -9,6 +9,7 @@ answers 401 before the account is even looked at. Errors are the contract's JSON
   ``[start, end)``, decrypted, sorted by start then ``event_key``, paged through ``next``.
 - ``POST   /api/v1/accounts/{id}/resync``: queue a full resync; 202.
 - ``DELETE /api/v1/accounts/{id}``: erase; 204, also when repeated or never known.
+- ``GET    /api/v1/openapi.json``: ``docs/openapi.yaml`` as JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
+from contract import openapi_document
 from crypto import DecryptionError
 from processor.accounts import AccountStatuses
 from processor.errors import AccountUnavailable, TransientError
@@ -344,6 +346,9 @@ class _Api:
                 )
         return web.Response(status=204)
 
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(openapi_document())
+
     async def unknown(self, request: web.Request) -> web.StreamResponse:
         return json_error(404, "not_found", "no such API route")
 
@@ -373,6 +378,9 @@ def add_api_routes(
     router.add_delete(account, api.guarded(api.erase))
     router.add_get(f"{account}/events", api.guarded(api.events), allow_head=False)
     router.add_post(f"{account}/resync", api.guarded(api.resync))
+    # Behind the token like every /api/v1 route (CONTRACT §2); the same file is public in
+    # docs/, so the guard hides nothing from 1Relation and nothing new from anyone else.
+    router.add_get(f"{API_PREFIX}/openapi.json", api.guarded(api.openapi), allow_head=False)
     # Anything else under /api/v1 also answers 401 without a token (then 404).
     router.add_route("*", f"{API_PREFIX}/{{tail:.*}}", api.guarded(api.unknown))
 
