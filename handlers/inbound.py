@@ -122,6 +122,7 @@ class InboundHandler:
             return
         user_id = (await self._store.identity(account_id)).user_id
         changes: list[Change] = []
+        reauthorization = False
         try:
             changes += await self._handle_changes(account_id, user_id, cipher, deliveries)
             for delivery in deliveries:
@@ -139,6 +140,7 @@ class InboundHandler:
             for delivery in deliveries:
                 if delivery.outcome is None:
                     delivery.outcome = Outcome.ack()
+            reauthorization = True
         sweep_outbox = False
         for delivery in deliveries:
             if delivery.body.get("kind") == "announce" and delivery.outcome is None:
@@ -147,7 +149,10 @@ class InboundHandler:
         # Announce this batch's changes; an "announce" message also sweeps what an earlier
         # crash left in the outbox. A failed publish leaves the marks for the relay.
         await self._announcer.flush(account_id, changes, sweep_outbox=sweep_outbox)
-        if any(d.outcome is not None and d.outcome.action == "ack" for d in deliveries):
+        # Acked because the account stopped is no sync: last_error keeps what failed.
+        if not reauthorization and any(
+            d.outcome is not None and d.outcome.action == "ack" for d in deliveries
+        ):
             await record_sync(self._store, account_id)
 
     async def _resync(

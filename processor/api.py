@@ -400,6 +400,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
     apps = MsalApps(
         client_id=settings.client_id,
         client_secret=settings.client_secret,
+        client_certificate=settings.client_certificate,
         authority_host=settings.authority_host,
         ca_bundle=settings.ca_bundle,
     )
@@ -408,6 +409,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         return_url_origins=settings.return_url_origins,
         used=MongoUsedLinks(rt.db),
         hasher=rt.hasher,
+        require_audience=settings.link_audience_required,
     )
     add_connect_routes(
         app,
@@ -419,7 +421,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         apps=apps,
         links=links,
     )
-    add_consent_routes(app, settings=settings, store=rt.store, links=links)
+    add_consent_routes(app, settings=settings, store=rt.store, links=links, apps=apps)
     add_api_routes(
         app,
         settings=settings,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -164,8 +166,25 @@ class Outcome:
 
 
 #: Throttle retries never count against the delivery limit, but they are not endless:
-#: past this many the message is dead-lettered so an operator can see it.
+#: past this many, or once the message has been parked again and again for longer than
+#: MAX_PARKED_S since its first parking, it is dead-lettered so an operator can see it.
 MAX_THROTTLE_RETRIES = 200
+MAX_PARKED_S = 6 * 3600.0
+#: Spread of the random extra wait added to a parking (a fraction of the wait, capped), so
+#: the messages a throttled mailbox parked together do not all come back in one instant.
+PARK_JITTER_FRACTION = 0.2
+PARK_JITTER_MAX_S = 2.0
+PARKED_SINCE_HEADER = "x-m365sync-parked-since-ms"
+
+_jitter = random.Random()  # noqa: S311  spreading retries, not security
+
+
+def park_delay_s(asked_s: float, *, rng: random.Random = _jitter) -> float:
+    """How long to park a message that must wait ``asked_s``: that, plus a little jitter
+    (never less than asked: the wait is what Graph told the mailbox)."""
+    asked = max(asked_s, 0.0)
+    spread = min(PARK_JITTER_MAX_S, 0.05 + PARK_JITTER_FRACTION * asked)
+    return asked + rng.uniform(0.0, spread)
 
 
 def _copy(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
@@ -202,13 +221,26 @@ async def settle(
     try:
         if action == "retry":
             retries = _int_header(message, RETRIES_HEADER) + 1
-            if retries > MAX_THROTTLE_RETRIES:
-                outcome = Outcome.dead_letter(f"still throttled after {retries - 1} retries")
+            now_ms = int(time.time() * 1000)
+            since_ms = _int_header(message, PARKED_SINCE_HEADER) or now_ms
+            if retries > MAX_THROTTLE_RETRIES or now_ms - since_ms > MAX_PARKED_S * 1000:
+                outcome = Outcome.dead_letter(
+                    f"still throttled after {retries - 1} retries"
+                    f" over {(now_ms - since_ms) // 1000} s"
+                )
                 action = "dead_letter"
             else:
-                bucket = retry_delay_bucket(outcome.delay_s)
-                copy = _copy(message, {DELAY_HEADER: str(bucket), RETRIES_HEADER: retries})
-                copy.expiration = max(outcome.delay_s, 0.05)
+                delay_s = park_delay_s(outcome.delay_s)
+                bucket = retry_delay_bucket(delay_s)
+                copy = _copy(
+                    message,
+                    {
+                        DELAY_HEADER: str(bucket),
+                        RETRIES_HEADER: retries,
+                        PARKED_SINCE_HEADER: since_ms,
+                    },
+                )
+                copy.expiration = max(delay_s, 0.05)
                 await publisher.publish_raw(
                     RETRY_EXCHANGE.format(target=retry_target),
                     message.routing_key or "",

@@ -14,6 +14,7 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from aio_pika.abc import (
@@ -27,7 +28,9 @@ from pymongo.errors import ConnectionFailure
 
 from processor.broker import ConfirmPublisher, Outcome, settle
 from processor.logs import correlation, get_logger
+from processor.messages import INBOUND_SCHEMA
 from processor.metrics import Metrics
+from processor.timeutil import utcnow
 
 log = get_logger(__name__)
 
@@ -269,6 +272,9 @@ class ShardConsumer:
             queue_name=delivery.queue_name,
         )
         self._metrics.messages_processed.labels(queue=delivery.queue_name, outcome=action).inc()
+        lag_s = inbound_lag_s(delivery.body)
+        if lag_s is not None:
+            self._metrics.inbound_lag.observe(lag_s)
 
     @property
     def in_flight(self) -> int:
@@ -297,3 +303,24 @@ class ShardConsumer:
             if not sub.channel.is_closed:
                 await sub.channel.close()
         self._subscriptions.clear()
+
+
+def inbound_lag_s(body: dict[str, Any], now: datetime | None = None) -> float | None:
+    """Seconds since the receiver accepted an inbound change notification, else None.
+
+    Only ``change`` messages count (a resync's timestamp is when it was requested); a
+    timestamp that does not parse, or lies in the future by clock skew, is not a lag.
+    """
+    if body.get("schema") != INBOUND_SCHEMA or body.get("kind") != "change":
+        return None
+    raw = body.get("received_at")
+    if not isinstance(raw, str):
+        return None
+    try:
+        received = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    if received.tzinfo is None:
+        return None
+    lag_s = ((now or utcnow()) - received).total_seconds()
+    return lag_s if lag_s >= 0 else None

@@ -60,6 +60,7 @@ __all__ = [
     "add_graph_routes",
     "add_health_routes",
     "build_app",
+    "build_internal_app",
     "correlation_middleware",
     "error_middleware",
     "json_error",
@@ -542,9 +543,8 @@ def add_health_routes(
     app: web.Application,
     *,
     readiness: Callable[[], Awaitable[Mapping[str, bool]]],
-    metrics: Metrics,
 ) -> None:
-    """Register ``/healthz`` (alive), ``/readyz`` (dependencies reachable) and ``/metrics``."""
+    """Register ``/healthz`` (alive) and ``/readyz`` (dependencies reachable)."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -570,12 +570,28 @@ def add_health_routes(
             status=503,
         )
 
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+
+
+def build_internal_app(
+    *,
+    readiness: Callable[[], Awaitable[Mapping[str, bool]]],
+    metrics: Metrics,
+) -> web.Application:
+    """The internal listener's app: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+    ``/metrics`` is served only here, never on the public listener: its rejection counters
+    by reason would tell a prober whether a guessed subscription exists.
+    """
+
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
-    app.router.add_get("/healthz", healthz, allow_head=False)
-    app.router.add_get("/readyz", readyz, allow_head=False)
+    app = web.Application(middlewares=[error_middleware])
+    add_health_routes(app, readiness=readiness)
     app.router.add_get("/metrics", metrics_view, allow_head=False)
+    return app
 
 
 def build_app(
@@ -608,5 +624,5 @@ def build_app(
         clock=clock,
         body_read_timeout_s=body_read_timeout_s,
     )
-    add_health_routes(app, readiness=readiness, metrics=metrics)
+    add_health_routes(app, readiness=readiness)
     return app

@@ -49,9 +49,16 @@ def _validator(document: dict[str, Any], schema: Any) -> Draft202012Validator:
     return Draft202012Validator(rooted, registry=registry)
 
 
-def _documented(document: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    for path, item in document["paths"].items():
-        for method in _deref(document, item):
+def _documented(
+    document: dict[str, Any], *, internal: bool | None = None
+) -> Iterator[tuple[str, str]]:
+    """Documented operations; ``internal`` picks those served on the internal listener only
+    (a path-level ``servers``) or those of the public one."""
+    for path, ref in document["paths"].items():
+        item = _deref(document, ref)
+        if internal is not None and ("servers" in item) != internal:
+            continue
+        for method in item:
             if method in ("get", "post", "put", "patch", "delete"):
                 yield path, method
 
@@ -114,7 +121,7 @@ def _calls(stack: Stack) -> list[tuple[str, str, str, dict[str, str]]]:
         ("/admin-consent/callback", "get", "/admin-consent/callback?state=unknown", {}),
         ("/healthz", "get", "/healthz", {}),
         ("/readyz", "get", "/readyz", {}),
-        ("/metrics", "get", "/metrics", {}),
+        ("/metrics", "get", "internal:/metrics", {}),
     ]
     for hook in ("/graph/notifications", "/graph/lifecycle"):
         calls += [
@@ -144,9 +151,12 @@ async def test_every_documented_route_answers_as_documented(
                 body_kwargs: dict[str, Any] = {}
                 if method == "post" and path.startswith("/graph/"):
                     body_kwargs["data"] = b"{not json"
+                port, target = stack.port, url
+                if url.startswith("internal:"):
+                    port, target = stack.metrics_port, url.removeprefix("internal:")
                 async with http.request(
                     method.upper(),
-                    f"http://127.0.0.1:{stack.port}{url}",
+                    f"http://127.0.0.1:{port}{target}",
                     headers=headers,
                     allow_redirects=False,
                     **body_kwargs,
@@ -164,13 +174,17 @@ async def test_every_route_the_receiver_serves_is_documented(
     tmp_path: Path, amqp_url: str, mongodb_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The routes of the app the receiver really runs, method by method, are exactly the
-    documented operations (the /api/v1 catch-all aside)."""
+    documented public operations (the /api/v1 catch-all aside), and every route of the
+    internal listener is documented."""
     served: list[web.Application] = []
+    internal: list[web.Application] = []
 
     class RecordingRunner(web.AppRunner):
         def __init__(self, app: web.Application, **kwargs: Any) -> None:
             if SETTINGS_KEY in app:  # the receiver's app, not the Graph simulator's
                 served.append(app)
+            elif any(r.canonical == "/metrics" for r in app.router.resources()):
+                internal.append(app)
             super().__init__(app, **kwargs)
 
     monkeypatch.setattr(web, "AppRunner", RecordingRunner)
@@ -178,10 +192,19 @@ async def test_every_route_the_receiver_serves_is_documented(
         tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=("receiver",)
     ):
         assert len(served) == 1
-        routes = {
-            (route.resource.canonical, route.method.lower())
-            for route in served[0].router.routes()
-            if route.resource is not None
-        }
+        assert len(internal) == 1
+        routes = _routes(served[0])
+        internal_routes = _routes(internal[0])
     routes.discard((CATCH_ALL, "*"))
-    assert routes == set(_documented(openapi_document()))
+    document = openapi_document()
+    assert routes == set(_documented(document, internal=False))
+    assert set(_documented(document, internal=True)) <= internal_routes
+    assert internal_routes <= set(_documented(document))
+
+
+def _routes(app: web.Application) -> set[tuple[str, str]]:
+    return {
+        (route.resource.canonical, route.method.lower())
+        for route in app.router.routes()
+        if route.resource is not None
+    }
