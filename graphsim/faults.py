@@ -13,6 +13,8 @@ class Faults:
 
     seed: int = 0
     duplicates: bool = False           # created+updated on create; 1-3 updated per edit
+    notify_copies: int = 0             # >0: every change is notified exactly N times
+    notify_delay_ms: int = 0           # every change notification leaves N ms after the change
     reorder_ms: int = 0                # random delay up to N ms per notification
     batch_max_items: int = 0           # >0: collect up to N items per POST ...
     batch_window_ms: int = 0           # ... waiting up to M ms for more

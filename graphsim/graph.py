@@ -70,6 +70,8 @@ class Counters:
     throttled_429: int = 0
     unavailable_503: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5000))
+    # The top-level fields of every PATCH of an event that reached the store, in order.
+    patch_fields: deque[list[str]] = field(default_factory=lambda: deque(maxlen=5000))
     # Requests that reached a mailbox before the Retry-After of an earlier answer for that
     # mailbox (app + mailbox, any method) had elapsed; those arriving within the grace of
     # the answer are counted apart (they were most likely sent before it was read).
@@ -86,7 +88,7 @@ class Counters:
                 "retry_after_violations_by_mailbox": dict(self.retry_after_violations_by_mailbox),
                 "retry_after_within_grace": self.retry_after_within_grace,
                 "retry_after_recent": list(self.retry_after_recent),
-                "recent": list(self.recent)}
+                "recent": list(self.recent), "patch_fields": list(self.patch_fields)}
 
 
 def _deny() -> GraphError:
@@ -546,6 +548,8 @@ class GraphApi:
 
     async def update_event(self, ctx: Ctx, user: User, eid: str) -> web.Response:
         body = await self._body(ctx)
+        if isinstance(body, dict):
+            self.counters.patch_fields.append(sorted(body))
         record, orig = self.store.update_event(user.id, eid, body)
         return self._json(self._render(ctx, self.store.instance(record, orig), select=False))
 

@@ -281,7 +281,9 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         metrics=rt.metrics,
         window=window,
         links=rt.links,
+        burst_min_events=rt.settings.burst_min_events,
         run_delta=DeltaRunner(
+            links=rt.links,
             store=rt.store,
             events=rt.events,
             graph=rt.graph,

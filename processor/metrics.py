@@ -93,6 +93,14 @@ class Metrics:
             "echoes_suppressed_total",
             "Notifications of the service's own writes recognised and not echoed to 1Relation.",
         )
+        self.fetches_skipped = self.counter(
+            "fetches_skipped_total",
+            "Notifications settled without a Graph fetch (their version was already known).",
+        )
+        self.burst_passes = self.counter(
+            "burst_delta_passes_total",
+            "Delta passes run instead of per-event fetches for a burst on one mailbox.",
+        )
         self.inbound_lag = self.histogram(
             "inbound_lag_seconds",
             "From the receiver accepting a change notification to the worker settling it "

@@ -76,6 +76,8 @@ class Settings:
     # Internal tunables: not part of the contract, safe defaults for one machine.
     shard_count: int = 8
     prefetch: int = 32
+    #: A batch with this many distinct events to fetch takes one delta pass instead.
+    burst_min_events: int = 16
     delivery_limit: int = 5
     publish_timeout_s: float = 2.5
     max_body_bytes: int = 1_048_576
@@ -395,6 +397,9 @@ def load_settings(
         ),
         shard_count=r.parse("M365SYNC_SHARDS", _positive_int, defaults.shard_count),
         prefetch=r.parse("M365SYNC_PREFETCH", _positive_int, defaults.prefetch),
+        burst_min_events=r.parse(
+            "M365SYNC_BURST_MIN_EVENTS", _positive_int, defaults.burst_min_events
+        ),
         delivery_limit=r.parse("M365SYNC_DELIVERY_LIMIT", _positive_int, defaults.delivery_limit),
         publish_timeout_s=r.parse(
             "M365SYNC_PUBLISH_TIMEOUT_S", _positive_float, defaults.publish_timeout_s

@@ -441,7 +441,13 @@ class _GraphWebhook:
                     batch.rejected["account_unavailable", result.subscription_hash] += 1
                     continue
                 event_hash = self._hasher.hash_id("event", result.account_id, result.event_id)
-                key = ("change", result.account_id, event_hash, result.change_type)
+                key = (
+                    "change",
+                    result.account_id,
+                    event_hash,
+                    result.change_type,
+                    result.change_key or "",
+                )
                 if key not in seen:
                     body = change_message(
                         account_id=result.account_id,
@@ -451,6 +457,11 @@ class _GraphWebhook:
                             result.event_id, aad=f"inbound|{result.account_id}|event_ref".encode()
                         ),
                         received_at=received_at,
+                        etag_hash=None
+                        if result.change_key is None
+                        else self._hasher.hash_id(
+                            "change_key", result.account_id, result.change_key
+                        ),
                     )
                     routing_key = shard_routing_key(result.account_id, self._settings.shard_count)
                     batch.messages.append(
