@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,11 @@ ORIGIN_EXCHANGE_HEADER = "x-m365sync-origin-exchange"
 ORIGIN_ROUTING_KEY_HEADER = "x-m365sync-origin-routing-key"
 ORIGIN_QUEUE_HEADER = "x-m365sync-origin-queue"
 RETRIES_HEADER = "x-m365sync-retries"
+#: How often an item split out of a multi-item message went back to its queue.
+REQUEUES_HEADER = "x-m365sync-requeues"
+#: Past this many requeues a split-out item is dead-lettered (the quorum queues' delivery
+#: limit does the same for whole messages).
+MAX_PART_REQUEUES = 5
 
 
 async def connect(
@@ -245,6 +250,94 @@ async def settle(
         await _safe_nack(message, requeue=True)
         return "requeue"
     return action
+
+
+async def settle_parts(
+    message: AbstractIncomingMessage,
+    parts: Sequence[tuple[object, Outcome]],
+    *,
+    publisher: ConfirmPublisher,
+    retry_target: str,
+    queue_name: str,
+    timeout_s: float = 5.0,
+) -> list[str]:
+    """Settle a message that carried several items, each with its own outcome.
+
+    When every item is acked, or every item wants a requeue, the message is settled whole.
+    Otherwise each item that is not acked is published alone, as the one-item message it
+    would have been, with its own outcome (retry queue, dead-letter queue, or back to this
+    queue at most :data:`MAX_PART_REQUEUES` times), and only then is the message acked: one
+    bad item does not sink the others. If any of those publishes fails the whole message is
+    requeued (every effect is idempotent). Returns the action taken for each part.
+    """
+    actions = [outcome.action for _, outcome in parts]
+    if all(a == "ack" for a in actions) or all(a == "requeue" for a in actions):
+        whole = Outcome.ack() if actions[0] == "ack" else Outcome.requeue(parts[0][1].reason)
+        action = await settle(
+            message,
+            whole,
+            publisher=publisher,
+            retry_target=retry_target,
+            queue_name=queue_name,
+            timeout_s=timeout_s,
+        )
+        return [action] * len(parts)
+    taken: list[str] = []
+    try:
+        for body, given in parts:
+            outcome, action = given, given.action
+            copy = _copy(message, {})
+            copy.body = json.dumps(body, separators=(",", ":")).encode("utf-8")
+            copy.message_id = f"{message.message_id}.{len(taken)}"
+            if action == "requeue":
+                requeues = _int_header(message, REQUEUES_HEADER) + 1
+                if requeues > MAX_PART_REQUEUES:
+                    action = "dead_letter"
+                    reason = f"requeued {requeues - 1} times: {outcome.reason}"
+                    outcome = Outcome.dead_letter(reason)
+                else:
+                    copy.headers[REQUEUES_HEADER] = requeues
+                    await publisher.publish_raw(
+                        message.exchange or "", message.routing_key or "", copy, timeout_s=timeout_s
+                    )
+            if action == "retry":
+                retries = _int_header(message, RETRIES_HEADER) + 1
+                if retries > MAX_THROTTLE_RETRIES:
+                    action = "dead_letter"
+                    outcome = Outcome.dead_letter(f"still throttled after {retries - 1} retries")
+                else:
+                    copy.headers[DELAY_HEADER] = str(retry_delay_bucket(outcome.delay_s))
+                    copy.headers[RETRIES_HEADER] = retries
+                    copy.expiration = max(outcome.delay_s, 0.05)
+                    await publisher.publish_raw(
+                        RETRY_EXCHANGE.format(target=retry_target),
+                        message.routing_key or "",
+                        copy,
+                        timeout_s=timeout_s,
+                    )
+            if action == "dead_letter":
+                copy.headers.update(
+                    {
+                        REASON_HEADER: outcome.reason[:1000],
+                        ORIGIN_EXCHANGE_HEADER: message.exchange or "",
+                        ORIGIN_ROUTING_KEY_HEADER: message.routing_key or "",
+                        ORIGIN_QUEUE_HEADER: queue_name,
+                    }
+                )
+                await publisher.publish_raw(DEAD_EXCHANGE, "", copy, timeout_s=timeout_s)
+                log.warning(
+                    "message.dead_lettered",
+                    queue=queue_name,
+                    message_id=copy.message_id,
+                    reason=outcome.reason[:200],
+                )
+            taken.append(action)
+    except PublishError:
+        log.warning("message.settle_failed", queue=queue_name, action="split")
+        await _safe_nack(message, requeue=True)
+        return ["requeue"] * len(parts)
+    await _safe_ack(message)
+    return taken
 
 
 def _int_header(message: AbstractIncomingMessage, name: str) -> int:
