@@ -268,16 +268,32 @@ async def raw_publishes(
         await connection.close()
 
 
-async def queued_messages(backends: Backends, shard_count: int) -> int:
-    """Messages sitting in the inbound shard queues (passive declare: exact, not sampled)."""
+async def queued_notifications(backends: Backends, shard_count: int) -> tuple[int, int]:
+    """Messages in the inbound shard queues and the notifications they carry (read them all).
+
+    The shard queues are single-active-consumer quorum queues, which refuse ``basic.get``:
+    each is consumed (no ack) until its passively declared count has arrived.
+    """
     connection = await aio_pika.connect(backends.amqp_url)
     try:
         channel = await connection.channel()
-        total = 0
+        await channel.set_qos(prefetch_count=1000)
+        messages = notifications = 0
         for shard in range(shard_count):
             queue = await channel.declare_queue(INBOUND_QUEUE.format(shard=shard), passive=True)
-            total += queue.declaration_result.message_count or 0
-        return total
+            count = queue.declaration_result.message_count or 0
+            if not count:
+                continue
+            seen = 0
+            async with queue.iterator(no_ack=True) as stream:
+                async for message in stream:
+                    body = json.loads(message.body)
+                    notifications += len(body["items"]) if body.get("kind") == "changes" else 1
+                    seen += 1
+                    if seen == count:
+                        break
+            messages += seen
+        return messages, notifications
     finally:
         await connection.close()
 
@@ -355,9 +371,9 @@ async def run(args: argparse.Namespace) -> None:
                         results.setdefault((kind, items), []).append(result)
                         cpu_per_post.setdefault((kind, items), []).append(per_post)
                         if kind == "real":
-                            accepted += warm.statuses[202] + result.statuses[202]
+                            accepted += (warm.statuses[202] + result.statuses[202]) * items
             settings = load_settings(env)
-            queued = await queued_messages(backends, settings.shard_count)
+            queued, carried = await queued_notifications(backends, settings.shard_count)
     print("   summary (mean over rounds, notifications per second):")
     for items in items_list:
         raw = statistics.mean(r.rate for r in results[("raw", items)])
@@ -373,8 +389,9 @@ async def run(args: argparse.Namespace) -> None:
             f"server CPU per POST: receiver {real_cpu:.2f} ms, bare {bare_cpu:.2f} ms"
         )
     print(
-        f"   broker check: {queued} messages in the inbound shard queues after "
-        f"{accepted} POSTs answered 202 by the receiver (warm-up included)"
+        f"   broker check: {queued} messages in the inbound shard queues carry {carried} "
+        f"notifications; the receiver answered 202 for {accepted} notifications "
+        f"(warm-up included)"
     )
 
 
