@@ -19,9 +19,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from crypto import DataCipher, DecryptionError
+from handlers.decisions import plan_update
 from handlers.outbound_validation import (
     FIELD_GROUPS,
     MAX_MESSAGE_BYTES,
@@ -38,7 +40,7 @@ from processor.errors import (
     ThrottledError,
     TransientError,
 )
-from processor.event_store import EventStore
+from processor.event_store import EventStore, next_sequence
 from processor.graph import GraphClient
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
@@ -148,6 +150,7 @@ class Reporter:
             origin="microsoft",
             last_modified=lm,
             relation_event_id=link.relation_event_id,
+            sequence=next_sequence(None),
         )
         body["lost_fields"] = sorted(lost)
         body["revision"] = change.revision
@@ -164,6 +167,7 @@ class Reporter:
                 origin="microsoft",
                 last_modified=None,
                 relation_event_id=link.relation_event_id,
+                sequence=next_sequence(None),
             ),
         )
 
@@ -394,6 +398,10 @@ class OutboundHandler:
             return  # redelivered or reordered: already applied or superseded
         if change.op == "delete":
             if link.graph_id is not None and not link.deleted:
+                # Graph's notification of the deletion may be handled before DELETE returns.
+                await self._links.record_intent(
+                    link, revision=change.revision, intended={}, cipher=cipher, op="delete"
+                )
                 await self._graph.delete_event(change.account_id, user_id, link.graph_id)
                 self.writes.labels(kind="delete").inc()
             await self._links.record_deleted(
@@ -411,20 +419,16 @@ class OutboundHandler:
     ) -> None:
         assert change.event is not None
         fields = {k: v for k, v in change.event.items() if v is not None}
+        txn = transaction_id(change.account_id, change.relation_event_id, link.generation)
         await self._links.record_intent(
-            link, revision=change.revision, intended=fields, cipher=cipher
+            link, revision=change.revision, intended=fields, cipher=cipher, transaction_id=txn
         )
         body = {
             **to_graph(fields),
             "singleValueExtendedProperties": [{"id": ORIGIN_PROPERTY_ID, "value": "1relation"}],
         }
         created = await self._graph.create_event(
-            change.account_id,
-            user_id,
-            body,
-            transaction_id=transaction_id(
-                change.account_id, change.relation_event_id, link.generation
-            ),
+            change.account_id, user_id, body, transaction_id=txn
         )
         self.writes.labels(kind="create").inc()
         await self._links.record_written(
@@ -436,6 +440,7 @@ class OutboundHandler:
             change_key=created.get("changeKey"),
             last_modified=_lm(created),
             cipher=cipher,
+            answer=created,
         )
 
     async def _update(
@@ -448,34 +453,38 @@ class OutboundHandler:
         outlook: dict[str, Any] = dict(link.state)
         outlook_lm = link.base_lm
         if seen is not None:
-            outlook = self._events.decrypt(seen, cipher)[1]
+            # Fields the store does not keep (categories) are as the service last wrote them.
+            outlook = {**link.state, **self._events.decrypt(seen, cipher)[1]}
             outlook_lm = seen.get("lm")
             if outlook.get("isOrganizer") is False:
                 raise PermanentError(
                     "the account does not organise this meeting, so the change is not written "
                     "(it would fail or send attendees a misleading update)"
                 )
+            if (
+                link.base_lm is not None
+                and outlook_lm is not None
+                and _aware(outlook_lm) < _aware(link.base_lm)
+            ):
+                # The stored copy predates our last write (its notification is not handled
+                # yet): what we wrote is what Outlook shows for those fields.
+                outlook = {**outlook, **link.state}
         outlook_changed = (
             seen is not None
             and link.base_lm is not None
             and outlook_lm is not None
             and outlook_lm > link.base_lm
         )
-        patch: dict[str, Any] = {}
-        lost: list[str] = []
-        for names in FIELD_GROUPS.values():
-            mine = {n: change.event[n] for n in names if n in change.event}
-            if not mine:
-                continue
-            current = {n: outlook.get(n) for n in mine}
-            if comparable(mine) == comparable(current):
-                continue  # Outlook already shows it: never PATCH a field that did not change
-            base = {n: link.state.get(n) for n in mine}
-            theirs_changed = outlook_changed and comparable(current) != comparable(base)
-            if theirs_changed and outlook_lm is not None and outlook_lm > change.occurred_at:
-                lost.extend(mine)  # both sides changed this group; Outlook's change is newer
-                continue
-            patch.update(mine)
+        plan = plan_update(
+            outlook=outlook,
+            last_written=link.state,
+            wanted=change.event,
+            outlook_changed_at=outlook_lm if outlook_changed else None,
+            wanted_at=change.occurred_at,
+            groups=FIELD_GROUPS,
+            normalise=comparable,
+        )
+        patch, lost = plan.patch, list(plan.lost_fields)
         if lost:
             await self._reporter.conflict(link, change, lost, outlook_lm)
         if not patch:
@@ -491,7 +500,7 @@ class OutboundHandler:
         if updated is None:
             # Deleted in Outlook: not recreated (the user meant it); 1Relation is told.
             await self._links.record_deleted(
-                link, change.revision, tombstone_ttl_s=self._tombstone_ttl_s
+                link, change.revision, tombstone_ttl_s=self._tombstone_ttl_s, by_us=False
             )
             await self._reporter.deleted_in_outlook(link)
             return
@@ -500,11 +509,17 @@ class OutboundHandler:
             revision=change.revision,
             graph_id=link.graph_id,
             event_key=link.event_key,
-            state={**link.state, **patch},
+            # Fields left out because Outlook already showed them are part of the base too.
+            state={**link.state, **{n: v for n, v in change.event.items() if n not in lost}},
             change_key=updated.get("changeKey"),
             last_modified=_lm(updated),
             cipher=cipher,
+            answer=updated,
         )
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _lm(event: Mapping[str, Any]) -> Any:

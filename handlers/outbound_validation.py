@@ -227,7 +227,7 @@ def _check_attendees(value: Any) -> list[dict[str, Any]]:
         if not isinstance(name, str) or len(name) > MAX_TEXT:
             raise InvalidMessage(f"event.attendees[{i}].emailAddress.name must be short text")
         kind = attendee.get("type", "required")
-        if kind not in ATTENDEE_TYPES:
+        if not _one_of(kind, ATTENDEE_TYPES):
             raise InvalidMessage(
                 f"event.attendees[{i}].type must be required, optional or resource"
             )
@@ -237,23 +237,28 @@ def _check_attendees(value: Any) -> list[dict[str, Any]]:
 
 def _check_choice(name: str, allowed: frozenset[str]) -> Any:
     def check(value: Any) -> str:
-        if value not in allowed:
+        if not _one_of(value, allowed):
             raise InvalidMessage(f"event.{name} must be one of {', '.join(sorted(allowed))}")
         return str(value)
 
     return check
 
 
+def _one_of(value: Any, allowed: frozenset[str]) -> bool:
+    """Membership that a list or dict from the message cannot turn into a TypeError."""
+    return isinstance(value, str) and value in allowed
+
+
 def _check_recurrence(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict) or set(value) != {"pattern", "range"}:
         raise InvalidMessage("event.recurrence must be {pattern, range} or null")
     pattern, range_ = value["pattern"], value["range"]
-    if not isinstance(pattern, dict) or pattern.get("type") not in RECURRENCE_PATTERNS:
+    if not isinstance(pattern, dict) or not _one_of(pattern.get("type"), RECURRENCE_PATTERNS):
         raise InvalidMessage("event.recurrence.pattern.type is not a Graph recurrence pattern")
     interval = pattern.get("interval", 1)
     if not isinstance(interval, int) or isinstance(interval, bool) or not 1 <= interval <= 99:
         raise InvalidMessage("event.recurrence.pattern.interval must be 1 to 99")
-    if not isinstance(range_, dict) or range_.get("type") not in RANGE_TYPES:
+    if not isinstance(range_, dict) or not _one_of(range_.get("type"), RANGE_TYPES):
         raise InvalidMessage("event.recurrence.range.type must be endDate, noEnd or numbered")
     if not isinstance(range_.get("startDate"), str):
         raise InvalidMessage("event.recurrence.range.startDate is required")

@@ -17,7 +17,7 @@ import base64
 import binascii
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlencode
@@ -351,8 +351,10 @@ def add_api_routes(
     statuses: AccountStatuses,
     publisher: Any,
     eraser: Eraser,
+    extra_gets: Sequence[tuple[str, Handler]] = (),
 ) -> None:
-    """Register the ``/api/v1`` routes, every one behind the bearer check."""
+    """Register the ``/api/v1`` routes, every one behind the bearer check (``extra_gets``:
+    more GET routes under ``/api/v1`` from other modules, behind the same check)."""
     api = _Api(
         settings=settings,
         store=store,
@@ -367,6 +369,8 @@ def add_api_routes(
     router.add_delete(account, api.guarded(api.erase))
     router.add_get(f"{account}/events", api.guarded(api.events), allow_head=False)
     router.add_post(f"{account}/resync", api.guarded(api.resync))
+    for path, handler in extra_gets:
+        router.add_get(path, api.guarded(handler), allow_head=False)
     # Anything else under /api/v1 also answers 401 without a token (then 404).
     router.add_route("*", f"{API_PREFIX}/{{tail:.*}}", api.guarded(api.unknown))
 
@@ -376,6 +380,12 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
 
     Returns the function that closes what this opened (MSAL's HTTP connection pool).
     """
+    from processor.operator_page import (  # noqa: PLC0415
+        STATUS_PATH,
+        add_operator_page,
+        status_handler,
+    )
+    from processor.status import collect as collect_status  # noqa: PLC0415
     from subscriptions.connect import CONNECT_FLOWS, add_connect_routes  # noqa: PLC0415
     from subscriptions.consent import CONSENT_FLOWS, add_consent_routes  # noqa: PLC0415
     from subscriptions.links import USED_LINKS, LinkVerifier, MongoUsedLinks  # noqa: PLC0415
@@ -386,6 +396,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
     apps = MsalApps(
         client_id=settings.client_id,
         client_secret=settings.client_secret,
+        client_certificate=settings.client_certificate,
         authority_host=settings.authority_host,
         ca_bundle=settings.ca_bundle,
     )
@@ -394,6 +405,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         return_url_origins=settings.return_url_origins,
         used=MongoUsedLinks(rt.db),
         hasher=rt.hasher,
+        require_audience=settings.link_audience_required,
     )
     add_connect_routes(
         app,
@@ -405,7 +417,14 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         apps=apps,
         links=links,
     )
-    add_consent_routes(app, settings=settings, store=rt.store, links=links)
+    add_consent_routes(app, settings=settings, store=rt.store, links=links, apps=apps)
+    add_operator_page(app)
+
+    async def operator_facts() -> dict[str, Any]:
+        return await collect_status(
+            db=rt.db, connection=rt.connection, shard_count=settings.shard_count
+        )
+
     add_api_routes(
         app,
         settings=settings,
@@ -420,5 +439,6 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
             publisher=rt.publisher,
             publish_timeout_s=settings.publish_timeout_s,
         ),
+        extra_gets=[(STATUS_PATH, status_handler(operator_facts))],
     )
     return apps.close

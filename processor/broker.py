@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -21,7 +23,10 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
+from aio_pika.robust_connection import RobustConnection
+from yarl import URL
 
+from processor import lag
 from processor.interfaces import OutgoingMessage, PublishError
 from processor.logs import get_logger
 from processor.topology import DEAD_EXCHANGE, DELAY_HEADER, RETRY_EXCHANGE, retry_delay_bucket
@@ -43,6 +48,8 @@ ORIGIN_EXCHANGE_HEADER = "x-m365sync-origin-exchange"
 ORIGIN_ROUTING_KEY_HEADER = "x-m365sync-origin-routing-key"
 ORIGIN_QUEUE_HEADER = "x-m365sync-origin-queue"
 RETRIES_HEADER = "x-m365sync-retries"
+#: Milliseconds since the epoch at which the service dead-lettered the message.
+DEAD_LETTERED_HEADER = "x-m365sync-dead-lettered-ms"
 #: How often an item split out of a multi-item message went back to its queue.
 REQUEUES_HEADER = "x-m365sync-requeues"
 #: Past this many requeues a split-out item is dead-lettered (the quorum queues' delivery
@@ -51,14 +58,66 @@ MAX_PART_REQUEUES = 5
 
 
 async def connect(
-    url: str, *, name: str, reconnect_interval_s: float = 2.0
+    url: str | Sequence[str], *, name: str, reconnect_interval_s: float = 2.0
 ) -> AbstractRobustConnection:
-    """Open the process's robust connection (reconnects and restores consumers itself)."""
-    return await aio_pika.connect_robust(
-        url,
+    """Open the process's robust connection (reconnects and restores consumers itself).
+
+    ``url`` may name several nodes of one cluster (a sequence, or one string with
+    comma-separated URLs): each connection attempt tries them in turn, starting with the
+    node it was last connected to, so losing a node costs one reconnect to the next.
+    """
+    urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else [*url]
+    urls = [u for u in urls if u]
+    if not urls:
+        raise ValueError("no AMQP URL given")
+    connection = ClusterConnection(
+        URL(urls[0]),
+        urls=[URL(u) for u in urls],
         client_properties={"connection_name": name},
         reconnect_interval=reconnect_interval_s,
     )
+    await connection.connect()
+    return connection
+
+
+class ClusterConnection(RobustConnection):
+    """A robust connection that knows every node of a cluster.
+
+    aio-pika's :class:`RobustConnection` reconnects to the one URL it was given; a cluster
+    whose node went away would leave it retrying a dead address. Each attempt here walks the
+    list, starting with the node that answered last.
+    """
+
+    def __init__(self, url: URL, *, urls: Sequence[URL], **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._urls = list(urls) or [url]
+        self._current = 0
+
+    @property
+    def node_url(self) -> URL:
+        """The URL of the node this connection uses (or tries) now."""
+        return self._urls[self._current]
+
+    async def _RobustConnection__connect_transport(self) -> None:  # noqa: N802  aio-pika's hook
+        # The name-mangled attempt of RobustConnection: one attempt per node, in turn.
+        attempt_one = RobustConnection._RobustConnection__connect_transport  # type: ignore[attr-defined]
+        for tried in range(len(self._urls)):
+            self.url = self._urls[self._current]
+            try:
+                await attempt_one(self)
+            except CONNECTION_EXCEPTIONS as exc:
+                if tried == len(self._urls) - 1:
+                    raise
+                log.info(
+                    "broker.node_unreachable",
+                    node=f"{self.url.host}:{self.url.port}",
+                    error=type(exc).__name__,
+                )
+                self._current = (self._current + 1) % len(self._urls)
+            else:
+                if len(self._urls) > 1:
+                    log.info("broker.node_connected", node=f"{self.url.host}:{self.url.port}")
+                return
 
 
 class ConfirmPublisher:
@@ -100,7 +159,7 @@ class ConfirmPublisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
-            headers=dict(message.headers),
+            headers={lag.PUBLISHED_HEADER: lag.now_ms(), **message.headers},
             expiration=(message.expiration_ms / 1000)
             if message.expiration_ms is not None
             else None,
@@ -169,8 +228,25 @@ class Outcome:
 
 
 #: Throttle retries never count against the delivery limit, but they are not endless:
-#: past this many the message is dead-lettered so an operator can see it.
+#: past this many, or once the message has been parked again and again for longer than
+#: MAX_PARKED_S since its first parking, it is dead-lettered so an operator can see it.
 MAX_THROTTLE_RETRIES = 200
+MAX_PARKED_S = 6 * 3600.0
+#: Spread of the random extra wait added to a parking (a fraction of the wait, capped), so
+#: the messages a throttled mailbox parked together do not all come back in one instant.
+PARK_JITTER_FRACTION = 0.2
+PARK_JITTER_MAX_S = 2.0
+PARKED_SINCE_HEADER = "x-m365sync-parked-since-ms"
+
+_jitter = random.Random()  # noqa: S311  spreading retries, not security
+
+
+def park_delay_s(asked_s: float, *, rng: random.Random = _jitter) -> float:
+    """How long to park a message that must wait ``asked_s``: that, plus a little jitter
+    (never less than asked: the wait is what Graph told the mailbox)."""
+    asked = max(asked_s, 0.0)
+    spread = min(PARK_JITTER_MAX_S, 0.05 + PARK_JITTER_FRACTION * asked)
+    return asked + rng.uniform(0.0, spread)
 
 
 def _copy(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
@@ -184,6 +260,7 @@ def _copy(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_p
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=message.message_id,
         correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
         headers=merged,
     )
 
@@ -207,13 +284,26 @@ async def settle(
     try:
         if action == "retry":
             retries = _int_header(message, RETRIES_HEADER) + 1
-            if retries > MAX_THROTTLE_RETRIES:
-                outcome = Outcome.dead_letter(f"still throttled after {retries - 1} retries")
+            now_ms = int(time.time() * 1000)
+            since_ms = _int_header(message, PARKED_SINCE_HEADER) or now_ms
+            if retries > MAX_THROTTLE_RETRIES or now_ms - since_ms > MAX_PARKED_S * 1000:
+                outcome = Outcome.dead_letter(
+                    f"still throttled after {retries - 1} retries"
+                    f" over {(now_ms - since_ms) // 1000} s"
+                )
                 action = "dead_letter"
             else:
-                bucket = retry_delay_bucket(outcome.delay_s)
-                copy = _copy(message, {DELAY_HEADER: str(bucket), RETRIES_HEADER: retries})
-                copy.expiration = max(outcome.delay_s, 0.05)
+                delay_s = park_delay_s(outcome.delay_s)
+                bucket = retry_delay_bucket(delay_s)
+                copy = _copy(
+                    message,
+                    {
+                        DELAY_HEADER: str(bucket),
+                        RETRIES_HEADER: retries,
+                        PARKED_SINCE_HEADER: since_ms,
+                    },
+                )
+                copy.expiration = max(delay_s, 0.05)
                 await publisher.publish_raw(
                     RETRY_EXCHANGE.format(target=retry_target),
                     message.routing_key or "",
@@ -230,6 +320,7 @@ async def settle(
                     ORIGIN_EXCHANGE_HEADER: message.exchange or "",
                     ORIGIN_ROUTING_KEY_HEADER: message.routing_key or "",
                     ORIGIN_QUEUE_HEADER: queue_name,
+                    DEAD_LETTERED_HEADER: lag.now_ms(),
                 },
             )
             await publisher.publish_raw(DEAD_EXCHANGE, "", copy, timeout_s=timeout_s)
@@ -252,6 +343,32 @@ async def settle(
     return action
 
 
+class _Part:
+    """One item of a multi-item message, seen by :func:`settle` as a message of its own.
+
+    It carries the item as its body and the original's headers and routing; acking or
+    nacking it does nothing, since only the original message is settled with the broker.
+    """
+
+    def __init__(self, message: AbstractIncomingMessage, body: bytes, index: int) -> None:
+        self.body = body
+        self.headers = dict(message.headers or {})
+        self.content_type = message.content_type
+        self.message_id = f"{message.message_id}.{index}"
+        self.correlation_id = message.correlation_id
+        self.timestamp = message.timestamp
+        self.exchange = message.exchange
+        self.routing_key = message.routing_key
+        self.nacked = False
+
+    async def ack(self) -> None:
+        """Nothing to do: the original is acked once every item is settled."""
+
+    async def nack(self, requeue: bool = True) -> None:
+        """Remember that :func:`settle` could not move the item (its publish failed)."""
+        self.nacked = True
+
+
 async def settle_parts(
     message: AbstractIncomingMessage,
     parts: Sequence[tuple[object, Outcome]],
@@ -265,14 +382,15 @@ async def settle_parts(
 
     When every item is acked, or every item wants a requeue, the message is settled whole.
     Otherwise each item that is not acked is published alone, as the one-item message it
-    would have been, with its own outcome (retry queue, dead-letter queue, or back to this
-    queue at most :data:`MAX_PART_REQUEUES` times), and only then is the message acked: one
-    bad item does not sink the others. If any of those publishes fails the whole message is
-    requeued (every effect is idempotent). Returns the action taken for each part.
+    would have been, with its own outcome (retry queue and dead-letter queue exactly as
+    :func:`settle` does; a requeue goes back to this queue at most
+    :data:`MAX_PART_REQUEUES` times), and only then is the message acked: one bad item does
+    not sink the others. If any of those publishes fails the whole message is requeued
+    (every effect is idempotent). Returns the action taken for each item.
     """
     actions = [outcome.action for _, outcome in parts]
     if all(a == "ack" for a in actions) or all(a == "requeue" for a in actions):
-        whole = Outcome.ack() if actions[0] == "ack" else Outcome.requeue(parts[0][1].reason)
+        whole = Outcome.ack() if actions[0] == "ack" else parts[0][1]
         action = await settle(
             message,
             whole,
@@ -283,61 +401,64 @@ async def settle_parts(
         )
         return [action] * len(parts)
     taken: list[str] = []
-    try:
-        for body, given in parts:
-            outcome, action = given, given.action
-            copy = _copy(message, {})
-            copy.body = json.dumps(body, separators=(",", ":")).encode("utf-8")
-            copy.message_id = f"{message.message_id}.{len(taken)}"
-            if action == "requeue":
-                requeues = _int_header(message, REQUEUES_HEADER) + 1
-                if requeues > MAX_PART_REQUEUES:
-                    action = "dead_letter"
-                    reason = f"requeued {requeues - 1} times: {outcome.reason}"
-                    outcome = Outcome.dead_letter(reason)
-                else:
-                    copy.headers[REQUEUES_HEADER] = requeues
-                    await publisher.publish_raw(
-                        message.exchange or "", message.routing_key or "", copy, timeout_s=timeout_s
-                    )
-            if action == "retry":
-                retries = _int_header(message, RETRIES_HEADER) + 1
-                if retries > MAX_THROTTLE_RETRIES:
-                    action = "dead_letter"
-                    outcome = Outcome.dead_letter(f"still throttled after {retries - 1} retries")
-                else:
-                    copy.headers[DELAY_HEADER] = str(retry_delay_bucket(outcome.delay_s))
-                    copy.headers[RETRIES_HEADER] = retries
-                    copy.expiration = max(outcome.delay_s, 0.05)
-                    await publisher.publish_raw(
-                        RETRY_EXCHANGE.format(target=retry_target),
-                        message.routing_key or "",
-                        copy,
-                        timeout_s=timeout_s,
-                    )
-            if action == "dead_letter":
-                copy.headers.update(
-                    {
-                        REASON_HEADER: outcome.reason[:1000],
-                        ORIGIN_EXCHANGE_HEADER: message.exchange or "",
-                        ORIGIN_ROUTING_KEY_HEADER: message.routing_key or "",
-                        ORIGIN_QUEUE_HEADER: queue_name,
-                    }
-                )
-                await publisher.publish_raw(DEAD_EXCHANGE, "", copy, timeout_s=timeout_s)
-                log.warning(
-                    "message.dead_lettered",
-                    queue=queue_name,
-                    message_id=copy.message_id,
-                    reason=outcome.reason[:200],
-                )
-            taken.append(action)
-    except PublishError:
-        log.warning("message.settle_failed", queue=queue_name, action="split")
-        await _safe_nack(message, requeue=True)
-        return ["requeue"] * len(parts)
+    for index, (item, outcome) in enumerate(parts):
+        item_action = await _settle_item(
+            message,
+            index,
+            item,
+            outcome,
+            publisher=publisher,
+            retry_target=retry_target,
+            queue_name=queue_name,
+            timeout_s=timeout_s,
+        )
+        if item_action is None:
+            log.warning("message.settle_failed", queue=queue_name, action="split")
+            await _safe_nack(message, requeue=True)
+            return ["requeue"] * len(parts)
+        taken.append(item_action)
     await _safe_ack(message)
     return taken
+
+
+async def _settle_item(
+    message: AbstractIncomingMessage,
+    index: int,
+    item: object,
+    outcome: Outcome,
+    *,
+    publisher: ConfirmPublisher,
+    retry_target: str,
+    queue_name: str,
+    timeout_s: float,
+) -> str | None:
+    """Carry out one item's outcome; None when the publish that moves it failed."""
+    if outcome.action == "ack":
+        return "ack"
+    part = _Part(message, json.dumps(item, separators=(",", ":")).encode("utf-8"), index)
+    # settle() reads only what _Part has; cast rather than build a real incoming message.
+    as_message = cast(AbstractIncomingMessage, part)
+    if outcome.action == "requeue":
+        requeues = _int_header(message, REQUEUES_HEADER) + 1
+        if requeues <= MAX_PART_REQUEUES:
+            copy = _copy(as_message, {REQUEUES_HEADER: requeues})
+            try:
+                await publisher.publish_raw(
+                    message.exchange or "", message.routing_key or "", copy, timeout_s=timeout_s
+                )
+            except PublishError:
+                return None
+            return "requeue"
+        outcome = Outcome.dead_letter(f"requeued {requeues - 1} times: {outcome.reason}")
+    action = await settle(
+        as_message,
+        outcome,
+        publisher=publisher,
+        retry_target=retry_target,
+        queue_name=queue_name,
+        timeout_s=timeout_s,
+    )
+    return None if part.nacked else action
 
 
 def _int_header(message: AbstractIncomingMessage, name: str) -> int:

@@ -60,6 +60,7 @@ __all__ = [
     "add_graph_routes",
     "add_health_routes",
     "build_app",
+    "build_internal_app",
     "correlation_middleware",
     "error_middleware",
     "json_error",
@@ -404,7 +405,13 @@ class _GraphWebhook:
                     batch.rejected["account_unavailable", result.subscription_hash] += 1
                     continue
                 event_hash = self._hasher.hash_id("event", result.account_id, result.event_id)
-                key = ("change", result.account_id, event_hash, result.change_type)
+                key = (
+                    "change",
+                    result.account_id,
+                    event_hash,
+                    result.change_type,
+                    result.change_key or "",
+                )
                 if key not in seen:
                     body = change_message(
                         account_id=result.account_id,
@@ -414,6 +421,11 @@ class _GraphWebhook:
                             result.event_id, aad=f"inbound|{result.account_id}|event_ref".encode()
                         ),
                         received_at=received_at,
+                        etag_hash=None
+                        if result.change_key is None
+                        else self._hasher.hash_id(
+                            "change_key", result.account_id, result.change_key
+                        ),
                     )
                     routing_key = shard_routing_key(result.account_id, self._settings.shard_count)
                     batch.messages.append(
@@ -506,9 +518,8 @@ def add_health_routes(
     app: web.Application,
     *,
     readiness: Callable[[], Awaitable[Mapping[str, bool]]],
-    metrics: Metrics,
 ) -> None:
-    """Register ``/healthz`` (alive), ``/readyz`` (dependencies reachable) and ``/metrics``."""
+    """Register ``/healthz`` (alive) and ``/readyz`` (dependencies reachable)."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -534,12 +545,28 @@ def add_health_routes(
             status=503,
         )
 
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+
+
+def build_internal_app(
+    *,
+    readiness: Callable[[], Awaitable[Mapping[str, bool]]],
+    metrics: Metrics,
+) -> web.Application:
+    """The internal listener's app: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+    ``/metrics`` is served only here, never on the public listener: its rejection counters
+    by reason would tell a prober whether a guessed subscription exists.
+    """
+
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
-    app.router.add_get("/healthz", healthz, allow_head=False)
-    app.router.add_get("/readyz", readyz, allow_head=False)
+    app = web.Application(middlewares=[error_middleware])
+    add_health_routes(app, readiness=readiness)
     app.router.add_get("/metrics", metrics_view, allow_head=False)
+    return app
 
 
 def build_app(
@@ -583,5 +610,5 @@ def build_app(
         clock=clock,
         body_read_timeout_s=body_read_timeout_s,
     )
-    add_health_routes(app, readiness=readiness, metrics=metrics)
+    add_health_routes(app, readiness=readiness)
     return app
