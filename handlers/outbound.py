@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from crypto import DataCipher, DecryptionError
@@ -281,6 +281,8 @@ class OutboundHandler:
         reporter: Reporter,
         metrics: Metrics,
         tombstone_ttl_s: float,
+        parked_ttl_s: float = 14 * 86400.0,
+        parked_max: int = 10_000,
     ) -> None:
         self._store = store
         self._events = events
@@ -290,6 +292,8 @@ class OutboundHandler:
         self._reporter = reporter
         self._metrics = metrics
         self._tombstone_ttl_s = tombstone_ttl_s
+        self._parked_ttl_s = parked_ttl_s
+        self._parked_max = parked_max
         self.writes = metrics.counter(
             "outbound_writes_total", "Graph writes made for 1Relation, by kind.", ("kind",)
         )
@@ -339,6 +343,7 @@ class OutboundHandler:
             for item in todo:
                 await self._park(item, cipher)
             return
+        await self._drop_expired(account_id)
         parked = [
             _Pending(None, self._decode(doc["body"], cipher), parked_id=str(doc["_id"]))
             for doc in await self._links.parked_for(account_id)
@@ -380,8 +385,30 @@ class OutboundHandler:
             item.delivery.outcome = outcome
 
     async def _park(self, item: _Pending, cipher: DataCipher) -> None:
-        """Keep the change, encrypted, for replay after reconnect; ack it from the queue."""
+        """Keep the change, encrypted, for replay after reconnect; ack it from the queue.
+
+        Parked changes are bounded per account in number and in age; a change past either
+        bound is dropped and reported to 1Relation as ``event.rejected``.
+        """
         if item.delivery is not None:
+            account_id = item.change.account_id
+            await self._drop_expired(account_id)
+            if await self._links.count_parked(account_id) >= self._parked_max:
+                reason = (
+                    f"the account cannot write to Outlook until its user reconnects and already "
+                    f"has {self._parked_max} changes waiting; this change was dropped: send it "
+                    f"again once the account is connected"
+                )
+                log.warning("outbound.parked_full", account_id=account_id)
+                await self._reporter.rejected_change(
+                    account_id,
+                    item.change.relation_event_id,
+                    item.change.revision,
+                    reason,
+                    "parked_full",
+                )
+                item.delivery.outcome = Outcome.dead_letter(reason)
+                return
             await self._links.park(
                 item.change.account_id,
                 item.change.relation_event_id,
@@ -389,6 +416,27 @@ class OutboundHandler:
                 _shard_body(item.change, cipher),
             )
             item.delivery.outcome = Outcome.ack()
+
+    async def _drop_expired(self, account_id: str) -> None:
+        """Drop the account's changes parked longer than the limit, telling 1Relation."""
+        before = datetime.now(UTC) - timedelta(seconds=self._parked_ttl_s)
+        expired = await self._links.take_expired_parked(account_id, before)
+        if not expired:
+            return
+        days = self._parked_ttl_s / 86400
+        reason = (
+            f"this change waited more than {days:g} days for the account's user to reconnect "
+            f"and was dropped: send it again once the account is connected"
+        )
+        log.warning("outbound.parked_expired", account_id=account_id, count=len(expired))
+        for doc in expired:
+            await self._reporter.rejected_change(
+                account_id,
+                str(doc["relation_event_id"]),
+                doc.get("revision"),
+                reason,
+                "parked_expired",
+            )
 
     async def _apply(self, change: OutboundChange, cipher: DataCipher, user_id: str) -> None:
         link = await self._links.get(change.account_id, change.relation_event_id, cipher)

@@ -9,6 +9,7 @@ answers 401 before the account is even looked at. Errors are the contract's JSON
   ``[start, end)``, decrypted, sorted by start then ``event_key``, paged through ``next``.
 - ``POST   /api/v1/accounts/{id}/resync``: queue a full resync; 202.
 - ``DELETE /api/v1/accounts/{id}``: erase; 204, also when repeated or never known.
+- ``GET    /api/v1/openapi.json``: ``docs/openapi.yaml`` as JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import base64
 import binascii
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -24,6 +26,7 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
+from contract import openapi_document
 from crypto import DecryptionError
 from processor.accounts import AccountStatuses
 from processor.errors import AccountUnavailable, TransientError
@@ -84,6 +87,7 @@ CONTRACT_EVENT_FIELDS: Final = (
     "webLink",
 )
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_LIMIT: Final = re.compile(r"[0-9]{1,7}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -138,7 +142,10 @@ def _decode_cursor(text: str) -> tuple[datetime, str]:
         raise _BadRequest("cursor is not one this service issued") from None
     if isinstance(millis, bool) or not isinstance(millis, int) or not isinstance(key, str):
         raise _BadRequest("cursor is not one this service issued")
-    return _EPOCH + timedelta(milliseconds=millis), key
+    try:
+        return _EPOCH + timedelta(milliseconds=millis), key
+    except OverflowError:  # an integer no datetime can hold
+        raise _BadRequest("cursor is not one this service issued") from None
 
 
 def _instant(query: Mapping[str, str], name: str) -> datetime:
@@ -164,7 +171,8 @@ def _limit(query: Mapping[str, str]) -> int:
     value = query.get("limit")
     if value is None:
         return DEFAULT_LIMIT
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    # str.isdigit() also accepts "²" and other non-ASCII digits int() refuses.
+    if _LIMIT.fullmatch(value) is None or not 1 <= int(value) <= MAX_LIMIT:
         raise _BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
     return int(value)
 
@@ -338,6 +346,9 @@ class _Api:
                 )
         return web.Response(status=204)
 
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(openapi_document())
+
     async def unknown(self, request: web.Request) -> web.StreamResponse:
         return json_error(404, "not_found", "no such API route")
 
@@ -371,6 +382,9 @@ def add_api_routes(
     router.add_post(f"{account}/resync", api.guarded(api.resync))
     for path, handler in extra_gets:
         router.add_get(path, api.guarded(handler), allow_head=False)
+    # Behind the token like every /api/v1 route (CONTRACT §2); the same file is public in
+    # docs/, so the guard hides nothing from 1Relation and nothing new from anyone else.
+    router.add_get(f"{API_PREFIX}/openapi.json", api.guarded(api.openapi), allow_head=False)
     # Anything else under /api/v1 also answers 401 without a token (then 404).
     router.add_route("*", f"{API_PREFIX}/{{tail:.*}}", api.guarded(api.unknown))
 

@@ -362,6 +362,8 @@ async def outbound_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
             reporter=reporter,
             metrics=rt.metrics,
             tombstone_ttl_s=rt.settings.tombstone_ttl_days * 86400,
+            parked_ttl_s=rt.settings.parked_ttl_days * 86400,
+            parked_max=rt.settings.parked_max_per_account,
         ),
         publisher=rt.publisher,
         retry_target="outbound",

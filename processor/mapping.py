@@ -422,6 +422,27 @@ class LinkStore:
         """Remove a parked message once it has been applied."""
         await self.parked.delete_one({"_id": parked_id})
 
+    async def count_parked(self, account_id: str) -> int:
+        """How many of the account's messages wait."""
+        return await self.parked.count_documents({"account_id": account_id})
+
+    async def take_expired_parked(self, account_id: str, parked_before: datetime) -> list[Document]:
+        """Remove and return the account's messages parked before ``parked_before``.
+
+        Each is returned by the one caller whose delete removed it, so a message dropped
+        while two processes sweep is reported once.
+        """
+        cursor = self.parked.find(
+            {"account_id": account_id, "parked_at": {"$lt": parked_before}},
+            {"relation_event_id": 1, "revision": 1},
+        )
+        taken = []
+        async for doc in cursor:
+            result = await self.parked.delete_one({"_id": doc["_id"]})
+            if result.deleted_count:
+                taken.append(doc)
+        return taken
+
     async def accounts_with_parked(self) -> set[str]:
         """Accounts that have messages waiting."""
         return {doc["account_id"] async for doc in self.parked.find({}, {"account_id": 1})}

@@ -90,6 +90,8 @@ class Settings:
     resync_interval_s: float = 3600.0
     dead_letter_ttl_days: int = 14
     tombstone_ttl_days: int = 30
+    parked_ttl_days: int = 14
+    parked_max_per_account: int = 10_000
     mass_delete_ratio: float = 0.5
     mass_delete_min_events: int = 10
     shutdown_grace_s: float = 25.0
@@ -444,6 +446,12 @@ def load_settings(
         ),
         tombstone_ttl_days=r.parse(
             "M365SYNC_TOMBSTONE_TTL_DAYS", _positive_int, defaults.tombstone_ttl_days
+        ),
+        parked_ttl_days=r.parse(
+            "M365SYNC_PARKED_TTL_DAYS", _positive_int, defaults.parked_ttl_days
+        ),
+        parked_max_per_account=r.parse(
+            "M365SYNC_PARKED_MAX_PER_ACCOUNT", _positive_int, defaults.parked_max_per_account
         ),
         mass_delete_ratio=r.parse("M365SYNC_MASS_DELETE_RATIO", _ratio, defaults.mass_delete_ratio),
         shutdown_grace_s=r.parse(

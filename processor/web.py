@@ -56,6 +56,7 @@ __all__ = [
     "CORRELATION_HEADER",
     "CORRELATION_ID",
     "METRICS_KEY",
+    "PROBLEM_CONTENT_TYPE",
     "SETTINGS_KEY",
     "add_graph_routes",
     "add_health_routes",
@@ -64,6 +65,8 @@ __all__ = [
     "correlation_middleware",
     "error_middleware",
     "json_error",
+    "problem_middleware",
+    "problem_type",
 ]
 
 log = get_logger(__name__)
@@ -90,6 +93,10 @@ CORRELATION_ID: Final = web.RequestKey("correlation_id", str)
 METRICS_KEY: Final = web.AppKey("m365sync.metrics", Metrics)
 SETTINGS_KEY: Final = web.AppKey("m365sync.settings", Settings)
 
+#: RFC 9457 media type, and the prefix of every error's ``type`` (a URN: stable, not fetched).
+PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
+PROBLEM_TYPE_PREFIX: Final = "urn:m365sync:problem:"
+_IS_PROBLEM: Final = web.ResponseKey("m365sync.problem", bool)
 _ERROR_CODES: Final = {
     400: "bad_request",
     401: "unauthorized",
@@ -108,13 +115,44 @@ _ERROR_CODES: Final = {
 # -- shared helpers -------------------------------------------------------------------------
 
 
+def problem_type(code: str) -> str:
+    """The stable RFC 9457 ``type`` URI of an error ``code``."""
+    return PROBLEM_TYPE_PREFIX + code
+
+
 def json_error(
     status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    """An error answer in the contract's shape ``{"error": {"code", "message"}}``."""
-    return web.json_response(
-        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    """An error answer: RFC 9457 problem details that also keep the contract's
+    ``{"error": {"code", "message"}}`` and ``code``, so clients of either shape read it.
+
+    It is sent as ``application/json`` unless the client accepts
+    ``application/problem+json`` (:func:`problem_middleware`): clients that check the
+    content type before parsing JSON keep working.
+    """
+    response = web.json_response(
+        {
+            "type": problem_type(code),
+            "title": code.replace("_", " ").capitalize(),
+            "status": status,
+            "detail": message,
+            "code": code,
+            "error": {"code": code, "message": message},
+        },
+        status=status,
+        headers=headers,
     )
+    response[_IS_PROBLEM] = True
+    return response
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Label error answers ``application/problem+json`` for clients that accept it."""
+    response = await handler(request)
+    if response.get(_IS_PROBLEM) and PROBLEM_CONTENT_TYPE in request.headers.get("Accept", ""):
+        response.content_type = PROBLEM_CONTENT_TYPE
+    return response
 
 
 def _unavailable(message: str) -> web.Response:
@@ -583,7 +621,7 @@ def build_app(
 ) -> web.Application:
     """The receiver app with the Graph webhook and health routes; others add theirs later."""
     app = web.Application(
-        middlewares=[correlation_middleware, error_middleware],
+        middlewares=[correlation_middleware, problem_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS_KEY] = settings
