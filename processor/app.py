@@ -50,6 +50,7 @@ from processor.graph import GraphClient, create_http_session
 from processor.interfaces import OutgoingMessage
 from processor.logs import configure_logging, get_logger
 from processor.mapping import LinkStore
+from processor.messages import split_changes
 from processor.metrics import Metrics
 from processor.settings import Settings
 from processor.store import Document, Store, wait_for_database
@@ -304,6 +305,7 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         metrics=rt.metrics,
         validate=validate_inbound,
         prefetch=rt.settings.prefetch,
+        split=split_changes,
     )
     await consumer.start()
     balancer = Balancer(registry=Registry(rt.store.db), consumer=consumer, role="inbound")

@@ -26,7 +26,7 @@ from aio_pika.abc import (
 )
 from pymongo.errors import ConnectionFailure
 
-from processor.broker import ConfirmPublisher, Outcome, settle
+from processor.broker import ConfirmPublisher, Outcome, settle, settle_parts
 from processor.lag import LagTracker
 from processor.logs import correlation, get_logger
 from processor.messages import INBOUND_SCHEMA
@@ -51,13 +51,24 @@ class _Subscription:
 
 
 @dataclass
+class _Parts:
+    """A message that carried several items: settled once every item has an outcome."""
+
+    message: AbstractIncomingMessage
+    queue_name: str
+    count: int
+    settled: list[tuple[object, Outcome]] = field(default_factory=list)
+
+
+@dataclass
 class Delivery:
-    """One parsed message and where it came from."""
+    """One parsed message (or one item of a multi-item message) and where it came from."""
 
     message: AbstractIncomingMessage
     body: dict[str, Any]
     queue_name: str
     outcome: Outcome | None = field(default=None)
+    part_of: _Parts | None = field(default=None, repr=False)
 
 
 class BatchHandler(Protocol):
@@ -68,6 +79,8 @@ class BatchHandler(Protocol):
 
 
 Validator = Callable[[dict[str, Any]], str | None]
+#: The items of a multi-item message, None for a single message; ``ValueError`` if malformed.
+Splitter = Callable[[dict[str, Any]], list[Any] | None]
 
 
 class ShardConsumer:
@@ -89,6 +102,7 @@ class ShardConsumer:
         validate: Validator,
         prefetch: int,
         max_batch: int = 64,
+        split: Splitter | None = None,
     ) -> None:
         self._connection = connection
         self._queue_names = list(queue_names)
@@ -99,6 +113,7 @@ class ShardConsumer:
         self._validate = validate
         self._prefetch = prefetch
         self._max_batch = max_batch
+        self._split = split
         self._pending: dict[str, list[Delivery]] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._busy: dict[str, str] = {}  # account -> queue of the batch being handled
@@ -148,11 +163,15 @@ class ShardConsumer:
         """
         if self._stopping or name in self._releasing or name not in self._subscriptions:
             return 0
-        self._releasing[name] = held = []
+        held: list[AbstractIncomingMessage] = []
+        self._releasing[name] = held
         try:
             for account_id in list(self._pending):
                 kept = [d for d in self._pending[account_id] if d.queue_name != name]
-                held += [d.message for d in self._pending[account_id] if d.queue_name == name]
+                for d in self._pending[account_id]:
+                    # The items of one message share it: hand it back once.
+                    if d.queue_name == name and not any(m is d.message for m in held):
+                        held.append(d.message)
                 if kept:
                     self._pending[account_id] = kept
                 else:
@@ -205,21 +224,40 @@ class ShardConsumer:
             body = json.loads(message.body)
         except (UnicodeDecodeError, json.JSONDecodeError):
             body = None
-        problem = "body is not JSON" if body is None else None
-        if problem is None:
-            problem = self._validate(body) if isinstance(body, dict) else "body is not an object"
-        if problem is not None:
-            await self._settle(Delivery(message, {}, queue_name, Outcome.dead_letter(problem)))
+        if not isinstance(body, dict):
+            unusable = "body is not JSON" if body is None else "body is not an object"
+            await self._settle(Delivery(message, {}, queue_name, Outcome.dead_letter(unusable)))
             return
-        assert isinstance(body, dict)
-        # Validators of the service's own queues require an account id; the intake's lets a
-        # message without one through so that its handler can tell 1Relation why it failed.
-        given = body.get("account_id")
-        account_id = given if isinstance(given, str) else ""
         if self._stopping:
             await self._settle(Delivery(message, body, queue_name, Outcome.requeue("stopping")))
             return
-        self._pending.setdefault(account_id, []).append(Delivery(message, body, queue_name))
+        try:
+            items = self._split(body) if self._split is not None else None
+        except ValueError as exc:
+            await self._settle(Delivery(message, body, queue_name, Outcome.dead_letter(str(exc))))
+            return
+        if items is None:
+            problem = self._validate(body)
+            if problem is not None:
+                await self._settle(Delivery(message, {}, queue_name, Outcome.dead_letter(problem)))
+                return
+            self._enqueue(Delivery(message, body, queue_name))
+            return
+        parts = _Parts(message, queue_name, len(items))
+        for item in items:
+            if not isinstance(item, dict):
+                await self._settle_part(parts, item, Outcome.dead_letter("item is not an object"))
+            elif (problem := self._validate(item)) is not None:
+                await self._settle_part(parts, item, Outcome.dead_letter(problem))
+            else:
+                self._enqueue(Delivery(message, item, queue_name, part_of=parts))
+
+    def _enqueue(self, delivery: Delivery) -> None:
+        # Validators of the service's own queues require an account id; the intake's lets a
+        # message without one through so that its handler can tell 1Relation why it failed.
+        given = delivery.body.get("account_id")
+        account_id = given if isinstance(given, str) else ""
+        self._pending.setdefault(account_id, []).append(delivery)
         if account_id not in self._running:
             task = asyncio.create_task(self._drain(account_id), name=f"account:{account_id}")
             self._running[account_id] = task
@@ -276,6 +314,9 @@ class ShardConsumer:
 
     async def _settle(self, delivery: Delivery) -> None:
         assert delivery.outcome is not None
+        if delivery.part_of is not None:
+            await self._settle_part(delivery.part_of, delivery.body, delivery.outcome)
+            return
         action = await settle(
             delivery.message,
             delivery.outcome,
@@ -288,6 +329,26 @@ class ShardConsumer:
         lag_s = inbound_lag_s(delivery.body)
         if lag_s is not None:
             self._metrics.inbound_lag.observe(lag_s)
+
+    async def _settle_part(self, parts: _Parts, item: object, outcome: Outcome) -> None:
+        """Record one item's outcome; the message is settled with its last item."""
+        parts.settled.append((item, outcome))
+        if len(parts.settled) < parts.count:
+            return
+        actions = await settle_parts(
+            parts.message,
+            parts.settled,
+            publisher=self._publisher,
+            retry_target=self._retry_target,
+            queue_name=parts.queue_name,
+        )
+        for action in actions:
+            self._metrics.messages_processed.labels(queue=parts.queue_name, outcome=action).inc()
+        self.lag.settled(parts.queue_name, parts.message)
+        for body, _ in parts.settled:
+            lag_s = inbound_lag_s(body) if isinstance(body, dict) else None
+            if lag_s is not None:
+                self._metrics.inbound_lag.observe(lag_s)
 
     @property
     def in_flight(self) -> int:

@@ -35,6 +35,7 @@ from handlers.notifications import (
     parse_collection,
 )
 from processor.errors import AccountUnavailable
+from processor.group_commit import GroupCommitter
 from processor.interfaces import (
     CipherSource,
     OutgoingMessage,
@@ -393,7 +394,8 @@ class _GraphWebhook:
                 return self._publish_failed(exc, len(batch.messages), traceback=True)
 
         self._metrics.notifications_accepted.inc(batch.accepted)
-        log.info(
+        # Per-POST detail is for debugging only; the counters above are what operators watch.
+        log.debug(
             "webhook.accepted",
             route=self._route,
             items=len(items),
@@ -624,11 +626,22 @@ def build_app(
     )
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = metrics
+    # Concurrent POSTs share confirmed publishes, one message per shard queue per flush.
+    group = GroupCommitter(
+        publisher=publisher,
+        window_s=settings.receiver_group_window_ms / 1000,
+        max_items=settings.receiver_group_max_items,
+    )
+
+    async def drain_group(_: web.Application) -> None:
+        await group.drain(timeout_s=settings.publish_timeout_s + _PUBLISH_GRACE_S)
+
+    app.on_shutdown.append(drain_group)
     add_graph_routes(
         app,
         settings=settings,
         lookup=lookup,
-        publisher=publisher,
+        publisher=group,
         hasher=hasher,
         ciphers=ciphers,
         metrics=metrics,
