@@ -71,6 +71,8 @@ LIFECYCLE_PATH: Final = "/graph/lifecycle"
 LIFECYCLE_ROUTING_KEY: Final = "lifecycle"
 #: Longest validation token echoed; Graph's are about 100 characters.
 MAX_VALIDATION_TOKEN_CHARS: Final = 4096
+#: Distinct unknown subscription ids one POST may make us look up (see _RequestLookups).
+MAX_UNKNOWN_SUBSCRIPTIONS_PER_REQUEST: Final = 8
 #: How long a client may take to send its body before it gets 408.
 BODY_READ_TIMEOUT_S: Final = 2.0
 READINESS_TIMEOUT_S: Final = 2.0
@@ -209,19 +211,31 @@ async def _read_body(request: web.Request, *, limit: int, timeout_s: float) -> b
 
 
 class _RequestLookups:
-    """Per-request memo: the items of one POST mostly share a subscription and an account."""
+    """Per-request memo: the items of one POST mostly share a subscription and an account.
+
+    Graph's own POSTs name our live subscriptions; one that names more than
+    :data:`MAX_UNKNOWN_SUBSCRIPTIONS_PER_REQUEST` distinct unknown ones is forged (or
+    hopelessly stale), so its remaining unseen ids are answered "unknown" without a lookup:
+    an unauthenticated request costs a bounded number of database reads.
+    """
 
     def __init__(self, lookup: SubscriptionLookup, ciphers: CipherSource) -> None:
         self._lookup = lookup
         self._ciphers = ciphers
         self._records: dict[str, SubscriptionRecord | None] = {}
         self._account_ciphers: dict[str, DataCipher | None] = {}
+        self._unknown = 0
+        #: Items answered "unknown" without a lookup once the budget was spent.
+        self.unchecked = 0
 
     async def find_subscription(self, subscription_hash: str) -> SubscriptionRecord | None:
         if subscription_hash not in self._records:
-            self._records[subscription_hash] = await self._lookup.find_subscription(
-                subscription_hash
-            )
+            if self._unknown >= MAX_UNKNOWN_SUBSCRIPTIONS_PER_REQUEST:
+                self.unchecked += 1
+                return None
+            record = await self._lookup.find_subscription(subscription_hash)
+            self._unknown += record is None
+            self._records[subscription_hash] = record
         return self._records[subscription_hash]
 
     async def cipher_for(self, account_id: str) -> DataCipher | None:
@@ -242,6 +256,7 @@ class _Batch:
     messages: list[OutgoingMessage] = field(default_factory=list)
     accepted: int = 0
     rejected: Counter[tuple[str, str | None]] = field(default_factory=Counter)
+    unchecked: int = 0
 
 
 class _GraphWebhook:
@@ -419,6 +434,7 @@ class _GraphWebhook:
                     )
             seen.add(key)
             batch.accepted += 1
+        batch.unchecked = lookups.unchecked
         return batch
 
     @staticmethod
@@ -449,16 +465,24 @@ class _GraphWebhook:
         log.info("webhook.malformed", route=self._route, reason=reason)
 
     def _count_rejections(self, batch: _Batch) -> None:
-        # One log event per (reason, subscription) rather than per item: a forged flood of
-        # a thousand items costs one line, not a thousand.
+        # One log event per reason rather than per item or per subscription: a forged flood
+        # of a thousand distinct ids costs one line, not a thousand. A reason that concerns a
+        # single subscription names it; otherwise the line says how many there were.
+        by_reason: dict[str, list[tuple[str | None, int]]] = {}
         for (reason, subscription_hash), count in batch.rejected.items():
+            by_reason.setdefault(reason, []).append((subscription_hash, count))
+        for reason, entries in by_reason.items():
+            count = sum(n for _, n in entries)
             self._metrics.notifications_rejected.labels(reason=reason).inc(count)
+            hashes = {h for h, _ in entries}
             log.warning(
                 "webhook.rejected",
                 route=self._route,
                 reason=reason,
-                subscription_hash=subscription_hash,
+                subscription_hash=next(iter(hashes)) if len(hashes) == 1 else None,
+                subscriptions=len(hashes),
                 count=count,
+                unchecked=batch.unchecked if reason == "unknown_subscription" else 0,
             )
 
 
