@@ -83,9 +83,7 @@ async def test_a_thousand_distinct_unknown_ids_cost_a_bounded_number_of_lookups_
         forged.append(item)
     async with TestClient(TestServer(app)) as client:
         with capture_logs() as logs:
-            response = await client.post(
-                "/graph/notifications", data=json.dumps({"value": forged})
-            )
+            response = await client.post("/graph/notifications", data=json.dumps({"value": forged}))
         assert response.status == 202
         forged_lookups = counting.lookups
         genuine = notification("AAMkAGgenuine=")
