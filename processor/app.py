@@ -252,6 +252,8 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         metrics=rt.metrics,
         validate=validate_inbound,
         prefetch=rt.settings.prefetch,
+        # Notifications and resync jobs are well under 4 kB; nothing legitimate is near this.
+        max_message_bytes=INBOUND_MAX_MESSAGE_BYTES,
     )
     await consumer.start()
     balancer = Balancer(registry=Registry(rt.store.db), consumer=consumer, role="inbound")
@@ -272,6 +274,11 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         await balancer.stop()
         await consumer.stop(grace_s=rt.settings.shutdown_grace_s)
         log.info("worker.stopped")
+
+
+#: Largest inbound shard message parsed (the outbound consumers keep the default 4 MiB,
+#: room for a 1 MiB 1Relation event encrypted and base64-encoded).
+INBOUND_MAX_MESSAGE_BYTES = 256 * 1024
 
 
 @contextlib.asynccontextmanager

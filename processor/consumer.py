@@ -35,6 +35,34 @@ log = get_logger(__name__)
 DATABASE_RETRY_S = 5.0
 #: How long :meth:`ShardConsumer.release` waits for a queue's running batches.
 RELEASE_WAIT_S = 30.0
+#: Largest message body parsed (a consumer may be given its own limit): bigger ones are
+#: dead-lettered unread, so a huge message costs no parsing.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def parse_body(
+    raw: bytes, *, max_bytes: int, validate: Callable[[dict[str, Any]], str | None]
+) -> dict[str, Any] | str:
+    """The message's JSON object, or why it cannot be worked on (dead-letter reason).
+
+    The size is checked before parsing; every parse failure (bad UTF-8, bad JSON, nesting
+    deep enough for a ``RecursionError``) and a validator that raises are reasons too, so
+    no message escapes the consumer's callback unsettled.
+    """
+    if len(raw) > max_bytes:
+        return f"message is larger than {max_bytes} bytes"
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
+        return "body is not JSON"
+    if not isinstance(body, dict):
+        return "body is not an object"
+    try:
+        problem = validate(body)
+    except (ValueError, TypeError, RecursionError) as exc:
+        log.warning("message.validation_failed", error=type(exc).__name__)
+        return "body could not be validated"
+    return body if problem is None else problem
 
 
 @dataclass
@@ -85,8 +113,10 @@ class ShardConsumer:
         validate: Validator,
         prefetch: int,
         max_batch: int = 64,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._connection = connection
+        self._max_message_bytes = max_message_bytes
         self._queue_names = list(queue_names)
         self._handler = handler
         self._publisher = publisher
@@ -190,17 +220,10 @@ class ShardConsumer:
             # Its channel is about to close: the broker gives it to the next owner.
             held.append(message)
             return
-        try:
-            body = json.loads(message.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            body = None
-        problem = "body is not JSON" if body is None else None
-        if problem is None:
-            problem = self._validate(body) if isinstance(body, dict) else "body is not an object"
-        if problem is not None:
-            await self._settle(Delivery(message, {}, queue_name, Outcome.dead_letter(problem)))
+        body = parse_body(message.body, max_bytes=self._max_message_bytes, validate=self._validate)
+        if isinstance(body, str):
+            await self._settle(Delivery(message, {}, queue_name, Outcome.dead_letter(body)))
             return
-        assert isinstance(body, dict)
         # Validators of the service's own queues require an account id; the intake's lets a
         # message without one through so that its handler can tell 1Relation why it failed.
         given = body.get("account_id")
