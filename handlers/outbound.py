@@ -34,6 +34,7 @@ from processor.broker import Outcome
 from processor.consumer import Delivery
 from processor.errors import (
     AccountUnavailable,
+    KeyUnreadable,
     PermanentError,
     ThrottledError,
     TransientError,
@@ -204,6 +205,8 @@ class IntakeHandler:
         for delivery in deliveries:
             try:
                 delivery.outcome = await self._one(delivery)
+            except KeyUnreadable:
+                raise  # the consumer parks the batch: every message waits for the key
             except TransientError as exc:
                 delivery.outcome = Outcome.requeue(str(exc))
 

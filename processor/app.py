@@ -51,7 +51,7 @@ from processor.interfaces import OutgoingMessage
 from processor.logs import configure_logging, get_logger
 from processor.mapping import LinkStore
 from processor.metrics import Metrics
-from processor.settings import Settings
+from processor.settings import Settings, SettingsError
 from processor.store import Document, Store, wait_for_database
 from processor.timeutil import utcnow
 from processor.tokens import MsalApps, MsalTokenProvider
@@ -123,8 +123,19 @@ async def build_runtime(
     await wait_for_database(db, timeout_s=30)
     keyring = KeyRing(settings.master_keys)
     hasher = Hasher(settings.hash_key)
-    store = Store(db=db, keyring=keyring, hasher=hasher, cipher_cache=CipherCache())
+    store = Store(
+        db=db,
+        keyring=keyring,
+        hasher=hasher,
+        cipher_cache=CipherCache(),
+        on_key_unreadable=metrics.data_key_unreadable.inc,
+    )
     await store.ensure_indexes()
+    missing = await store.missing_master_keys()
+    if missing:
+        # Fail fast: a process without these keys would leave those accounts unsynced.
+        named = ", ".join(f"{kid!r} ({n} data keys)" for kid, n in sorted(missing.items()))
+        raise SettingsError(f"M365SYNC_MASTER_KEYS lacks master key ids in use: {named}")
     events = EventStore(db=db, hasher=hasher, tombstone_ttl_s=settings.tombstone_ttl_days * 86400)
 
     connection = await broker_mod.connect(settings.amqp_url, name=f"m365sync:{os.getpid()}")

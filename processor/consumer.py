@@ -26,6 +26,7 @@ from aio_pika.abc import (
 from pymongo.errors import ConnectionFailure
 
 from processor.broker import ConfirmPublisher, Outcome, settle
+from processor.errors import KeyUnreadable
 from processor.logs import correlation, get_logger
 from processor.metrics import Metrics
 
@@ -33,6 +34,10 @@ log = get_logger(__name__)
 
 #: How long a batch waits when the database is unreachable before it is tried again.
 DATABASE_RETRY_S = 5.0
+#: How long a batch waits when its account's data key cannot be unwrapped (a master key
+#: missing from this process's key ring): parked, not counted against the delivery limit,
+#: so the work survives until an operator puts the key back.
+KEY_UNREADABLE_RETRY_S = 30.0
 #: How long :meth:`ShardConsumer.release` waits for a queue's running batches.
 RELEASE_WAIT_S = 30.0
 #: Largest message body parsed (a consumer may be given its own limit): bigger ones are
@@ -257,6 +262,10 @@ class ShardConsumer:
             fallback = Outcome.requeue("handler set no outcome")
             try:
                 await self._handler.handle_batch(account_id, batch)
+            except KeyUnreadable as exc:
+                # Never "erased": the data is intact and reads again once the key is back.
+                log.warning("batch.key_unreadable", key_id=exc.key_id, size=len(batch))
+                fallback = Outcome.retry(KEY_UNREADABLE_RETRY_S)
             except ConnectionFailure as exc:
                 # The database is away: wait in the retry queue, which does not count
                 # against the delivery limit (requeues would dead-letter the batch
