@@ -139,6 +139,13 @@ class InboundHandler:
             for delivery in deliveries:
                 if delivery.outcome is None:
                     delivery.outcome = Outcome.ack()
+        if await self._store.fenced(account_id):
+            # Erased while this batch ran: announce nothing and write no sync state (the
+            # erasure's sweeps remove what the batch wrote before it saw the fence).
+            for delivery in deliveries:
+                if delivery.outcome is None:
+                    delivery.outcome = Outcome.ack()
+            return
         sweep_outbox = False
         for delivery in deliveries:
             if delivery.body.get("kind") == "announce" and delivery.outcome is None:
@@ -164,6 +171,10 @@ class InboundHandler:
                 bool(delivery.body.get("full")),
                 str(delivery.body.get("reason", "")),
             )
+        except AccountUnavailable:
+            # Erased while the pass ran: it stopped at the fence; nothing is left to do.
+            delivery.outcome = Outcome.ack()
+            return []
         except ThrottledError as exc:
             delivery.outcome = Outcome.retry(exc.retry_after_s or 5.0)
             return []

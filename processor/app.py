@@ -370,6 +370,7 @@ async def _wake_parked(rt: Runtime) -> None:
 async def _relay_and_sweep(rt: Runtime, relay: OutboxRelay) -> None:
     await relay.run_once(older_than_s=60.0, now=utcnow())
     await rt.store.sweep_expired()
+    await rt.store.resweep_due()
 
 
 async def _every(interval_s: float, job: Callable[[], Awaitable[Any]]) -> None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -33,6 +35,8 @@ from processor.timeutil import as_utc, utcnow
 log = get_logger(__name__)
 
 SCHEMA_VERSION = 1
+#: Erased accounts waiting for their second sweep (:meth:`Store.resweep_due`).
+ERASURE_RESWEEPS = "erasure_resweeps"
 
 #: Collections whose documents carry ``expires_at`` and are removed by the sweeper
 #: (FerretDB has no TTL indexes). Modules that add such a collection list it here.
@@ -534,6 +538,76 @@ class Store:
         if as_utc(current["expires_at"]) - utcnow() > LEASE_RELEASE_MARGIN:
             await self.leases.delete_one({"_id": name})
 
+    # ------------------------------------------------------------------ erasure fence
+
+    async def fenced(self, account_id: str) -> bool:
+        """Whether writes for the account must stop: it is erased or being erased.
+
+        Erasure marks the account ``disconnected`` before anything else and removes the
+        document last, so a pass that began earlier sees one of the two before each write.
+        """
+        account = await self.accounts.find_one({"_id": account_id}, {"status": 1})
+        return account is None or account.get("status") == "disconnected"
+
+    async def delete_account_documents(self, account_id: str) -> int:
+        """Every document of the account except the account document itself, with its
+        leases (``<purpose>:<id>``, slots, takeover claims); returns how many."""
+        total = 0
+        lease_names = re.compile(f"^[^:]+:{re.escape(account_id)}([:@]|$)")
+        for name in sorted(await self.db.list_collection_names()):
+            if name.startswith("system.") or name == ERASURE_RESWEEPS:
+                continue
+            collection = self.db[name]
+            total += (await collection.delete_many({"account_id": account_id})).deleted_count
+            if name != "accounts":
+                total += (await collection.delete_many({"_id": account_id})).deleted_count
+            if name in ("leases", "lease_takeovers"):
+                total += (
+                    await collection.delete_many({"_id": {"$regex": lease_names.pattern}})
+                ).deleted_count
+        return total
+
+    async def schedule_resweep(self, account_id: str, *, after_s: float) -> None:
+        """Sweep the account's documents once more after ``after_s`` (see :meth:`resweep_due`).
+
+        The record names the account only as ciphertext under the service's own key, so
+        that no readable trace of an erased account is left while it waits.
+        """
+        cipher = await self.service_cipher("erasure")
+        record_id = uuid.uuid4().hex
+        await self.db[ERASURE_RESWEEPS].insert_one(
+            {
+                "_id": record_id,
+                "account_ct": cipher.encrypt_str(account_id, aad=_resweep_aad(record_id)),
+                "due_at": utcnow() + timedelta(seconds=after_s),
+            }
+        )
+
+    async def resweep_due(self) -> int:
+        """The second sweep of erased accounts whose longest possible pass is over.
+
+        A delta pass that began before the erasure may have written between its last
+        fence check and the first sweep; this removes that. An account connected again
+        since (its document exists) is left alone: its documents are new.
+        """
+        swept = 0
+        resweeps = self.db[ERASURE_RESWEEPS]
+        due = [doc async for doc in resweeps.find({"due_at": {"$lt": utcnow()}})]
+        if not due:
+            return 0
+        cipher = await self.service_cipher("erasure")
+        for doc in due:
+            record_id = str(doc["_id"])
+            try:
+                account_id = cipher.decrypt_str(doc["account_ct"], aad=_resweep_aad(record_id))
+            except (DecryptionError, KeyError, TypeError):
+                log.warning("erasure.resweep_unreadable", record=record_id)
+                account_id = None
+            if account_id and await self.accounts.find_one({"_id": account_id}, {"_id": 1}) is None:
+                swept += await self.delete_account_documents(account_id)
+            await resweeps.delete_one({"_id": record_id})
+        return swept
+
     async def sweep_expired(self) -> dict[str, int]:
         """Remove expired records (FerretDB has no TTL indexes); returns counts per collection.
 
@@ -610,3 +684,7 @@ async def wait_for_database(db: AsyncDatabase[Document], *, timeout_s: float) ->
             await asyncio.sleep(0.5)
         else:
             return
+
+
+def _resweep_aad(record_id: str) -> bytes:
+    return f"{ERASURE_RESWEEPS}|{record_id}|account".encode()
