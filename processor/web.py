@@ -24,7 +24,7 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from crypto import DataCipher, Hasher
+from crypto import DataCipher, Hasher, seal_message
 from handlers.notifications import (
     DEFAULT_MAX_ITEMS,
     AcceptedLifecycle,
@@ -44,7 +44,7 @@ from processor.interfaces import (
     SubscriptionRecord,
 )
 from processor.logs import correlation, get_logger
-from processor.messages import change_message, lifecycle_message
+from processor.messages import INBOUND_SEAL, change_message, event_ref_aad, lifecycle_message
 from processor.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from processor.metrics import Metrics
 from processor.settings import Settings
@@ -419,14 +419,18 @@ class _GraphWebhook:
                 event_hash = self._hasher.hash_id("event", result.account_id, result.event_id)
                 key = ("change", result.account_id, event_hash, result.change_type)
                 if key not in seen:
-                    body = change_message(
-                        account_id=result.account_id,
-                        change_type=result.change_type,
-                        event_hash=event_hash,
-                        event_ref_ct=cipher.encrypt_str(
-                            result.event_id, aad=f"inbound|{result.account_id}|event_ref".encode()
+                    body = seal_message(
+                        cipher,
+                        change_message(
+                            account_id=result.account_id,
+                            change_type=result.change_type,
+                            event_hash=event_hash,
+                            event_ref_ct=cipher.encrypt_str(
+                                result.event_id, aad=event_ref_aad(result.account_id, event_hash)
+                            ),
+                            received_at=received_at,
                         ),
-                        received_at=received_at,
+                        purpose=INBOUND_SEAL,
                     )
                     routing_key = shard_routing_key(result.account_id, self._settings.shard_count)
                     batch.messages.append(
