@@ -202,6 +202,7 @@ def service_env(
         "M365SYNC_PUBLIC_URL": f"http://127.0.0.1:{http_port}",
         "M365SYNC_HTTP_HOST": "127.0.0.1",
         "M365SYNC_HTTP_PORT": str(http_port),
+        "M365SYNC_METRICS_PORT": "0",
         "M365SYNC_MASTER_KEYS": generate_master_key_spec("bench1"),
         "M365SYNC_HASH_KEY": base64.b64encode(os.urandom(32)).decode(),
         "M365SYNC_CONNECT_SECRET": base64.b64encode(os.urandom(32)).decode(),

@@ -17,6 +17,8 @@ def _parse(argv: list[str] | None) -> SimConfig:
                                      description="Microsoft Graph + identity simulator")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8443)
+    parser.add_argument("--public-host", default=None,
+                        help="host its URLs name when --host is a wildcard (default: --host)")
     parser.add_argument("--state-dir", type=Path, default=Path(".graphsim"))
     parser.add_argument("--client-id", default=DEFAULT_CLIENT_ID)
     parser.add_argument("--client-secret", default=SimConfig.client_secret)
@@ -36,7 +38,7 @@ def _parse(argv: list[str] | None) -> SimConfig:
         users=(("Ann Example", f"ann@{args.tenant_domain}"),
                ("Bob Example", f"bob@{args.tenant_domain}")),
         redirect_uris=tuple(args.redirect_uri), clock_speed=args.clock_speed, seed=args.seed,
-        notification_ca_file=args.notification_ca_file,
+        notification_ca_file=args.notification_ca_file, public_host=args.public_host,
         verify_notification_tls=not args.no_verify_notification_tls)
 
 

@@ -13,6 +13,8 @@ class Faults:
 
     seed: int = 0
     duplicates: bool = False           # created+updated on create; 1-3 updated per edit
+    notify_copies: int = 0             # >0: every change is notified exactly N times
+    notify_delay_ms: int = 0           # every change notification leaves N ms after the change
     reorder_ms: int = 0                # random delay up to N ms per notification
     batch_max_items: int = 0           # >0: collect up to N items per POST ...
     batch_window_ms: int = 0           # ... waiting up to M ms for more
@@ -20,6 +22,13 @@ class Faults:
     throttle_retry_after: str = "1"    # Retry-After value on 429s
     random_503_rate: float = 0.0       # probability of a 503 serviceNotAvailable per request
     random_503_retry_after: str | None = "1"
+    random_429_rate: float = 0.0       # probability of a 429 TooManyRequests per request ...
+    random_429_retry_after_min_s: float = 1.0   # ... with Retry-After drawn from [min, max]
+    random_429_retry_after_max_s: float = 1.0
+    random_fault_kinds: str = ""       # comma-separated request kinds the random 429/503 hit
+    #                                    ("events.get", ...); empty: every request
+    retry_after_grace_ms: int = 50     # arrivals this soon after a throttled answer were sent
+    #                                    before the client could have read it: not violations
     latency_ms: int = 0                # added to every Graph request
     write_answer_delay_ms: int = 0     # writes are applied at once, their answer comes late
     delta_replay: float = 0.0          # probability per unchanged item to be replayed in delta
@@ -37,6 +46,11 @@ class Faults:
 
     def __post_init__(self) -> None:
         self.rng.seed(self.seed)
+
+    def random_faults_apply(self, kind: str) -> bool:
+        """Whether the random 429/503 faults may hit a request of ``kind``."""
+        kinds = {k.strip() for k in self.random_fault_kinds.split(",") if k.strip()}
+        return not kinds or kind in kinds
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

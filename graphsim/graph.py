@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
+import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -68,12 +70,25 @@ class Counters:
     throttled_429: int = 0
     unavailable_503: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5000))
+    # The top-level fields of every PATCH of an event that reached the store, in order.
+    patch_fields: deque[list[str]] = field(default_factory=lambda: deque(maxlen=5000))
+    # Requests that reached a mailbox before the Retry-After of an earlier answer for that
+    # mailbox (app + mailbox, any method) had elapsed; those arriving within the grace of
+    # the answer are counted apart (they were most likely sent before it was read).
+    retry_after_violations: int = 0
+    retry_after_violations_by_mailbox: Counter[str] = field(default_factory=Counter)
+    retry_after_within_grace: int = 0
+    retry_after_recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200))
 
     def to_json(self) -> dict[str, Any]:
         return {"total": self.total, "by_kind": dict(self.by_kind),
                 "by_mailbox": dict(self.by_mailbox), "by_status": dict(self.by_status),
                 "throttled_429": self.throttled_429, "unavailable_503": self.unavailable_503,
-                "recent": list(self.recent)}
+                "retry_after_violations": self.retry_after_violations,
+                "retry_after_violations_by_mailbox": dict(self.retry_after_violations_by_mailbox),
+                "retry_after_within_grace": self.retry_after_within_grace,
+                "retry_after_recent": list(self.retry_after_recent),
+                "recent": list(self.recent), "patch_fields": list(self.patch_fields)}
 
 
 def _deny() -> GraphError:
@@ -95,11 +110,14 @@ class GraphApi:
         self.counters = Counters()
         self._in_flight: Counter[tuple[str, str]] = Counter()
         self._budget: dict[tuple[str, str], deque[float]] = {}
+        #: (app, mailbox) -> (real time of the last throttled answer, real time its wait ends).
+        self._throttled: dict[tuple[str, str], tuple[float, float]] = {}
         self.graph_url = ""
 
     def reset(self) -> None:
         self.counters = Counters()
         self._budget.clear()
+        self._throttled.clear()
 
     def routes(self) -> list[web.RouteDef]:
         return [web.route("*", "/v1.0/{tail:.*}", self.handle)]
@@ -107,17 +125,25 @@ class GraphApi:
     # ---- front door ------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        # Real time, not the simulator's clock: Retry-After is waited in real seconds.
+        arrived = time.monotonic()
         rid = str(uuid.uuid4())
         kind = "unknown"
         mailbox = ""
+        app_id = ""
         try:
             ctx = self._auth(request)
+            app_id = ctx.app_id
             segs = [s for s in request.match_info["tail"].split("/") if s]
             kind, mailbox_user, handler = self._route(ctx, request.method, segs)
             mailbox = mailbox_user.id if mailbox_user else ""
-            resp = await self._guarded(ctx, mailbox, handler)
+            if mailbox:
+                self._watch_arrival(app_id, mailbox, kind, request.method, arrived)
+            resp = await self._guarded(ctx, mailbox, handler, kind)
         except GraphError as err:
             resp = graph_error_response(err.status, err.code, err.message, rid, err.headers)
+        if mailbox and resp.status in (429, 503, 504):
+            self._watch_answer(app_id, mailbox, resp.headers.get("Retry-After"))
         resp.headers.setdefault("request-id", rid)
         resp.headers.setdefault("client-request-id",
                                 request.headers.get("client-request-id", rid))
@@ -136,7 +162,44 @@ class GraphApi:
                          "sim_time": self.clock.now_s()})
         return resp
 
-    async def _guarded(self, ctx: Ctx, mailbox: str, handler: Any) -> web.StreamResponse:
+    def _watch_arrival(
+        self, app_id: str, mailbox: str, kind: str, method: str, arrived: float
+    ) -> None:
+        """Count a request that reaches a mailbox whose Retry-After has not elapsed."""
+        window = self._throttled.get((app_id, mailbox))
+        if window is None:
+            return
+        answered, until = window
+        if arrived >= until:
+            del self._throttled[(app_id, mailbox)]
+            return
+        c = self.counters
+        if arrived - answered < self.faults.retry_after_grace_ms / 1000:
+            c.retry_after_within_grace += 1
+            return
+        c.retry_after_violations += 1
+        c.retry_after_violations_by_mailbox[mailbox] += 1
+        c.retry_after_recent.append({
+            "mailbox": mailbox, "kind": kind, "method": method,
+            "after_answer_s": round(arrived - answered, 4),
+            "early_by_s": round(until - arrived, 4)})
+
+    def _watch_answer(self, app_id: str, mailbox: str, retry_after: str | None) -> None:
+        """Remember until when a throttled answer told the mailbox's client to wait."""
+        try:
+            wait_s = float(retry_after) if retry_after is not None else 0.0
+        except ValueError:
+            return
+        if not math.isfinite(wait_s) or wait_s <= 0:
+            return
+        now = time.monotonic()
+        previous = self._throttled.get((app_id, mailbox))
+        until = max(now + wait_s, previous[1] if previous else 0.0)
+        self._throttled[(app_id, mailbox)] = (now, until)
+
+    async def _guarded(
+        self, ctx: Ctx, mailbox: str, handler: Any, kind: str = ""
+    ) -> web.StreamResponse:
         key = (ctx.app_id, mailbox)
         if mailbox:
             if self._in_flight[key] >= self.faults.max_concurrent_per_mailbox:
@@ -152,7 +215,17 @@ class GraphApi:
                                  "Application is over its MailboxRequests limit.",
                                  headers={"Retry-After": self.faults.throttle_retry_after})
             window.append(now)
-        if self.faults.random_503_rate and self.faults.rng.random() < self.faults.random_503_rate:
+        random_faults = self.faults.random_faults_apply(kind)
+        rate_429 = self.faults.random_429_rate
+        if random_faults and rate_429 and self.faults.rng.random() < rate_429:
+            low = self.faults.random_429_retry_after_min_s
+            high = max(low, self.faults.random_429_retry_after_max_s)
+            wait_s = self.faults.rng.uniform(low, high)
+            raise GraphError(429, "TooManyRequests",
+                             "Too many requests; retry after the time in Retry-After.",
+                             headers={"Retry-After": f"{wait_s:.3f}"})
+        if (random_faults and self.faults.random_503_rate
+                and self.faults.rng.random() < self.faults.random_503_rate):
             headers = {}
             if self.faults.random_503_retry_after and self.faults.rng.random() < 0.5:
                 headers["Retry-After"] = self.faults.random_503_retry_after
@@ -482,6 +555,8 @@ class GraphApi:
 
     async def update_event(self, ctx: Ctx, user: User, eid: str) -> web.Response:
         body = await self._body(ctx)
+        if isinstance(body, dict):
+            self.counters.patch_fields.append(sorted(body))
         record, orig = self.store.update_event(user.id, eid, body)
         return self._json(self._render(ctx, self.store.instance(record, orig), select=False))
 

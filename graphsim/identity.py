@@ -60,6 +60,8 @@ class IdentityState:
 
     signin_user_id: str | None = None
     admin_consent_accepts: bool = True
+    #: The ``prompt`` of each authorize request, in order (None when absent).
+    prompts: list[str | None] = field(default_factory=list)
     redirect_uris: list[str] = field(default_factory=list)
     codes: dict[str, AuthCode] = field(default_factory=dict)
     refresh_tokens: dict[str, RefreshToken] = field(default_factory=dict)
@@ -354,6 +356,13 @@ class Identity:
                 params["state"] = state
             raise web.HTTPFound(self._with_query(redirect_uri, params))
 
+        # prompt: login, none, consent or select_account (Microsoft's documented values).
+        # select_account shows the account picker even with a single sign-on session; here
+        # the "picked" account is the sign-in user the test chose.
+        prompt = q.get("prompt")
+        if prompt is not None and prompt not in ("login", "none", "consent", "select_account"):
+            return fail("invalid_request", 90023, f"Invalid value '{prompt}' for 'prompt'.")
+        self.state.prompts.append(prompt)
         if q.get("response_type") != "code":
             return fail("unsupported_response_type", 700054,
                         "response_type 'code' is required by graphsim.")

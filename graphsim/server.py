@@ -52,6 +52,9 @@ class SimConfig:
     notification_ca_file: Path | None = None
     verify_notification_tls: bool = True
     extra_hosts: tuple[str, ...] = field(default_factory=tuple)
+    # The host its URLs name (issuer, discovery, Graph links) when it listens on a
+    # wildcard address, e.g. in a container whose port is published to the laptop.
+    public_host: str | None = None
 
 
 def user_id_for(upn: str) -> str:
@@ -106,7 +109,8 @@ class Simulator:
     async def start(self) -> None:
         """Generate TLS material, bind, and start the background tasks."""
         self._tls = tls.generate(self.config.state_dir,
-                                 (self.config.host, *self.config.extra_hosts))
+                                 (self.config.host, *self.config.extra_hosts,
+                                  *((self.config.public_host,) if self.config.public_host else ())))
         app = web.Application(middlewares=[self.control.middleware],
                               client_max_size=50 * 1024 * 1024)
         app.add_routes(self.control.routes())
@@ -164,7 +168,7 @@ class Simulator:
 
     @property
     def base_url(self) -> str:
-        host = self.config.host
+        host = self.config.public_host or self.config.host
         if ":" in host:
             host = f"[{host}]"
         return f"https://{host}:{self._port}"
@@ -211,4 +215,5 @@ class Simulator:
             "tenants": [t.to_json() for t in self.store.tenants.values()],
             "users": [b.user.to_json() for b in self.store.mailboxes.values()],
             "signin_user_id": self.identity.state.signin_user_id,
+            "authorize_prompts": list(self.identity.state.prompts),
         }

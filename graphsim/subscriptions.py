@@ -348,7 +348,9 @@ class SubscriptionManager:
             if sub.state != "active" or sub.user_id != user_id or sub.paused:
                 continue
             kinds = [change_type]
-            if self.faults.duplicates:
+            if self.faults.notify_copies > 0:
+                kinds = [change_type] * self.faults.notify_copies
+            elif self.faults.duplicates:
                 if change_type == "created":
                     kinds.append("updated")
                 elif change_type == "updated":
@@ -356,7 +358,8 @@ class SubscriptionManager:
             for kind in kinds:
                 if kind in sub.change_types:
                     self.delivery.enqueue(sub.notification_url, sub.id,
-                                          self._item(sub, kind, record), "change")
+                                          self._item(sub, kind, record), "change",
+                                          delay_s=self.faults.notify_delay_ms / 1000)
             if (change_type == "deleted" and self.faults.deleted_ghosts > 0
                     and "updated" in sub.change_types
                     and rng.random() < self.faults.deleted_ghosts):

@@ -32,9 +32,10 @@ from typing import Any
 
 from crypto import DataCipher, DecryptionError
 from handlers.inbound import SELECT, SyncWindow
+from handlers.ports import LinkReader
 from processor.accounts import SYNC_STATE, AccountStatuses, record_sync
 from processor.errors import AccountUnavailable
-from processor.event_store import Change, EventStore
+from processor.event_store import Change, EventStore, StoredVersion
 from processor.graph import DeltaResetRequired, GraphClient
 from processor.logs import get_logger
 from processor.store import Document, Store, aad
@@ -100,6 +101,7 @@ class _Round:
     items: int = 0
     pages: int = 0
     delta_link: str | None = None
+    linked: set[str] | None = None  # link_index keys of the account (full rounds)
 
 
 class DeltaRunner:
@@ -115,7 +117,9 @@ class DeltaRunner:
         window: SyncWindow,
         settings: DeltaSettings | None = None,
         now: Callable[[], datetime] = utcnow,
+        links: LinkReader | None = None,
     ) -> None:
+        self._links = links
         self._store = store
         self._events = events
         self._graph = graph
@@ -149,11 +153,20 @@ class DeltaRunner:
         report.removed = len(rnd.removed)
         changes += await self._refresh_masters(account_id, cipher, user_id, rnd)
 
-        live = await self._live_docs(account_id)
+        if rnd.full:
+            live = await self._live_docs(account_id)
+            live_count = len(live)
+        else:
+            # An incremental pass looks only at what it reported removed (and their series):
+            # reading every live event would make each pass cost the mailbox's size.
+            live = await self._live_docs(account_id, rnd.removed)
+            series = {str(d["series"]) for d in live.values() if d.get("series")}
+            live.update(await self._live_docs(account_id, series - set(live)))
+            live_count = await self._events.count_live(account_id) if rnd.removed else 0
         candidates = self._deletion_candidates(rnd, live, start, end)
-        report.live_before = len(live)
+        report.live_before = live_count
         report.candidates = len(candidates)
-        brake = self._brake_reason(rnd, live, candidates, start, end)
+        brake = self._brake_reason(rnd, live, candidates, start, end, total=live_count)
         if brake is not None and reason != OPERATOR_REASON:
             report.braked = True
             report.upserted = sum(1 for c in changes if c.change == "upserted")
@@ -162,7 +175,7 @@ class DeltaRunner:
                 "delta.deletions_paused",
                 account_id=account_id,
                 would_delete=len(candidates),
-                live=len(live),
+                live=live_count,
                 full=rnd.full,
             )
             await self._fence(account_id)
@@ -209,14 +222,41 @@ class DeltaRunner:
         account_id, cipher = ctx.account_id, ctx.cipher
         rnd = _Round(full=link is None)
         limit = asyncio.Semaphore(self._settings.upsert_concurrency)
-        # One read of every stored version instead of one per item (see stored_versions).
-        known = await self._events.stored_versions(account_id)
+        # A full round reads every stored version (and link key) once instead of once per
+        # item; an incremental one reads by ``_id`` per item, so that its cost follows the
+        # changes, not the mailbox's size (``$in`` is not served by an index on FerretDB).
+        known: dict[str, StoredVersion] | None = None
+        linked: set[str] | None = None
+        if rnd.full:
+            known = await self._events.stored_versions(account_id)
+            linked = await self._links.indexed_keys(account_id) if self._links else set()
+        rnd.linked = linked
 
         async def upsert(item: Mapping[str, Any]) -> Change | None:
             async with limit:
                 await self._fence(account_id)
+                echo, relation_event_id = False, None
+                key = self._events.event_key(account_id, str(item["id"]))
+                txn = item.get("transactionId")
+                if self._links is not None and (
+                    linked is None
+                    or key in linked
+                    or (
+                        isinstance(txn, str)
+                        and self._links.transaction_key(account_id, txn) in linked
+                    )
+                ):
+                    # An event linked to 1Relation: its version may be our own write.
+                    echo, relation_event_id = await self._links.echo_of(
+                        account_id, key, item, cipher
+                    )
                 return await self._events.upsert_version(
-                    account_id, item, cipher=cipher, known=known
+                    account_id,
+                    item,
+                    cipher=cipher,
+                    known=known,
+                    announce=not echo,
+                    relation_event_id=relation_event_id,
                 )
 
         pages = self._graph.calendar_view_delta(
@@ -269,12 +309,24 @@ class DeltaRunner:
 
     # ---- deletions and the brake ------------------------------------------------------------
 
-    async def _live_docs(self, account_id: str) -> dict[str, Document]:
-        cursor = self._events.collection.find(
-            {"account_id": account_id, "deleted": False},
-            {"start": 1, "end": 1, "series": 1, "type": 1, "gid_ct": 1},
-        )
-        return {str(doc["_id"]): doc async for doc in cursor}
+    async def _live_docs(
+        self, account_id: str, keys: Iterable[str] | None = None
+    ) -> dict[str, Document]:
+        """The account's live events (only those of ``keys`` when given)."""
+        fields = {"start": 1, "end": 1, "series": 1, "type": 1, "gid_ct": 1}
+        if keys is None:
+            cursor = self._events.collection.find(
+                {"account_id": account_id, "deleted": False}, fields
+            )
+            return {str(doc["_id"]): doc async for doc in cursor}
+        found: dict[str, Document] = {}
+        for key in sorted(keys):  # by _id each: served by the primary key everywhere
+            doc = await self._events.collection.find_one(
+                {"_id": key, "account_id": account_id, "deleted": False}, fields
+            )
+            if doc is not None:
+                found[key] = doc
+        return found
 
     @staticmethod
     def _in_window(doc: Mapping[str, Any], start: datetime, end: datetime) -> bool:
@@ -298,11 +350,12 @@ class DeltaRunner:
         candidates: set[str],
         start: datetime,
         end: datetime,
+        *,
+        total: int,
     ) -> str | None:
         if not candidates:
             return None
         settings = self._settings
-        total = len(live)
         if total >= settings.mass_delete_min_events and (
             len(candidates) > settings.mass_delete_ratio * total
         ):
@@ -340,7 +393,12 @@ class DeltaRunner:
                 if written is not None:
                     changes.append(written)
                 continue
-            gone = await self._events.mark_deleted(account_id, key)
+            ours = (
+                self._links is not None
+                and (rnd.linked is None or key in rnd.linked)
+                and self._links.deleted_by_us(await self._links.doc_for(account_id, key), key)
+            )
+            gone = await self._events.mark_deleted(account_id, key, announce=not ours)
             if gone is not None:
                 changes.append(gone)
             if doc.get("type") == "seriesMaster":

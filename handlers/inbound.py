@@ -8,6 +8,7 @@ concurrently (the Graph client keeps the per-mailbox limit) and written one afte
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,7 +43,15 @@ from processor.tokens import ReauthorizationRequired
 
 log = get_logger(__name__)
 
-SELECT = ("id", *KEPT_FIELDS)
+#: ``transactionId`` names the create a new event came from (how an echo of the service's
+#: own create is recognised before Graph's answer to it has been recorded).
+SELECT = ("id", *KEPT_FIELDS, "transactionId")
+#: This many distinct events to fetch in one batch take one delta pass instead
+#: (``M365SYNC_BURST_MIN_EVENTS``).
+BURST_MIN_EVENTS = 16
+#: Events (and versions per event) whose notified versions the handler remembers.
+SETTLED_EVENTS = 10_000
+SETTLED_PER_EVENT = 4
 #: Account statuses in which the service makes no Graph calls for the account.
 PAUSED_STATUSES = frozenset({"reauthorization_required", "admin_consent_required", "disconnected"})
 
@@ -96,8 +105,13 @@ class InboundHandler:
         window: SyncWindow,
         links: LinkStore | None = None,
         run_delta: DeltaRunner | None = None,
+        burst_min_events: int = BURST_MIN_EVENTS,
     ) -> None:
         self._links = links
+        self._burst_min_events = burst_min_events
+        # Versions (changeKey hashes) at or below what is stored, per event: a notification
+        # copy naming one of them needs no fetch. Only an optimisation (lost on restart).
+        self._settled: OrderedDict[str, set[str]] = OrderedDict()
         self._statuses = statuses
         self._store = store
         self._events = events
@@ -128,6 +142,7 @@ class InboundHandler:
             return
         user_id = (await self._store.identity(account_id)).user_id
         changes: list[Change] = []
+        reauthorization = False
         try:
             changes += await self._handle_changes(account_id, user_id, cipher, deliveries)
             for delivery in deliveries:
@@ -145,6 +160,7 @@ class InboundHandler:
             for delivery in deliveries:
                 if delivery.outcome is None:
                     delivery.outcome = Outcome.ack()
+            reauthorization = True
         if await self._store.fenced(account_id):
             # Erased while this batch ran: announce nothing and write no sync state (the
             # erasure's sweeps remove what the batch wrote before it saw the fence).
@@ -160,7 +176,10 @@ class InboundHandler:
         # Announce this batch's changes; an "announce" message also sweeps what an earlier
         # crash left in the outbox. A failed publish leaves the marks for the relay.
         await self._announcer.flush(account_id, changes, sweep_outbox=sweep_outbox)
-        if any(d.outcome is not None and d.outcome.action == "ack" for d in deliveries):
+        # Acked because the account stopped is no sync: last_error keeps what failed.
+        if not reauthorization and any(
+            d.outcome is not None and d.outcome.action == "ack" for d in deliveries
+        ):
             await record_sync(self._store, account_id)
 
     async def _resync(
@@ -226,6 +245,35 @@ class InboundHandler:
         if not groups:
             return []
 
+        changes: list[Change] = []
+        to_fetch: dict[str, list[Delivery]] = {}
+        for event_hash, group in groups.items():
+            known = await self._known_version(account_id, cipher, event_hash, group)
+            if known is None:
+                to_fetch[event_hash] = group
+                continue
+            changes += known
+            for delivery in group:
+                delivery.outcome = Outcome.ack()
+        if not to_fetch:
+            self._count(changes)
+            return changes
+
+        if self._run_delta is not None and len(to_fetch) >= self._burst_min_events:
+            # Many distinct events of one mailbox at once: one delta pass of the window
+            # costs a few requests where a GET each would cost one per event.
+            log.info("inbound.burst_delta", account_id=account_id, events=len(to_fetch))
+            self._metrics.burst_passes.inc()
+            try:
+                changes += await self._run_delta(account_id, cipher, user_id, False, "burst")
+                outcome = Outcome.ack()
+            except (TransientError, PermanentError) as exc:
+                outcome = _outcome_for(exc)
+            for group in to_fetch.values():
+                for delivery in group:
+                    delivery.outcome = outcome
+            return changes
+
         async def fetch(event_hash: str) -> dict[str, Any] | BaseException | None:
             try:
                 return await self._graph.get_event(
@@ -234,9 +282,8 @@ class InboundHandler:
             except (TransientError, PermanentError, ReauthorizationRequired) as exc:
                 return exc
 
-        results = await asyncio.gather(*(fetch(h) for h in groups))
-        changes: list[Change] = []
-        for (event_hash, group), result in zip(groups.items(), results, strict=True):
+        results = await asyncio.gather(*(fetch(h) for h in to_fetch))
+        for (event_hash, group), result in zip(to_fetch.items(), results, strict=True):
             if isinstance(result, ReauthorizationRequired):
                 raise result
             if isinstance(result, BaseException):
@@ -247,6 +294,13 @@ class InboundHandler:
                         account_id, user_id, cipher, event_hash, result
                     )
                     outcome = Outcome.ack()
+                    if result is not None:
+                        # Each notified version existed before this fetch, so the stored
+                        # version is now at or above it.
+                        self._remember(
+                            event_hash,
+                            {str(d.body["etag_hash"]) for d in group if d.body.get("etag_hash")},
+                        )
                 except (TransientError, PermanentError) as exc:
                     if isinstance(exc, ReauthorizationRequired):
                         raise
@@ -254,6 +308,68 @@ class InboundHandler:
             for delivery in group:
                 delivery.outcome = outcome
         return changes
+
+    async def _known_version(
+        self, account_id: str, cipher: DataCipher, event_hash: str, group: Sequence[Delivery]
+    ) -> list[Change] | None:
+        """Settle a group of notifications without a fetch when the versions they name are
+        known here; None when Graph must be asked.
+
+        Every notification names the ``changeKey`` of the version that caused it. A version
+        already stored needs nothing; a version the service itself wrote for 1Relation is
+        stored from Graph's answer to that write and announced to no one; a deletion the
+        service made is recorded without telling 1Relation.
+        """
+        deleted = any(d.body.get("change_type") == "deleted" for d in group)
+        etags = {d.body.get("etag_hash") for d in group}
+        if deleted:
+            if self._links is not None and self._links.deleted_by_us(
+                await self._links.doc_for(account_id, event_hash), event_hash
+            ):
+                self._metrics.echoes_suppressed.inc()
+                await self._events.mark_deleted(account_id, event_hash, announce=False)
+                for key in await self._events.series_instance_keys(account_id, event_hash):
+                    await self._events.mark_deleted(account_id, key, announce=False)
+                return []
+            return None
+        if None in etags:
+            return None
+        stored_ck, tombstone = await self._events.stored_version(account_id, event_hash)
+        settled = {stored_ck} | self._settled.get(event_hash, set())
+        if not tombstone and stored_ck is not None and etags <= settled:
+            self._metrics.fetches_skipped.inc()
+            return []
+        if self._links is None:
+            return None
+        link = await self._links.doc_for(account_id, event_hash)
+        if link is None:
+            return None
+        ours = self._links.echo_hashes(link)
+        if not etags <= ours | ({stored_ck} if stored_ck and not tombstone else set()):
+            return None
+        written = self._links.written(link, account_id, cipher)
+        if written is not None and written[1].get("type") == "seriesMaster":
+            return None  # its occurrences are re-expanded on the fetch path
+        if written is not None and written[0] in etags:
+            await self._events.upsert_version(
+                account_id,
+                written[1],
+                cipher=cipher,
+                announce=False,
+                relation_event_id=str(link["relation_event_id"]),
+            )
+        elif written is None:
+            return None  # our write's answer is not stored: fetch what Graph has
+        # else: an older write of ours, already superseded by the one whose answer is kept
+        self._metrics.echoes_suppressed.inc()
+        self._metrics.fetches_skipped.inc()
+        return []
+
+    def _remember(self, event_hash: str, etags: set[str]) -> None:
+        known = self._settled.pop(event_hash, set()) | etags
+        self._settled[event_hash] = set(list(known)[-SETTLED_PER_EVENT:])
+        while len(self._settled) > SETTLED_EVENTS:
+            self._settled.popitem(last=False)
 
     async def _reconcile(
         self,
@@ -266,12 +382,19 @@ class InboundHandler:
         """Write the fetched state of one event (None: Graph says it is gone)."""
         if event is None:
             changes = []
-            deleted = await self._events.mark_deleted(account_id, event_hash)
+            announce = True
+            if self._links is not None and self._links.deleted_by_us(
+                await self._links.doc_for(account_id, event_hash), event_hash
+            ):
+                # Deleted by the service for 1Relation: 1Relation made this change.
+                self._metrics.echoes_suppressed.inc()
+                announce = False
+            deleted = await self._events.mark_deleted(account_id, event_hash, announce=announce)
             if deleted is not None:
                 changes.append(deleted)
             # A deleted series master takes its occurrences and exceptions with it.
             for key in await self._events.series_instance_keys(account_id, event_hash):
-                instance = await self._events.mark_deleted(account_id, key)
+                instance = await self._events.mark_deleted(account_id, key, announce=announce)
                 if instance is not None:
                     changes.append(instance)
             self._count(changes)

@@ -26,6 +26,7 @@ __all__ = [
     "AcceptedLifecycle",
     "MalformedBody",
     "Rejected",
+    "change_key_of",
     "check_change",
     "check_lifecycle",
     "parse_collection",
@@ -66,6 +67,9 @@ class Accepted:
     change_type: str
     event_id: str = field(repr=False)  # a Graph id: kept out of reprs and logs
     subscription_hash: str
+    #: The ``changeKey`` of the version that caused the notification (from
+    #: ``resourceData.@odata.etag``), None when Graph sent none or it is unusable.
+    change_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,9 @@ async def check_change(
         data_id = resource_data.get("id")
         if data_id is not None and data_id != event_id:
             return Rejected("resource_mismatch")
+        change_key = change_key_of(resource_data.get("@odata.etag"))
+    else:
+        change_key = None
 
     record = await _our_subscription(fields, lookup=lookup, hasher=hasher)
     if isinstance(record, Rejected):
@@ -180,7 +187,21 @@ async def check_change(
         change_type=fields["changeType"],
         event_id=event_id,
         subscription_hash=record.subscription_hash,
+        change_key=change_key,
     )
+
+
+def change_key_of(etag: object) -> str | None:
+    """The ``changeKey`` inside an event's ``@odata.etag`` (``W/"…"``); None if unusable.
+
+    An unusable etag only costs the worker a fetch, so it does not reject the item.
+    """
+    if not isinstance(etag, str) or len(etag) > _MAX_FIELD_CHARS:
+        return None
+    value = etag[2:] if etag.startswith("W/") else etag
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return value or None
 
 
 async def check_lifecycle(

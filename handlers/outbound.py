@@ -19,9 +19,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from crypto import SEAL_FIELD, DataCipher, DecryptionError, seal_message, seal_valid
+from handlers.decisions import plan_update
 from handlers.outbound_validation import (
     FIELD_GROUPS,
     MAX_MESSAGE_BYTES,
@@ -39,7 +41,7 @@ from processor.errors import (
     ThrottledError,
     TransientError,
 )
-from processor.event_store import EventStore
+from processor.event_store import EventStore, next_sequence
 from processor.graph import GraphClient
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
@@ -153,6 +155,7 @@ class Reporter:
             origin="microsoft",
             last_modified=lm,
             relation_event_id=link.relation_event_id,
+            sequence=next_sequence(None),
         )
         body["lost_fields"] = sorted(lost)
         body["revision"] = change.revision
@@ -169,6 +172,7 @@ class Reporter:
                 origin="microsoft",
                 last_modified=None,
                 relation_event_id=link.relation_event_id,
+                sequence=next_sequence(None),
             ),
         )
 
@@ -284,6 +288,8 @@ class OutboundHandler:
         reporter: Reporter,
         metrics: Metrics,
         tombstone_ttl_s: float,
+        parked_ttl_s: float = 14 * 86400.0,
+        parked_max: int = 10_000,
     ) -> None:
         self._store = store
         self._events = events
@@ -293,6 +299,8 @@ class OutboundHandler:
         self._reporter = reporter
         self._metrics = metrics
         self._tombstone_ttl_s = tombstone_ttl_s
+        self._parked_ttl_s = parked_ttl_s
+        self._parked_max = parked_max
         self.writes = metrics.counter(
             "outbound_writes_total", "Graph writes made for 1Relation, by kind.", ("kind",)
         )
@@ -361,6 +369,7 @@ class OutboundHandler:
             for item in todo:
                 await self._park(item, cipher)
             return
+        await self._drop_expired(account_id)
         parked = [
             _Pending(
                 None,
@@ -406,8 +415,30 @@ class OutboundHandler:
             item.delivery.outcome = outcome
 
     async def _park(self, item: _Pending, cipher: DataCipher) -> None:
-        """Keep the change, encrypted, for replay after reconnect; ack it from the queue."""
+        """Keep the change, encrypted, for replay after reconnect; ack it from the queue.
+
+        Parked changes are bounded per account in number and in age; a change past either
+        bound is dropped and reported to 1Relation as ``event.rejected``.
+        """
         if item.delivery is not None:
+            account_id = item.change.account_id
+            await self._drop_expired(account_id)
+            if await self._links.count_parked(account_id) >= self._parked_max:
+                reason = (
+                    f"the account cannot write to Outlook until its user reconnects and already "
+                    f"has {self._parked_max} changes waiting; this change was dropped: send it "
+                    f"again once the account is connected"
+                )
+                log.warning("outbound.parked_full", account_id=account_id)
+                await self._reporter.rejected_change(
+                    account_id,
+                    item.change.relation_event_id,
+                    item.change.revision,
+                    reason,
+                    "parked_full",
+                )
+                item.delivery.outcome = Outcome.dead_letter(reason)
+                return
             await self._links.park(
                 item.change.account_id,
                 item.change.relation_event_id,
@@ -415,6 +446,27 @@ class OutboundHandler:
                 _shard_body(item.change, cipher),
             )
             item.delivery.outcome = Outcome.ack()
+
+    async def _drop_expired(self, account_id: str) -> None:
+        """Drop the account's changes parked longer than the limit, telling 1Relation."""
+        before = datetime.now(UTC) - timedelta(seconds=self._parked_ttl_s)
+        expired = await self._links.take_expired_parked(account_id, before)
+        if not expired:
+            return
+        days = self._parked_ttl_s / 86400
+        reason = (
+            f"this change waited more than {days:g} days for the account's user to reconnect "
+            f"and was dropped: send it again once the account is connected"
+        )
+        log.warning("outbound.parked_expired", account_id=account_id, count=len(expired))
+        for doc in expired:
+            await self._reporter.rejected_change(
+                account_id,
+                str(doc["relation_event_id"]),
+                doc.get("revision"),
+                reason,
+                "parked_expired",
+            )
 
     async def _apply(self, change: OutboundChange, cipher: DataCipher, user_id: str) -> None:
         link = await self._links.get(change.account_id, change.relation_event_id, cipher)
@@ -424,6 +476,10 @@ class OutboundHandler:
             return  # redelivered or reordered: already applied or superseded
         if change.op == "delete":
             if link.graph_id is not None and not link.deleted:
+                # Graph's notification of the deletion may be handled before DELETE returns.
+                await self._links.record_intent(
+                    link, revision=change.revision, intended={}, cipher=cipher, op="delete"
+                )
                 await self._graph.delete_event(change.account_id, user_id, link.graph_id)
                 self.writes.labels(kind="delete").inc()
             await self._links.record_deleted(
@@ -441,20 +497,16 @@ class OutboundHandler:
     ) -> None:
         assert change.event is not None
         fields = {k: v for k, v in change.event.items() if v is not None}
+        txn = transaction_id(change.account_id, change.relation_event_id, link.generation)
         await self._links.record_intent(
-            link, revision=change.revision, intended=fields, cipher=cipher
+            link, revision=change.revision, intended=fields, cipher=cipher, transaction_id=txn
         )
         body = {
             **to_graph(fields),
             "singleValueExtendedProperties": [{"id": ORIGIN_PROPERTY_ID, "value": "1relation"}],
         }
         created = await self._graph.create_event(
-            change.account_id,
-            user_id,
-            body,
-            transaction_id=transaction_id(
-                change.account_id, change.relation_event_id, link.generation
-            ),
+            change.account_id, user_id, body, transaction_id=txn
         )
         self.writes.labels(kind="create").inc()
         await self._links.record_written(
@@ -466,6 +518,7 @@ class OutboundHandler:
             change_key=created.get("changeKey"),
             last_modified=_lm(created),
             cipher=cipher,
+            answer=created,
         )
 
     async def _update(
@@ -478,34 +531,38 @@ class OutboundHandler:
         outlook: dict[str, Any] = dict(link.state)
         outlook_lm = link.base_lm
         if seen is not None:
-            outlook = self._events.decrypt(seen, cipher)[1]
+            # Fields the store does not keep (categories) are as the service last wrote them.
+            outlook = {**link.state, **self._events.decrypt(seen, cipher)[1]}
             outlook_lm = seen.get("lm")
             if outlook.get("isOrganizer") is False:
                 raise PermanentError(
                     "the account does not organise this meeting, so the change is not written "
                     "(it would fail or send attendees a misleading update)"
                 )
+            if (
+                link.base_lm is not None
+                and outlook_lm is not None
+                and _aware(outlook_lm) < _aware(link.base_lm)
+            ):
+                # The stored copy predates our last write (its notification is not handled
+                # yet): what we wrote is what Outlook shows for those fields.
+                outlook = {**outlook, **link.state}
         outlook_changed = (
             seen is not None
             and link.base_lm is not None
             and outlook_lm is not None
             and outlook_lm > link.base_lm
         )
-        patch: dict[str, Any] = {}
-        lost: list[str] = []
-        for names in FIELD_GROUPS.values():
-            mine = {n: change.event[n] for n in names if n in change.event}
-            if not mine:
-                continue
-            current = {n: outlook.get(n) for n in mine}
-            if comparable(mine) == comparable(current):
-                continue  # Outlook already shows it: never PATCH a field that did not change
-            base = {n: link.state.get(n) for n in mine}
-            theirs_changed = outlook_changed and comparable(current) != comparable(base)
-            if theirs_changed and outlook_lm is not None and outlook_lm > change.occurred_at:
-                lost.extend(mine)  # both sides changed this group; Outlook's change is newer
-                continue
-            patch.update(mine)
+        plan = plan_update(
+            outlook=outlook,
+            last_written=link.state,
+            wanted=change.event,
+            outlook_changed_at=outlook_lm if outlook_changed else None,
+            wanted_at=change.occurred_at,
+            groups=FIELD_GROUPS,
+            normalise=comparable,
+        )
+        patch, lost = plan.patch, list(plan.lost_fields)
         if lost:
             await self._reporter.conflict(link, change, lost, outlook_lm)
         if not patch:
@@ -521,7 +578,7 @@ class OutboundHandler:
         if updated is None:
             # Deleted in Outlook: not recreated (the user meant it); 1Relation is told.
             await self._links.record_deleted(
-                link, change.revision, tombstone_ttl_s=self._tombstone_ttl_s
+                link, change.revision, tombstone_ttl_s=self._tombstone_ttl_s, by_us=False
             )
             await self._reporter.deleted_in_outlook(link)
             return
@@ -530,11 +587,17 @@ class OutboundHandler:
             revision=change.revision,
             graph_id=link.graph_id,
             event_key=link.event_key,
-            state={**link.state, **patch},
+            # Fields left out because Outlook already showed them are part of the base too.
+            state={**link.state, **{n: v for n, v in change.event.items() if n not in lost}},
             change_key=updated.get("changeKey"),
             last_modified=_lm(updated),
             cipher=cipher,
+            answer=updated,
         )
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _lm(event: Mapping[str, Any]) -> Any:

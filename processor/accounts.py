@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any, Final
 
 from processor.errors import TransientError
 from processor.event_store import EventStore
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
+from processor.metrics import Metrics
 from processor.store import Store, aad
 from processor.timeutil import isoformat_z, utcnow
 from processor.topology import ONERELATION_INBOUND
@@ -45,15 +47,46 @@ DEFAULT_REASONS: Final = {
     "disconnected": "The account is not connected to Microsoft 365.",
 }
 
+#: What failed, and what a person can do, when an account enters a status that stops it.
+FAILURES: Final = {
+    "reauthorization_required": (
+        "Microsoft 365 refused the account's stored sign-in",
+        "The user must click 'Connect to Microsoft' in 1Relation again; the calendar "
+        "catches up by itself afterwards.",
+    ),
+    "admin_consent_required": (
+        "Microsoft 365 refused access because the organisation has not approved the app",
+        "An administrator of the user's Microsoft 365 organisation must approve the app, "
+        "then the user connects again.",
+    ),
+}
+
 SYNC_STATE = "sync_state"
+
+
+def describe_failure(status: str, reason: str, *, at: datetime) -> str:
+    """``last_error`` for a failure that put the account in ``status``: what failed, when,
+    why and what a person can do, in words (``reason`` is ours, never Graph's text)."""
+    what, action = FAILURES.get(
+        status, ("Synchronisation stopped", DEFAULT_REASONS.get(status, ""))
+    )
+    why = f": {reason.rstrip('.')}" if reason and reason != DEFAULT_REASONS.get(status) else ""
+    return f"{what} at {isoformat_z(at)}{why}. {action}".strip()
 
 
 class AccountStatuses:
     """Changes account statuses and tells 1Relation (``account.status``) when one changes."""
 
     def __init__(
-        self, *, store: Store, events: EventStore, publisher: Publisher, timeout_s: float
+        self,
+        *,
+        store: Store,
+        events: EventStore,
+        publisher: Publisher,
+        metrics: Metrics,
+        timeout_s: float,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._events = events
         self._publisher = publisher
@@ -69,8 +102,14 @@ class AccountStatuses:
         if status not in STATUSES:
             raise ValueError(f"unknown account status {status!r}")
         text = DEFAULT_REASONS[status] if reason is None else reason
+        if status in FAILURES:
+            # Written before the status so that the account.status it causes carries it.
+            await record_sync(
+                self._store, account_id, error=describe_failure(status, text, at=utcnow())
+            )
         changed = await self._store.set_status(account_id, status, text)
         if changed:
+            self._metrics.account_status_changes.labels(status=status).inc()
             log.info("account.status_changed", account_id=account_id, status=status)
             await self.publish(account_id)
         return changed

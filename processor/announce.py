@@ -50,8 +50,9 @@ class Announcer:
                 event_key=change.event_key,
                 change=change.change,
                 origin="microsoft",
-                last_modified=change.last_modified,
+                last_modified=change.last_modified_text or change.last_modified,
                 relation_event_id=change.relation_event_id,
+                sequence=change.seq,
             ),
             message_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{change.event_key}:{change.seq}")),
         )

@@ -9,6 +9,7 @@ answers 401 before the account is even looked at. Errors are the contract's JSON
   ``[start, end)``, decrypted, sorted by start then ``event_key``, paged through ``next``.
 - ``POST   /api/v1/accounts/{id}/resync``: queue a full resync; 202.
 - ``DELETE /api/v1/accounts/{id}``: erase; 204, also when repeated or never known.
+- ``GET    /api/v1/openapi.json``: ``docs/openapi.yaml`` as JSON.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import base64
 import binascii
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Mapping
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
+from contract import openapi_document
 from crypto import DecryptionError
 from processor.accounts import AccountStatuses
 from processor.errors import AccountUnavailable, KeyUnreadable, TransientError
@@ -84,6 +87,7 @@ CONTRACT_EVENT_FIELDS: Final = (
     "webLink",
 )
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_LIMIT: Final = re.compile(r"[0-9]{1,7}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -138,7 +142,10 @@ def _decode_cursor(text: str) -> tuple[datetime, str]:
         raise _BadRequest("cursor is not one this service issued") from None
     if isinstance(millis, bool) or not isinstance(millis, int) or not isinstance(key, str):
         raise _BadRequest("cursor is not one this service issued")
-    return _EPOCH + timedelta(milliseconds=millis), key
+    try:
+        return _EPOCH + timedelta(milliseconds=millis), key
+    except OverflowError:  # an integer no datetime can hold
+        raise _BadRequest("cursor is not one this service issued") from None
 
 
 def _instant(query: Mapping[str, str], name: str) -> datetime:
@@ -164,7 +171,8 @@ def _limit(query: Mapping[str, str]) -> int:
     value = query.get("limit")
     if value is None:
         return DEFAULT_LIMIT
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    # str.isdigit() also accepts "²" and other non-ASCII digits int() refuses.
+    if _LIMIT.fullmatch(value) is None or not 1 <= int(value) <= MAX_LIMIT:
         raise _BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
     return int(value)
 
@@ -342,6 +350,9 @@ class _Api:
                 )
         return web.Response(status=204)
 
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(openapi_document())
+
     async def unknown(self, request: web.Request) -> web.StreamResponse:
         return json_error(404, "not_found", "no such API route")
 
@@ -355,8 +366,10 @@ def add_api_routes(
     statuses: AccountStatuses,
     publisher: Any,
     eraser: Eraser,
+    extra_gets: Sequence[tuple[str, Handler]] = (),
 ) -> None:
-    """Register the ``/api/v1`` routes, every one behind the bearer check."""
+    """Register the ``/api/v1`` routes, every one behind the bearer check (``extra_gets``:
+    more GET routes under ``/api/v1`` from other modules, behind the same check)."""
     api = _Api(
         settings=settings,
         store=store,
@@ -371,6 +384,11 @@ def add_api_routes(
     router.add_delete(account, api.guarded(api.erase))
     router.add_get(f"{account}/events", api.guarded(api.events), allow_head=False)
     router.add_post(f"{account}/resync", api.guarded(api.resync))
+    for path, handler in extra_gets:
+        router.add_get(path, api.guarded(handler), allow_head=False)
+    # Behind the token like every /api/v1 route (CONTRACT §2); the same file is public in
+    # docs/, so the guard hides nothing from 1Relation and nothing new from anyone else.
+    router.add_get(f"{API_PREFIX}/openapi.json", api.guarded(api.openapi), allow_head=False)
     # Anything else under /api/v1 also answers 401 without a token (then 404).
     router.add_route("*", f"{API_PREFIX}/{{tail:.*}}", api.guarded(api.unknown))
 
@@ -380,6 +398,12 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
 
     Returns the function that closes what this opened (MSAL's HTTP connection pool).
     """
+    from processor.operator_page import (  # noqa: PLC0415
+        STATUS_PATH,
+        add_operator_page,
+        status_handler,
+    )
+    from processor.status import collect as collect_status  # noqa: PLC0415
     from subscriptions.connect import CONNECT_FLOWS, add_connect_routes  # noqa: PLC0415
     from subscriptions.consent import CONSENT_FLOWS, add_consent_routes  # noqa: PLC0415
     from subscriptions.links import USED_LINKS, LinkVerifier, MongoUsedLinks  # noqa: PLC0415
@@ -390,6 +414,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
     apps = MsalApps(
         client_id=settings.client_id,
         client_secret=settings.client_secret,
+        client_certificate=settings.client_certificate,
         authority_host=settings.authority_host,
         ca_bundle=settings.ca_bundle,
     )
@@ -398,6 +423,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         return_url_origins=settings.return_url_origins,
         used=MongoUsedLinks(rt.db),
         hasher=rt.hasher,
+        require_audience=settings.link_audience_required,
     )
     add_connect_routes(
         app,
@@ -409,7 +435,14 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         apps=apps,
         links=links,
     )
-    add_consent_routes(app, settings=settings, store=rt.store, links=links)
+    add_consent_routes(app, settings=settings, store=rt.store, links=links, apps=apps)
+    add_operator_page(app)
+
+    async def operator_facts() -> dict[str, Any]:
+        return await collect_status(
+            db=rt.db, connection=rt.connection, shard_count=settings.shard_count
+        )
+
     add_api_routes(
         app,
         settings=settings,
@@ -424,6 +457,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
             publisher=rt.publisher,
             publish_timeout_s=settings.publish_timeout_s,
         ),
+        extra_gets=[(STATUS_PATH, status_handler(operator_facts))],
     )
     return apps.close
 

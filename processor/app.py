@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -56,6 +56,8 @@ from processor.store import Document, Store, wait_for_database
 from processor.timeutil import utcnow
 from processor.tokens import MsalApps, MsalTokenProvider
 from processor.topology import (
+    DEAD_QUEUE,
+    LIFECYCLE_QUEUE,
     OUTBOUND_EXCHANGE,
     OUTBOUND_INTAKE_QUEUE,
     TopologyConfig,
@@ -63,7 +65,7 @@ from processor.topology import (
     shard_queue_names,
     shard_routing_key,
 )
-from processor.web import build_app
+from processor.web import build_app, build_internal_app
 from subscriptions.lifecycle import LifecycleConsumer, LifecycleHandler
 from subscriptions.manager import ManagerSettings, SubscriptionManager
 
@@ -138,7 +140,7 @@ async def build_runtime(
         raise SettingsError(f"M365SYNC_MASTER_KEYS lacks master key ids in use: {named}")
     events = EventStore(db=db, hasher=hasher, tombstone_ttl_s=settings.tombstone_ttl_days * 86400)
 
-    connection = await broker_mod.connect(settings.amqp_url, name=f"m365sync:{os.getpid()}")
+    connection = await broker_mod.connect(settings.amqp_urls, name=f"m365sync:{os.getpid()}")
     stack.push_async_callback(connection.close)
     channel = await connection.channel()
     await declare_topology(
@@ -159,6 +161,7 @@ async def build_runtime(
         apps=MsalApps(
             client_id=settings.client_id,
             client_secret=settings.client_secret,
+            client_certificate=settings.client_certificate,
             authority_host=settings.authority_host,
             ca_bundle=settings.ca_bundle,
         ),
@@ -175,7 +178,20 @@ async def build_runtime(
         publisher=publisher, events=events, metrics=metrics, timeout_s=settings.publish_timeout_s
     )
     statuses = AccountStatuses(
-        store=store, events=events, publisher=publisher, timeout_s=settings.publish_timeout_s
+        store=store,
+        events=events,
+        publisher=publisher,
+        metrics=metrics,
+        timeout_s=settings.publish_timeout_s,
+    )
+    metrics.counts(
+        "graph_calls_total",
+        "Microsoft Graph calls of this process: requests (HTTP calls made), and by outcome "
+        "succeeded, not_found, throttled (429/503/504 answers), retries, unauthorized, "
+        "delta_resets, errors, gate_waits (held back by a mailbox's Retry-After), "
+        "gate_refusals (failed without a request while the mailbox waits).",
+        "outcome",
+        lambda: graph.stats,
     )
     return Runtime(
         links=LinkStore(db=db, hasher=hasher),
@@ -230,6 +246,40 @@ async def receiver_role(rt: Runtime, *, sock: socket.socket | None = None) -> As
 
 
 @contextlib.asynccontextmanager
+async def internal_listener(
+    rt: Runtime, *, sock: socket.socket | None = None
+) -> AsyncIterator[int]:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on the internal listener (every role,
+    one per process: the roles of one process share their metrics); yields the bound port.
+
+    Bound to ``M365SYNC_METRICS_HOST`` (loopback by default), away from the ingress.
+    """
+    app = build_internal_app(readiness=rt.readiness, metrics=rt.metrics)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    if sock is not None:
+        site: web.BaseSite = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, rt.settings.metrics_host, rt.settings.metrics_port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise RuntimeError(
+            f"cannot listen for metrics on {rt.settings.metrics_host}:{rt.settings.metrics_port}"
+            f" ({exc.strerror}); set M365SYNC_METRICS_PORT (0 picks a free port)"
+        ) from exc
+    server = getattr(site, "_server", None)
+    sockets = getattr(server, "sockets", None) or []
+    port = sockets[0].getsockname()[1] if sockets else rt.settings.metrics_port
+    log.info("metrics.started", host=rt.settings.metrics_host, port=port)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
     """Consume the inbound shard queues; drain within the grace period on exit."""
     window = SyncWindow(rt.settings.sync_window_past_days, rt.settings.sync_window_future_days)
@@ -242,7 +292,9 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         metrics=rt.metrics,
         window=window,
         links=rt.links,
+        burst_min_events=rt.settings.burst_min_events,
         run_delta=DeltaRunner(
+            links=rt.links,
             store=rt.store,
             events=rt.events,
             graph=rt.graph,
@@ -326,6 +378,8 @@ async def outbound_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
             reporter=reporter,
             metrics=rt.metrics,
             tombstone_ttl_s=rt.settings.tombstone_ttl_days * 86400,
+            parked_ttl_s=rt.settings.parked_ttl_days * 86400,
+            parked_max=rt.settings.parked_max_per_account,
         ),
         publisher=rt.publisher,
         retry_target="outbound",
@@ -383,6 +437,44 @@ async def _every(interval_s: float, job: Callable[[], Awaitable[Any]]) -> None:
             log.exception("background.failed", job=getattr(job, "__name__", "job"))
 
 
+QUEUE_DEPTH_INTERVAL_S = 30.0
+
+
+def queue_names(shard_count: int) -> list[str]:
+    """The work and dead-letter queues whose depth the metrics report."""
+    return [
+        *shard_queue_names("inbound", shard_count),
+        *shard_queue_names("outbound", shard_count),
+        OUTBOUND_INTAKE_QUEUE,
+        LIFECYCLE_QUEUE,
+        DEAD_QUEUE,
+    ]
+
+
+class QueueDepths:
+    """Reads queue depths with passive declares (no management API needed)."""
+
+    def __init__(self, connection: AbstractRobustConnection, names: Sequence[str]) -> None:
+        self._connection = connection
+        self._names = list(names)
+        self._channel: AbstractChannel | None = None
+        #: Last read message count per queue name.
+        self.messages: dict[str, int] = {}
+
+    async def refresh(self) -> None:
+        """Read every queue's message count (a missing queue closes the channel: reopen)."""
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+        for name in self._names:
+            queue = await self._channel.declare_queue(name, passive=True)
+            self.messages[name] = int(queue.declaration_result.message_count or 0)
+
+    async def close(self) -> None:
+        """Close the channel, if open."""
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+
 @contextlib.asynccontextmanager
 async def subscriptions_role(
     rt: Runtime,
@@ -417,12 +509,30 @@ async def subscriptions_role(
     await lifecycle.start()
     await manager.start()
     sweeper = asyncio.create_task(_every(60.0, rt.store.sweep_expired))
+    rt.metrics.gauges(
+        "subscriptions_expiring",
+        "Accounts (not paused) by how soon their subscription expires, at the last scan: "
+        "within_1h, within_6h, within_24h (cumulative), none (no live subscription).",
+        "horizon",
+        lambda: manager.expiring,
+    )
+    depths = QueueDepths(rt.connection, queue_names(rt.settings.shard_count))
+    rt.metrics.gauges(
+        "queue_messages",
+        "Messages waiting in each of the service's queues (ready, not yet delivered), read by the "
+        "subscriptions role every 30 s.",
+        "queue",
+        lambda: depths.messages,
+    )
+    poller = asyncio.create_task(_every(QUEUE_DEPTH_INTERVAL_S, depths.refresh))
     log.info("subscriptions.started", owner=manager.owner)
     try:
         yield manager
     finally:
         sweeper.cancel()
-        await asyncio.gather(sweeper, return_exceptions=True)
+        poller.cancel()
+        await asyncio.gather(sweeper, poller, return_exceptions=True)
+        await depths.close()
         await lifecycle.stop()
         await manager.stop()
         if not channel.is_closed:
@@ -432,7 +542,7 @@ async def subscriptions_role(
 
 async def run_roles(settings: Settings, roles: Sequence[str]) -> int:
     """Run ``roles`` in this process until SIGTERM or SIGINT; returns the exit code."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, log_format=settings.log_format)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -442,6 +552,7 @@ async def run_roles(settings: Settings, roles: Sequence[str]) -> int:
             INBOUND_MAILBOX_CONCURRENCY if "worker" in roles else OUTBOUND_MAILBOX_CONCURRENCY
         )
         rt = await build_runtime(settings, stack, mailbox_concurrency=concurrency)
+        await stack.enter_async_context(internal_listener(rt))
         if "receiver" in roles:
             await stack.enter_async_context(receiver_role(rt))
         if "worker" in roles:

@@ -33,9 +33,9 @@ WORKERS: Final = "workers"
 HEARTBEAT_S: Final = 2.0
 #: A process whose heartbeat is older than this is taken for gone.
 HEARTBEAT_TTL_S: Final = 10.0
-#: A shard is let go again (after deliveries kept coming to a process it is not assigned
-#: to) at most this often: each release returns what was received and not started, which
-#: counts as a delivery of those messages.
+#: While the live processes stay the same, a shard is let go again (after deliveries kept
+#: coming to a process it is not assigned to) at most this often: each release returns what
+#: was received and not started, which counts as a delivery of those messages.
 RELEASE_AGAIN_AFTER_S: Final = 60.0
 
 
@@ -47,6 +47,8 @@ class Releasable(Protocol):
 
     @property
     def received(self) -> Mapping[str, int]: ...
+
+    def report(self) -> Mapping[str, Any]: ...
 
     async def release(self, name: str) -> int: ...
 
@@ -75,20 +77,28 @@ class Registry:
         self._collection = db[WORKERS]
         self._clock = clock
 
-    async def beat(self, role: str, member: str) -> None:
+    async def beat(self, role: str, member: str, report: Mapping[str, Any] | None = None) -> None:
         now = self._clock()
+        fields: dict[str, Any] = {
+            "role": role,
+            "member": member,
+            "seen_at": now,
+            "expires_at": now + timedelta(seconds=HEARTBEAT_TTL_S),
+        }
+        if report is not None:
+            fields["report"] = dict(report)
         await self._collection.update_one(
-            {"_id": f"{role}/{member}"},
-            {
-                "$set": {
-                    "role": role,
-                    "member": member,
-                    "seen_at": now,
-                    "expires_at": now + timedelta(seconds=HEARTBEAT_TTL_S),
-                }
-            },
-            upsert=True,
+            {"_id": f"{role}/{member}"}, {"$set": fields}, upsert=True
         )
+
+    async def reports(self, role: str) -> list[dict[str, Any]]:
+        """The ``report`` of each live process of ``role`` (:class:`processor.lag.LagTracker`)."""
+        now = self._clock()
+        return [
+            dict(doc.get("report") or {})
+            async for doc in self._collection.find({"role": role})
+            if doc.get("expires_at") is not None and as_utc(doc["expires_at"]) > now
+        ]
 
     async def live(self, role: str) -> list[str]:
         now = self._clock()
@@ -125,6 +135,7 @@ class Balancer:
         self._assignment: dict[str, str] = {}
         self._released_at: dict[str, float] = {}
         self._received_at_release: dict[str, int] = {}
+        self._live_at_release: dict[str, frozenset[str]] = {}
         self._task: asyncio.Task[None] | None = None
         self.stats = {"rounds": 0, "releases": 0, "returned": 0}
 
@@ -138,7 +149,7 @@ class Balancer:
 
     async def start(self) -> None:
         """Announce this process (after its consumer subscribed) and start the rounds."""
-        await self._registry.beat(self._role, self.member)
+        await self._registry.beat(self._role, self.member, self._consumer.report())
         self._task = asyncio.create_task(self._run(), name=f"balancer:{self._role}")
 
     async def stop(self) -> None:
@@ -163,11 +174,12 @@ class Balancer:
         """Beat, read the live processes, and let go of the shards that are another's and
         that this process is receiving."""
         self.stats["rounds"] += 1
-        await self._registry.beat(self._role, self.member)
+        await self._registry.beat(self._role, self.member, self._consumer.report())
         live = await self._registry.live(self._role)
         if self.member not in live:
             live.append(self.member)
         assignment = assign(self._consumer.queue_names, live)
+        members = frozenset(live)
         if assignment != self._assignment:
             log.info(
                 "balancer.assignment",
@@ -183,17 +195,22 @@ class Balancer:
                 continue
             # Only a process that has been receiving a shard is (or was) its active
             # consumer: a standby, or the holder of a quiet shard, has nothing to hand over
-            # (a quiet shard moves when its next message arrives). The same shard is let go
-            # again only after a while, so that a shard whose owner died (and whose
-            # heartbeat has not expired yet) does not bounce between the survivors.
+            # (a quiet shard moves when its next message arrives). With the same live
+            # processes, the same shard is let go again only after a while, so that a shard
+            # whose owner died (and whose heartbeat has not expired yet) does not bounce
+            # between the survivors. A changed set of processes is a new assignment, and
+            # may move it at once: processes that left gracefully, or whose heartbeat
+            # expired, would otherwise keep the survivors uneven for up to that while.
             active = received.get(name, 0) > self._received_at_release.get(name, 0)
             waited = now - self._released_at.get(name, -1e9) >= self._release_again_after_s
-            if active and waited:
-                await self._release(name, now)
+            changed = self._live_at_release.get(name) != members
+            if active and (waited or changed):
+                await self._release(name, now, members)
 
-    async def _release(self, name: str, now: float) -> None:
+    async def _release(self, name: str, now: float, members: frozenset[str]) -> None:
         returned = await self._consumer.release(name)
         self._released_at[name] = now
+        self._live_at_release[name] = members
         self._received_at_release[name] = self._consumer.received.get(name, 0)
         self.stats["releases"] += 1
         self.stats["returned"] += returned

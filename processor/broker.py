@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+import random
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,10 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
+from aio_pika.robust_connection import RobustConnection
+from yarl import URL
 
+from processor import lag
 from processor.interfaces import OutgoingMessage, PublishError
 from processor.logs import get_logger
 from processor.topology import DEAD_EXCHANGE, DELAY_HEADER, RETRY_EXCHANGE, retry_delay_bucket
@@ -43,17 +48,71 @@ ORIGIN_EXCHANGE_HEADER = "x-m365sync-origin-exchange"
 ORIGIN_ROUTING_KEY_HEADER = "x-m365sync-origin-routing-key"
 ORIGIN_QUEUE_HEADER = "x-m365sync-origin-queue"
 RETRIES_HEADER = "x-m365sync-retries"
+#: Milliseconds since the epoch at which the service dead-lettered the message.
+DEAD_LETTERED_HEADER = "x-m365sync-dead-lettered-ms"
 
 
 async def connect(
-    url: str, *, name: str, reconnect_interval_s: float = 2.0
+    url: str | Sequence[str], *, name: str, reconnect_interval_s: float = 2.0
 ) -> AbstractRobustConnection:
-    """Open the process's robust connection (reconnects and restores consumers itself)."""
-    return await aio_pika.connect_robust(
-        url,
+    """Open the process's robust connection (reconnects and restores consumers itself).
+
+    ``url`` may name several nodes of one cluster (a sequence, or one string with
+    comma-separated URLs): each connection attempt tries them in turn, starting with the
+    node it was last connected to, so losing a node costs one reconnect to the next.
+    """
+    urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else [*url]
+    urls = [u for u in urls if u]
+    if not urls:
+        raise ValueError("no AMQP URL given")
+    connection = ClusterConnection(
+        URL(urls[0]),
+        urls=[URL(u) for u in urls],
         client_properties={"connection_name": name},
         reconnect_interval=reconnect_interval_s,
     )
+    await connection.connect()
+    return connection
+
+
+class ClusterConnection(RobustConnection):
+    """A robust connection that knows every node of a cluster.
+
+    aio-pika's :class:`RobustConnection` reconnects to the one URL it was given; a cluster
+    whose node went away would leave it retrying a dead address. Each attempt here walks the
+    list, starting with the node that answered last.
+    """
+
+    def __init__(self, url: URL, *, urls: Sequence[URL], **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._urls = list(urls) or [url]
+        self._current = 0
+
+    @property
+    def node_url(self) -> URL:
+        """The URL of the node this connection uses (or tries) now."""
+        return self._urls[self._current]
+
+    async def _RobustConnection__connect_transport(self) -> None:  # noqa: N802  aio-pika's hook
+        # The name-mangled attempt of RobustConnection: one attempt per node, in turn.
+        attempt_one = RobustConnection._RobustConnection__connect_transport  # type: ignore[attr-defined]
+        for tried in range(len(self._urls)):
+            self.url = self._urls[self._current]
+            try:
+                await attempt_one(self)
+            except CONNECTION_EXCEPTIONS as exc:
+                if tried == len(self._urls) - 1:
+                    raise
+                log.info(
+                    "broker.node_unreachable",
+                    node=f"{self.url.host}:{self.url.port}",
+                    error=type(exc).__name__,
+                )
+                self._current = (self._current + 1) % len(self._urls)
+            else:
+                if len(self._urls) > 1:
+                    log.info("broker.node_connected", node=f"{self.url.host}:{self.url.port}")
+                return
 
 
 class ConfirmPublisher:
@@ -95,7 +154,7 @@ class ConfirmPublisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
-            headers=dict(message.headers),
+            headers={lag.PUBLISHED_HEADER: lag.now_ms(), **message.headers},
             expiration=(message.expiration_ms / 1000)
             if message.expiration_ms is not None
             else None,
@@ -164,8 +223,25 @@ class Outcome:
 
 
 #: Throttle retries never count against the delivery limit, but they are not endless:
-#: past this many the message is dead-lettered so an operator can see it.
+#: past this many, or once the message has been parked again and again for longer than
+#: MAX_PARKED_S since its first parking, it is dead-lettered so an operator can see it.
 MAX_THROTTLE_RETRIES = 200
+MAX_PARKED_S = 6 * 3600.0
+#: Spread of the random extra wait added to a parking (a fraction of the wait, capped), so
+#: the messages a throttled mailbox parked together do not all come back in one instant.
+PARK_JITTER_FRACTION = 0.2
+PARK_JITTER_MAX_S = 2.0
+PARKED_SINCE_HEADER = "x-m365sync-parked-since-ms"
+
+_jitter = random.Random()  # noqa: S311  spreading retries, not security
+
+
+def park_delay_s(asked_s: float, *, rng: random.Random = _jitter) -> float:
+    """How long to park a message that must wait ``asked_s``: that, plus a little jitter
+    (never less than asked: the wait is what Graph told the mailbox)."""
+    asked = max(asked_s, 0.0)
+    spread = min(PARK_JITTER_MAX_S, 0.05 + PARK_JITTER_FRACTION * asked)
+    return asked + rng.uniform(0.0, spread)
 
 
 def _copy(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
@@ -179,6 +255,7 @@ def _copy(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_p
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=message.message_id,
         correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
         headers=merged,
     )
 
@@ -202,13 +279,26 @@ async def settle(
     try:
         if action == "retry":
             retries = _int_header(message, RETRIES_HEADER) + 1
-            if retries > MAX_THROTTLE_RETRIES:
-                outcome = Outcome.dead_letter(f"still throttled after {retries - 1} retries")
+            now_ms = int(time.time() * 1000)
+            since_ms = _int_header(message, PARKED_SINCE_HEADER) or now_ms
+            if retries > MAX_THROTTLE_RETRIES or now_ms - since_ms > MAX_PARKED_S * 1000:
+                outcome = Outcome.dead_letter(
+                    f"still throttled after {retries - 1} retries"
+                    f" over {(now_ms - since_ms) // 1000} s"
+                )
                 action = "dead_letter"
             else:
-                bucket = retry_delay_bucket(outcome.delay_s)
-                copy = _copy(message, {DELAY_HEADER: str(bucket), RETRIES_HEADER: retries})
-                copy.expiration = max(outcome.delay_s, 0.05)
+                delay_s = park_delay_s(outcome.delay_s)
+                bucket = retry_delay_bucket(delay_s)
+                copy = _copy(
+                    message,
+                    {
+                        DELAY_HEADER: str(bucket),
+                        RETRIES_HEADER: retries,
+                        PARKED_SINCE_HEADER: since_ms,
+                    },
+                )
+                copy.expiration = max(delay_s, 0.05)
                 await publisher.publish_raw(
                     RETRY_EXCHANGE.format(target=retry_target),
                     message.routing_key or "",
@@ -225,6 +315,7 @@ async def settle(
                     ORIGIN_EXCHANGE_HEADER: message.exchange or "",
                     ORIGIN_ROUTING_KEY_HEADER: message.routing_key or "",
                     ORIGIN_QUEUE_HEADER: queue_name,
+                    DEAD_LETTERED_HEADER: lag.now_ms(),
                 },
             )
             await publisher.publish_raw(DEAD_EXCHANGE, "", copy, timeout_s=timeout_s)

@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     dlq_commands.add_parser("list", help="list dead-lettered messages with their reasons")
     replay = dlq_commands.add_parser("replay", help="send chosen dead letters back for another try")
     replay.add_argument("ids", nargs="+", metavar="ID")
+    status = commands.add_parser(
+        "status",
+        help="accounts by status, expiring subscriptions, queues, dead letters, lag (read-only)",
+    )
+    status.add_argument("--json", action="store_true", help="one JSON document for machines")
     return parser
 
 
@@ -75,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from processor.operator import rotate_keys  # noqa: PLC0415
 
             return _run(lambda: rotate_keys(settings))
+        if args.command == "status":
+            settings = _load(frozenset())
+            from processor.operator import status  # noqa: PLC0415
+
+            return _run(lambda: status(settings, as_json=args.json))
         if args.command == "dlq":
             settings = _load(OPERATOR_REQUIRED)
             from processor.operator import dlq_list, dlq_replay  # noqa: PLC0415

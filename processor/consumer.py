@@ -14,6 +14,7 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from aio_pika.abc import (
@@ -27,8 +28,11 @@ from pymongo.errors import ConnectionFailure
 
 from processor.broker import ConfirmPublisher, Outcome, settle
 from processor.errors import KeyUnreadable
+from processor.lag import LagTracker
 from processor.logs import correlation, get_logger
+from processor.messages import INBOUND_SCHEMA
 from processor.metrics import Metrics
+from processor.timeutil import utcnow
 
 log = get_logger(__name__)
 
@@ -140,10 +144,15 @@ class ShardConsumer:
         self._stopping = False
         #: Deliveries received per queue (the balancer reads it to see where it is active).
         self.received: dict[str, int] = dict.fromkeys(self._queue_names, 0)
+        self.lag = LagTracker(histogram=metrics.message_lag)
 
     @property
     def queue_names(self) -> list[str]:
         return list(self._queue_names)
+
+    def report(self) -> dict[str, Any]:
+        """Lag figures for the heartbeat (:meth:`processor.lag.LagTracker.report`)."""
+        return self.lag.report()
 
     async def start(self) -> None:
         """Start consuming every queue, each on its own channel with the prefetch."""
@@ -197,6 +206,7 @@ class ShardConsumer:
                     await self._accept(name, message, counted=True)
                 return 0
             returned = len(held)
+            self.lag.forget(name)
             old = self._subscriptions.pop(name)
             try:
                 await old.channel.close()
@@ -220,6 +230,7 @@ class ShardConsumer:
     ) -> None:
         if not counted:
             self.received[queue_name] = self.received.get(queue_name, 0) + 1
+            self.lag.received(queue_name, message)
         held = self._releasing.get(queue_name)
         if held is not None:
             # Its channel is about to close: the broker gives it to the next owner.
@@ -259,6 +270,9 @@ class ShardConsumer:
     async def _handle(self, account_id: str, batch: list[Delivery]) -> None:
         """Hand one batch to the handler and settle every delivery of it."""
         with correlation(batch[0].message.correlation_id, account_id=account_id):
+            # Debug-level marks of when this process worked on the account: the scaling
+            # test checks from them that no two processes ever overlap on one account.
+            log.debug("batch.started", queue=batch[0].queue_name, size=len(batch))
             fallback = Outcome.requeue("handler set no outcome")
             try:
                 await self._handler.handle_batch(account_id, batch)
@@ -278,6 +292,7 @@ class ShardConsumer:
                 if delivery.outcome is None:
                     delivery.outcome = fallback
             await asyncio.gather(*(self._settle(d) for d in batch))
+            log.debug("batch.settled", queue=batch[0].queue_name, size=len(batch))
 
     def _take(self, account_id: str) -> list[Delivery]:
         pending = self._pending.get(account_id)
@@ -301,6 +316,10 @@ class ShardConsumer:
             queue_name=delivery.queue_name,
         )
         self._metrics.messages_processed.labels(queue=delivery.queue_name, outcome=action).inc()
+        self.lag.settled(delivery.queue_name, delivery.message)
+        lag_s = inbound_lag_s(delivery.body)
+        if lag_s is not None:
+            self._metrics.inbound_lag.observe(lag_s)
 
     @property
     def in_flight(self) -> int:
@@ -329,3 +348,24 @@ class ShardConsumer:
             if not sub.channel.is_closed:
                 await sub.channel.close()
         self._subscriptions.clear()
+
+
+def inbound_lag_s(body: dict[str, Any], now: datetime | None = None) -> float | None:
+    """Seconds since the receiver accepted an inbound change notification, else None.
+
+    Only ``change`` messages count (a resync's timestamp is when it was requested); a
+    timestamp that does not parse, or lies in the future by clock skew, is not a lag.
+    """
+    if body.get("schema") != INBOUND_SCHEMA or body.get("kind") != "change":
+        return None
+    raw = body.get("received_at")
+    if not isinstance(raw, str):
+        return None
+    try:
+        received = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    if received.tzinfo is None:
+        return None
+    lag_s = ((now or utcnow()) - received).total_seconds()
+    return lag_s if lag_s >= 0 else None

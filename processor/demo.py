@@ -6,6 +6,13 @@ real MSAL authorization-code flow, subscribes, plays a script of Outlook changes
 Graph's misbehaviour switched on (duplicates, reordering, batching, 429s, 503s, late
 notifications for deleted events), plays a scripted 1Relation that reads what is
 announced, and checks that the decrypted database equals Microsoft's ground truth.
+
+The demo never touches the service's data. Each run makes a RabbitMQ vhost and a database
+of its own (random names, through the management API on port 15672 of the broker that
+``M365SYNC_AMQP_URL`` names, as the tests do), uses nothing else, and deletes both at the
+end; if it cannot make its vhost it refuses to run (exit 2). No other ``M365SYNC_*``
+variable reaches it but ``M365SYNC_LOG_LEVEL`` and ``M365SYNC_HTTP_PORT``: keys, secrets,
+Graph and identity endpoints are generated or the simulator's.
 """
 
 from __future__ import annotations
@@ -22,35 +29,125 @@ import tempfile
 import time
 import uuid
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import aio_pika
 import aiohttp
 import jwt
 
 from crypto import generate_master_key_spec
-from processor.app import build_runtime, mongo_client, outbound_role, receiver_role, worker_role
+from processor.app import (
+    build_runtime,
+    internal_listener,
+    mongo_client,
+    outbound_role,
+    receiver_role,
+    worker_role,
+)
 from processor.logs import configure_logging
-from processor.settings import SERVICE_REQUIRED, database_name_from_url, load_settings
+from processor.settings import Settings, database_name_from_url, load_settings
 from processor.timeutil import isoformat_z
 from processor.topology import ONERELATION_INBOUND_QUEUE, ONERELATION_OUTBOUND
 from processor.verify import diff_account, expected_events
 
 DEMO_ACCOUNT = "demo-account-1"
+#: Exit code when the demo refuses to run (as for a configuration error).
+EXIT_REFUSED = 2
+#: The only settings the environment may give the demo.
+_PASSED_THROUGH = ("M365SYNC_LOG_LEVEL", "M365SYNC_LOG_FORMAT", "M365SYNC_HTTP_PORT")
+_MANAGEMENT_PORT = 15672
 
 
 def _say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-def _demo_mongodb_url() -> str:
-    # A database of its own, dropped at start, so the demo can run again and again.
-    url = os.environ.get("M365SYNC_MONGODB_URL") or "mongodb://127.0.0.1:27017/m365sync"
-    name = database_name_from_url(url)
-    return url.replace(f"/{name}", f"/{name}_demo", 1)
+class DemoRefused(RuntimeError):
+    """The demo cannot get a broker vhost and database of its own, so it does not run."""
+
+
+@dataclass(frozen=True)
+class DemoTargets:
+    """Where one demo run keeps its messages and data: nowhere the service does."""
+
+    amqp_url: str
+    mongodb_url: str
+    vhost: str
+    database: str
+    management_url: str
+    management_auth: str
+
+
+def demo_targets(env: dict[str, str], *, run_id: str | None = None) -> DemoTargets:
+    """A fresh vhost and database on the servers the environment names (or the defaults)."""
+    defaults = Settings()
+    suffix = run_id or uuid.uuid4().hex[:10]
+    amqp = urlsplit(env.get("M365SYNC_AMQP_URL") or defaults.amqp_url)
+    mongo = urlsplit(env.get("M365SYNC_MONGODB_URL") or defaults.mongodb_url)
+    vhost, database = f"m365sync-demo-{suffix}", f"m365sync_demo_{suffix}"
+    configured_vhost = amqp.path[1:] or "/"
+    configured_database = database_name_from_url(urlunsplit(mongo))
+    if vhost == configured_vhost or database == configured_database:
+        raise DemoRefused("the demo's vhost or database is the one the service is configured with")
+    return DemoTargets(
+        amqp_url=urlunsplit(amqp._replace(path="/" + quote(vhost, safe=""))),
+        mongodb_url=urlunsplit(mongo._replace(path="/" + database)),
+        vhost=vhost,
+        database=database,
+        management_url=f"http://{amqp.hostname or '127.0.0.1'}:{_MANAGEMENT_PORT}/api",
+        management_auth=aiohttp.encode_basic_auth(
+            amqp.username or "guest", amqp.password or "guest"
+        ),
+    )
+
+
+async def _management(targets: DemoTargets, method: str, path: str, body: Any = None) -> None:
+    async with (
+        aiohttp.ClientSession(
+            trust_env=False,
+            headers={"Authorization": targets.management_auth},
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as http,
+        http.request(method, targets.management_url + path, json=body) as resp,
+    ):
+        if resp.status >= 400:
+            raise DemoRefused(f"{method} {path}: RabbitMQ's management API answered {resp.status}")
+
+
+async def _make_vhost(targets: DemoTargets, user: str) -> None:
+    vhost = quote(targets.vhost, safe="")
+    try:
+        await _management(targets, "PUT", f"/vhosts/{vhost}")
+        await _management(
+            targets,
+            "PUT",
+            f"/permissions/{vhost}/{quote(user, safe='')}",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise DemoRefused(
+            f"cannot reach RabbitMQ's management API at {targets.management_url} "
+            f"({type(exc).__name__}) to make the demo's own vhost"
+        ) from exc
+
+
+async def _remove(targets: DemoTargets) -> None:
+    """Delete the run's vhost and drop its database (best effort: the demo is over)."""
+    try:
+        await _management(targets, "DELETE", f"/vhosts/{quote(targets.vhost, safe='')}")
+    except (aiohttp.ClientError, TimeoutError, DemoRefused) as exc:
+        _say(f"could not delete vhost {targets.vhost}: {exc}")
+    client = mongo_client(targets.mongodb_url)
+    try:
+        await client.drop_database(targets.database)
+    except Exception as exc:  # the server went away: nothing more to clean
+        _say(f"could not drop database {targets.database}: {type(exc).__name__}")
+    finally:
+        await client.close()
 
 
 def _script_event(rng: random.Random, n: int) -> dict[str, Any]:
@@ -67,12 +164,32 @@ def _script_event(rng: random.Random, n: int) -> dict[str, Any]:
     }
 
 
-async def run_demo(*, changes: int = 40) -> int:
-    """Run the demo; returns 0 when the database converged to Microsoft's ground truth."""
+async def run_demo(*, changes: int = 40, env: dict[str, str] | None = None) -> int:
+    """Run the demo; returns 0 when the database converged to Microsoft's ground truth,
+    :data:`EXIT_REFUSED` when it cannot have a vhost and database of its own."""
+    env = dict(os.environ if env is None else env)
+    configure_logging(
+        env.get("M365SYNC_LOG_LEVEL", "warning"),
+        log_format=env.get("M365SYNC_LOG_FORMAT", "auto").lower(),
+    )
+    try:
+        targets = demo_targets(env)
+        user = urlsplit(targets.amqp_url).username or "guest"
+        await _make_vhost(targets, user)
+    except DemoRefused as exc:
+        print(f"m365sync demo: refused: {exc}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
+    _say(f"own RabbitMQ vhost {targets.vhost} and database {targets.database} (removed at the end)")
+    try:
+        return await _run(targets, env, changes=changes)
+    finally:
+        await _remove(targets)
+
+
+async def _run(targets: DemoTargets, env: dict[str, str], *, changes: int) -> int:
     from graphsim.client import SimControl  # noqa: PLC0415  the simulator is a dev tool
     from graphsim.server import SimConfig, Simulator  # noqa: PLC0415
 
-    configure_logging(os.environ.get("M365SYNC_LOG_LEVEL", "warning"))
     started = time.monotonic()
     rng = random.Random(42)  # noqa: S311  a reproducible script, not a secret
     async with AsyncExitStack() as stack:
@@ -83,16 +200,14 @@ async def run_demo(*, changes: int = 40) -> int:
         _say(f"Graph and identity simulator on {sim.base_url} (CA {sim.ca_file})")
         control = await stack.enter_async_context(SimControl(sim.base_url, sim.ca_file))
 
-        mongodb_url = _demo_mongodb_url()
-        cleaner = mongo_client(mongodb_url)
-        await cleaner.drop_database(database_name_from_url(mongodb_url))
-        await cleaner.close()
-        port = int(os.environ.get("M365SYNC_HTTP_PORT", "0")) or _free_port()
+        port = int(env.get("M365SYNC_HTTP_PORT", "0")) or _free_port()
         settings = load_settings(
-            {k: v for k, v in os.environ.items() if k.startswith("M365SYNC_")},
+            {k: v for k, v in env.items() if k in _PASSED_THROUGH},
             required=frozenset(),
             overrides={
-                "M365SYNC_MONGODB_URL": mongodb_url,
+                "M365SYNC_AMQP_URL": targets.amqp_url,
+                "M365SYNC_MONGODB_URL": targets.mongodb_url,
+                "M365SYNC_METRICS_PORT": "0",
                 "M365SYNC_GRAPH_URL": sim.graph_url,
                 "M365SYNC_AUTHORITY_HOST": sim.authority_host,
                 "M365SYNC_CA_BUNDLE": str(sim.ca_file),
@@ -108,18 +223,14 @@ async def run_demo(*, changes: int = 40) -> int:
                 "M365SYNC_RETURN_URL_ORIGINS": f"http://127.0.0.1:{port}",
             },
         )
-        missing = [name for name in SERVICE_REQUIRED if not os.environ.get(name)]
-        _say(f"generated for this run: {', '.join(sorted(missing)) or 'nothing'}")
+        _say("keys, secrets and tokens generated for this run")
         rt = await build_runtime(settings, stack, mailbox_concurrency=3)
+        metrics_port = await stack.enter_async_context(internal_listener(rt))
+        _say(f"metrics on http://{settings.metrics_host}:{metrics_port}/metrics")
         await stack.enter_async_context(receiver_role(rt))
         await stack.enter_async_context(worker_role(rt))
         await stack.enter_async_context(outbound_role(rt))
         _say(f"receiver on {settings.public_url}, worker consuming {settings.shard_count} shards")
-
-        # Drop announcements left by earlier demo runs: the scripted 1Relation reads fresh.
-        channel = await rt.connection.channel()
-        await (await channel.get_queue(ONERELATION_INBOUND_QUEUE, ensure=False)).purge()
-        await channel.close()
 
         user = (await control.users())[0]
         # Connect as a user would: 1Relation's signed link → /connect → Microsoft's sign-in →
@@ -138,7 +249,9 @@ async def run_demo(*, changes: int = 40) -> int:
         )
         url = f"{settings.public_url}/connect?token={quote(token)}"
         tls = ssl.create_default_context(cafile=str(sim.ca_file))
-        async with aiohttp.ClientSession(trust_env=False) as browser:
+        # A browser keeps the sign-in cookie of /connect, also for an IP-address host.
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(trust_env=False, cookie_jar=jar) as browser:
             for _ in range(3):
                 async with browser.get(url, allow_redirects=False, ssl=tls) as resp:
                     if resp.status != 302:

@@ -9,7 +9,7 @@ second line of defence that holds on MongoDB even if two writers ever overlap.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,6 +18,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from crypto import DataCipher, Hasher
+from handlers.decisions import Version, is_newer
 from processor.store import SCHEMA_VERSION, Document, aad
 from processor.timeutil import parse_graph_datetime, utcnow
 from processor.timezones import event_time_to_utc
@@ -46,8 +47,9 @@ KEPT_FIELDS: tuple[str, ...] = (
 )
 
 
-#: A stored event's version: (``lm``, keyed hash of the changeKey), as read back.
-StoredVersion = tuple[datetime | None, str | None]
+#: A stored event's version: (``lm``, keyed hash of the changeKey, sequence of its last
+#: announcement), as read back.
+StoredVersion = tuple[datetime | None, str | None, int]
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,15 @@ class Change:
     last_modified: datetime | None
     seq: int
     relation_event_id: str | None = None
+    #: ``lastModifiedDateTime`` as Graph wrote it (full precision; BSON keeps milliseconds).
+    last_modified_text: str | None = None
+
+
+def next_sequence(previous: Any) -> int:
+    """An announcement sequence above ``previous`` (time-based, so that announcements made
+    by different processes for one event still order by when they were made)."""
+    last = previous if isinstance(previous, int) else 0
+    return max(time.time_ns(), last + 1)
 
 
 class EventStore:
@@ -95,19 +106,20 @@ class EventStore:
         """
         graph_id = str(event["id"])
         key = self.event_key(account_id, graph_id)
-        last_modified = parse_graph_datetime(str(event["lastModifiedDateTime"]))
-        change_key = self._hasher.hash_id("change_key", account_id, str(event.get("changeKey", "")))
+        lm_text = str(event["lastModifiedDateTime"])
+        last_modified = parse_graph_datetime(lm_text)
+        change_key = self.change_key_hash(account_id, str(event.get("changeKey", "")))
         content = {field: event[field] for field in KEPT_FIELDS if field in event}
         start = event_time_to_utc(event.get("start"))
         end = event_time_to_utc(event.get("end"))
         series_id = event.get("seriesMasterId")
-        seq = time.time_ns()
         fields: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "account_id": account_id,
             "gid_ct": cipher.encrypt_str(graph_id, aad("events", account_id, key, "gid")),
             "doc_ct": cipher.encrypt_json(content, aad("events", account_id, key, "doc")),
             "lm": last_modified,
+            "lm_text": lm_text,
             "ck": change_key,
             "deleted": False,
             "start": start,
@@ -118,77 +130,81 @@ class EventStore:
             "updated_at": utcnow(),
         }
         unset: dict[str, str] = {"expires_at": ""}
-        if announce:
+
+        def mark(previous_seq: Any) -> int | None:
+            # Without a mark the write is our own echo: nothing to tell 1Relation (an
+            # older change's unannounced mark, if any, is left for the outbox to send).
+            if not announce:
+                return None
+            seq = next_sequence(previous_seq)
+            fields["aseq"] = seq
             fields["announce"] = {
                 "seq": seq,
                 "change": "upserted",
                 "last_modified": last_modified,
+                "last_modified_text": lm_text,
                 "relation_event_id": relation_event_id,
             }
-        # Without a mark the write is our own echo: nothing to tell 1Relation (an older
-        # change's unannounced mark, if any, is left for the outbox to send).
-        if not await self._write_if_newer(
-            key, last_modified, change_key, fields, unset, known=known
-        ):
+            return seq
+
+        written = await self._write_if_newer(
+            key, Version(last_modified, change_key), fields, unset, mark, known=known
+        )
+        if written is None or not announce:
             return None
-        if not announce:
-            return None
-        return Change(account_id, key, "upserted", last_modified, seq, relation_event_id)
+        return Change(
+            account_id, key, "upserted", last_modified, written, relation_event_id, lm_text
+        )
 
     async def _write_if_newer(
         self,
         key: str,
-        last_modified: datetime,
-        change_key: str,
+        fetched: Version,
         fields: dict[str, Any],
         unset: dict[str, str],
+        mark: Callable[[Any], int | None],
         *,
         known: dict[str, StoredVersion] | None = None,
-    ) -> bool:
-        """Write unless the stored version is the same or newer; False when stale.
+    ) -> int | None:
+        """Write unless the stored version is the same or newer (:func:`is_newer`); None when
+        stale, else the announcement's sequence (0 when the write announces nothing).
 
-        FerretDB's SQLite backend pushes a filter down only when it is exactly ``{_id: …}``:
-        the version guard inside the upsert's filter (``$or``) made every write scan the
-        whole collection (seconds per write at a few thousand events). So the stored version
-        is read by ``_id`` (or taken from ``known``), compared here, and a new event is an
-        insert; an existing one is updated with a compare-and-swap on the version read
-        (atomic on MongoDB; on FerretDB that filter still scans, and the account's shard
-        owner is the only writer anyway). A lost race decides again.
+        The stored version is read by ``_id`` (or taken from ``known``) and compared here; a
+        new event is an insert, an existing one an update with a compare-and-swap on the
+        version read (FerretDB's SQLite backend pushed down only ``{_id: …}``, so a version
+        guard inside the filter scanned the collection). A lost race decides again.
         """
         # BSON keeps milliseconds: compare at the precision the stored value has.
-        wanted = last_modified.replace(microsecond=last_modified.microsecond // 1000 * 1000)
+        lm = fetched.last_modified
+        fetched = Version(lm.replace(microsecond=lm.microsecond // 1000 * 1000), fetched.change_key)
         for attempt in range(3):
+            stored: Mapping[str, Any] | None
             if attempt == 0 and known is not None:
                 hint = known.get(key)
-                stored = None if hint is None else {"lm": hint[0], "ck": hint[1]}
+                stored = None if hint is None else {"lm": hint[0], "ck": hint[1], "aseq": hint[2]}
             else:
-                stored = await self.collection.find_one({"_id": key}, {"lm": 1, "ck": 1})
-            if stored is not None:
-                stored_lm = stored.get("lm")
-                if isinstance(stored_lm, datetime):
-                    if stored_lm.tzinfo is None:
-                        stored_lm = stored_lm.replace(tzinfo=UTC)
-                    if stored_lm > wanted or (
-                        stored_lm == wanted and stored.get("ck") == change_key
-                    ):
-                        return False
+                stored = await self.collection.find_one({"_id": key}, {"lm": 1, "ck": 1, "aseq": 1})
+            if stored is not None and not is_newer(_version_of(stored), fetched):
+                return None
+            seq = mark(None if stored is None else stored.get("aseq"))
             try:
                 if stored is None:
                     await self.collection.insert_one({"_id": key, **fields})
-                    if known is not None:
-                        known[key] = (wanted, change_key)
-                    return True
-                result = await self.collection.update_one(
-                    {"_id": key, "lm": stored.get("lm"), "ck": stored.get("ck")},
-                    {"$set": fields, "$unset": unset},
-                )
+                    result_matched = 1
+                else:
+                    result = await self.collection.update_one(
+                        {"_id": key, "lm": stored.get("lm"), "ck": stored.get("ck")},
+                        {"$set": fields, "$unset": unset},
+                    )
+                    result_matched = result.matched_count
             except DuplicateKeyError:
                 continue  # inserted meanwhile: decide again against that version
-            if result.matched_count:
+            if result_matched:
                 if known is not None:
-                    known[key] = (wanted, change_key)
-                return True
-        return False
+                    previous = 0 if stored is None else int(stored.get("aseq") or 0)
+                    known[key] = (fetched.last_modified, fetched.change_key, seq or previous)
+                return seq or 0
+        return None
 
     async def stored_versions(self, account_id: str) -> dict[str, StoredVersion]:
         """The stored version of every event of the account, tombstones included.
@@ -196,43 +212,71 @@ class EventStore:
         One scan for a bulk pass: on FerretDB's SQLite backend a read by ``_id`` that finds
         nothing scans the whole collection, so a backfill must not read once per event.
         """
-        cursor = self.collection.find({"account_id": account_id}, {"lm": 1, "ck": 1})
-        return {str(doc["_id"]): (doc.get("lm"), doc.get("ck")) async for doc in cursor}
+        cursor = self.collection.find({"account_id": account_id}, {"lm": 1, "ck": 1, "aseq": 1})
+        return {
+            str(doc["_id"]): (doc.get("lm"), doc.get("ck"), int(doc.get("aseq") or 0))
+            async for doc in cursor
+        }
 
-    async def mark_deleted(self, account_id: str, event_key: str) -> Change | None:
-        """Turn a live event into a tombstone (content erased); None if absent or deleted.
+    async def mark_deleted(
+        self, account_id: str, event_key: str, *, announce: bool = True
+    ) -> Change | None:
+        """Turn a live event into a tombstone (content erased); None if absent or deleted,
+        or when ``announce`` is False (the service's own deletion: nothing to tell).
 
         The tombstone keeps the last version, so a late fetch of that version or an older
         one cannot resurrect the event; it expires after the tombstone TTL.
         """
         doc = await self.collection.find_one(
             {"_id": event_key, "account_id": account_id},
-            {"deleted": 1, "lm": 1, "relation_event_id": 1},
+            {"deleted": 1, "lm": 1, "lm_text": 1, "relation_event_id": 1, "aseq": 1},
         )
         if doc is None or doc.get("deleted"):
             return None
-        seq = time.time_ns()
         now = utcnow()
+        fields: dict[str, Any] = {
+            "deleted": True,
+            "expires_at": now + timedelta(seconds=self._tombstone_ttl_s),
+            "updated_at": now,
+        }
+        seq = next_sequence(doc.get("aseq"))
+        if announce:
+            fields["aseq"] = seq
+            fields["announce"] = {
+                "seq": seq,
+                "change": "deleted",
+                "last_modified": doc.get("lm"),
+                "last_modified_text": doc.get("lm_text"),
+                "relation_event_id": doc.get("relation_event_id"),
+            }
         await self.collection.update_one(
             {"_id": event_key, "account_id": account_id},
-            {
-                "$set": {
-                    "deleted": True,
-                    "expires_at": now + timedelta(seconds=self._tombstone_ttl_s),
-                    "announce": {
-                        "seq": seq,
-                        "change": "deleted",
-                        "last_modified": doc.get("lm"),
-                        "relation_event_id": doc.get("relation_event_id"),
-                    },
-                    "updated_at": now,
-                },
-                "$unset": {"doc_ct": ""},
-            },
+            {"$set": fields, "$unset": {"doc_ct": ""}},
         )
+        if not announce:
+            return None
         return Change(
-            account_id, event_key, "deleted", doc.get("lm"), seq, doc.get("relation_event_id")
+            account_id,
+            event_key,
+            "deleted",
+            doc.get("lm"),
+            seq,
+            doc.get("relation_event_id"),
+            doc.get("lm_text"),
         )
+
+    async def stored_version(self, account_id: str, event_key: str) -> tuple[str | None, bool]:
+        """The stored event's change key hash and whether it is a tombstone (None: absent)."""
+        doc = await self.collection.find_one(
+            {"_id": event_key, "account_id": account_id}, {"ck": 1, "deleted": 1}
+        )
+        if doc is None:
+            return None, False
+        return doc.get("ck"), bool(doc.get("deleted"))
+
+    def change_key_hash(self, account_id: str, change_key: str) -> str:
+        """The keyed hash under which a change key is stored (``ck``)."""
+        return self._hasher.hash_id("change_key", account_id, change_key)
 
     async def series_instance_keys(self, account_id: str, series_key: str) -> set[str]:
         """Keys of the live stored occurrences and exceptions of a series."""
@@ -263,6 +307,7 @@ class EventStore:
                 doc["announce"].get("last_modified"),
                 int(doc["announce"]["seq"]),
                 doc["announce"].get("relation_event_id"),
+                doc["announce"].get("last_modified_text"),
             )
             async for doc in cursor
         ]
@@ -303,3 +348,13 @@ class EventStore:
         content = cipher.decrypt_json(doc["doc_ct"], aad("events", account_id, key, "doc"))
         assert isinstance(content, dict)
         return graph_id, content
+
+
+def _version_of(stored: Mapping[str, Any]) -> Version | None:
+    """The stored version as :func:`is_newer` takes it (None: no readable version)."""
+    stored_lm = stored.get("lm")
+    if not isinstance(stored_lm, datetime):
+        return None
+    if stored_lm.tzinfo is None:
+        stored_lm = stored_lm.replace(tzinfo=UTC)
+    return Version(stored_lm, str(stored.get("ck")))

@@ -5,6 +5,12 @@ Every request carries a delegated bearer token from :class:`AccessTokens`, the
 answers are retried inline when ``Retry-After`` is short, otherwise raised as
 :class:`ThrottledError` so that the caller parks the work in a retry queue instead of
 holding a message (DESIGN "Waiting is never done by holding a message").
+
+Graph throttles a mailbox, not a request: a ``Retry-After`` on any answer for a mailbox
+closes that mailbox's gate in this client until it has elapsed, so every later request of
+the process to the mailbox (inbound fetches, outbound writes, their retries) waits too, or,
+when the wait is longer than an inline retry may take, fails at once with
+:class:`ThrottledError` carrying the time left, without reaching Graph.
 """
 
 from __future__ import annotations
@@ -76,13 +82,16 @@ class _Answer:
 
 
 class _Gate:
-    """A mailbox's semaphore and how many callers hold or wait for it (to drop idle gates)."""
+    """A mailbox's semaphore, until when Graph told it to wait, and how many callers hold or
+    wait for it (to drop idle gates)."""
 
-    __slots__ = ("semaphore", "users")
+    __slots__ = ("not_before", "semaphore", "users")
 
     def __init__(self, limit: int) -> None:
         self.semaphore = asyncio.Semaphore(limit)
         self.users = 0
+        #: Monotonic time before which no request may be sent to the mailbox.
+        self.not_before = 0.0
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -172,6 +181,7 @@ class GraphClient:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 8.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         if max_concurrency_per_mailbox < 1 or max_attempts < 1:
@@ -187,11 +197,13 @@ class GraphClient:
         self._backoff_base_s = backoff_base_s
         self._backoff_max_s = backoff_max_s
         self._sleep = sleep
+        self._monotonic = monotonic
         self._rng = rng or random.Random()  # noqa: S311  jitter, not security
         self._gates: dict[str, _Gate] = {}
         #: Counts by outcome, for the metrics module: requests (HTTP calls made), succeeded,
         #: not_found, throttled (429/503/504 answers), retries (inline), unauthorized,
-        #: delta_resets, errors (calls that ended in an exception).
+        #: delta_resets, errors (calls that ended in an exception), gate_waits (requests
+        #: held back by a mailbox's Retry-After), gate_refusals (failed without a request).
         self.stats: Counter[str] = Counter()
 
     # ---- events -----------------------------------------------------------------------------
@@ -496,6 +508,7 @@ class GraphClient:
         url: URL,
         *,
         gate: str,
+        template: str,
         headers: CIMultiDict[str],
         json_body: Mapping[str, Any] | None,
     ) -> _Answer:
@@ -504,30 +517,67 @@ class GraphClient:
             entry = self._gates[gate] = _Gate(self._limit)
         entry.users += 1
         try:
-            async with (
-                entry.semaphore,
-                self._session.request(
-                    method,
-                    url,
-                    headers=headers,
-                    json=json_body,
-                    timeout=self._timeout,
-                    allow_redirects=False,
-                ) as resp,
-            ):
-                self.stats["requests"] += 1
-                raw = await resp.read()
-                body: Any = None
-                if raw:
-                    try:
-                        body = await resp.json(content_type=None)
-                    except ValueError:
-                        body = None
-                return _Answer(resp.status, body, dict(resp.headers))
+            async with entry.semaphore:
+                # Checked with the slot held: a Retry-After that arrived while this caller
+                # queued for the slot still applies, and no request overtakes the wait.
+                await self._wait_gate(entry, method=method, template=template)
+                return await self._request(method, url, headers=headers, json_body=json_body)
         finally:
             entry.users -= 1
-            if entry.users == 0 and self._gates.get(gate) is entry:
+            if (
+                entry.users == 0
+                and entry.not_before <= self._monotonic()
+                and self._gates.get(gate) is entry
+            ):
                 del self._gates[gate]
+
+    async def _wait_gate(self, entry: _Gate, *, method: str, template: str) -> None:
+        """Wait until the mailbox's Retry-After has elapsed, or raise :class:`ThrottledError`
+        with the time left when that is longer than an inline retry may wait."""
+        counted = False
+        while (left_s := entry.not_before - self._monotonic()) > 0:
+            if left_s > self._inline_max_s:
+                self.stats["gate_refusals"] += 1
+                raise ThrottledError(
+                    f"Graph {method} {template}: mailbox throttled", retry_after_s=left_s
+                )
+            if not counted:
+                counted = True
+                self.stats["gate_waits"] += 1
+            await self._sleep(left_s)
+
+    def _close_gate(self, gate: str, wait_s: float) -> None:
+        """Graph asked the mailbox to wait ``wait_s``: no request of this client goes before."""
+        entry = self._gates.get(gate)
+        if entry is None:
+            entry = self._gates[gate] = _Gate(self._limit)
+        entry.not_before = max(entry.not_before, self._monotonic() + wait_s)
+
+    async def _request(
+        self,
+        method: str,
+        url: URL,
+        *,
+        headers: CIMultiDict[str],
+        json_body: Mapping[str, Any] | None,
+    ) -> _Answer:
+        async with self._session.request(
+            method,
+            url,
+            headers=headers,
+            json=json_body,
+            timeout=self._timeout,
+            allow_redirects=False,
+        ) as resp:
+            self.stats["requests"] += 1
+            raw = await resp.read()
+            body: Any = None
+            if raw:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = None
+            return _Answer(resp.status, body, dict(resp.headers))
 
     async def _call(
         self,
@@ -559,7 +609,7 @@ class GraphClient:
                 headers.add("Prefer", value)
             try:
                 answer = await self._send(
-                    method, url, gate=gate, headers=headers, json_body=json_body
+                    method, url, gate=gate, template=template, headers=headers, json_body=json_body
                 )
             except CONNECTION_EXCEPTIONS as exc:
                 reason = type(exc).__name__
@@ -605,6 +655,8 @@ class GraphClient:
                 self.stats["throttled"] += 1
                 retry_after = parse_retry_after(answer.headers.get("Retry-After"))
                 wait_s = self._backoff_s(attempt) if retry_after is None else retry_after
+                if retry_after is not None:
+                    self._close_gate(gate, retry_after)
                 if await self._retry_inline(
                     attempt,
                     wait_s,

@@ -1,4 +1,8 @@
-"""Structured JSON logging: stable dotted event names, identifiers as context, no content."""
+"""Structured logging: stable dotted event names, identifiers as context, no content.
+
+One JSON object per line for machines; on a terminal (or with ``M365SYNC_LOG_FORMAT=console``)
+the same events as aligned, readable lines.
+"""
 
 from __future__ import annotations
 
@@ -76,25 +80,52 @@ def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMap
     return event_dict
 
 
-def configure_logging(level: str = "info", *, stream: Any = None) -> None:
-    """Send structlog events as one JSON object per line to ``stream`` (stdout)."""
+#: Values of ``M365SYNC_LOG_FORMAT``: ``auto`` is console on a terminal, JSON otherwise.
+LOG_FORMATS = ("auto", "console", "json")
+
+
+def renders_console(log_format: str, stream: Any) -> bool:
+    """Whether events written to ``stream`` in ``log_format`` are rendered for people."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    if log_format != "auto":
+        return log_format == "console"
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (ValueError, OSError):  # a closed or detached stream is no terminal
+        return False
+
+
+def configure_logging(level: str = "info", *, stream: Any = None, log_format: str = "auto") -> None:
+    """Send structlog events to ``stream`` (stdout): JSON lines, or readable on a terminal."""
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    out = stream or sys.stdout
+    if renders_console(log_format, out):
+        # Exceptions go through the renderer's own formatter (format_exc_info would
+        # flatten them first); colours only when a terminal shows them.
+        tail: list[Any] = [structlog.dev.ConsoleRenderer(colors=_isatty(out), sort_keys=True)]
+    else:
+        tail = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            *tail,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     # Libraries log through the standard library: keep their warnings, in one line each.
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
     silence_payload_debug()
+
+
+def _isatty(stream: Any) -> bool:
+    return renders_console("auto", stream)
 
 
 def get_logger(name: str) -> Any:

@@ -45,13 +45,16 @@ def change_message(
     event_hash: str,
     event_ref_ct: bytes,
     received_at: datetime,
+    etag_hash: str | None = None,
 ) -> dict[str, Any]:
     """A validated change notification: a hint to fetch one event's current state.
 
     The Graph event id travels encrypted under the account's key (``event_ref``); the keyed
-    hash (``event_hash``) lets the worker coalesce duplicates without decrypting.
+    hash (``event_hash``) lets the worker coalesce duplicates without decrypting, and the
+    keyed hash of the version's ``changeKey`` (``etag_hash``) lets it skip a fetch of a
+    version it already has.
     """
-    return {
+    body = {
         "schema": INBOUND_SCHEMA,
         "kind": "change",
         "account_id": account_id,
@@ -60,6 +63,9 @@ def change_message(
         "event_ref": b64(event_ref_ct),
         "received_at": isoformat_z(received_at),
     }
+    if etag_hash is not None:
+        body["etag_hash"] = etag_hash
+    return body
 
 
 def resync_message(
@@ -95,18 +101,30 @@ def event_change_body(
     event_key: str,
     change: str,
     origin: str,
-    last_modified: datetime | None,
+    last_modified: datetime | str | None,
     relation_event_id: str | None,
+    sequence: int | None = None,
 ) -> dict[str, Any]:
-    """CONTRACT §3 ``m365sync.event-change.v1``: identifiers and versions only, no content."""
+    """CONTRACT §3 ``m365sync.event-change.v1``: identifiers and versions only, no content.
+
+    ``last_modified`` given as text is Graph's own ``lastModifiedDateTime`` (its full
+    precision); ``sequence`` grows with every announcement for one ``event_key``.
+    """
+    lm: str | None = None
+    if isinstance(last_modified, str):
+        lm = last_modified
+    elif last_modified is not None:
+        lm = isoformat_z(last_modified)
     body: dict[str, Any] = {
         "schema": EVENT_CHANGE_SCHEMA,
         "account_id": account_id,
         "event_key": event_key,
         "change": change,
         "origin": origin,
-        "last_modified": isoformat_z(last_modified) if last_modified else None,
+        "last_modified": lm,
     }
+    if sequence is not None:
+        body["sequence"] = sequence
     if relation_event_id is not None:
         body["relation_event_id"] = relation_event_id
     return body

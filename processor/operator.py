@@ -98,7 +98,7 @@ def _origin(message: AbstractIncomingMessage) -> tuple[str, str]:
 async def _read_dead_letters(
     settings: Settings,
 ) -> tuple[aio_pika.abc.AbstractRobustConnection, list[AbstractIncomingMessage]]:
-    connection = await broker_mod.connect(settings.amqp_url, name="m365sync:dlq")
+    connection = await broker_mod.connect(settings.amqp_urls, name="m365sync:dlq")
     channel = await connection.channel()
     queue = await channel.get_queue(DEAD_QUEUE, ensure=False)
     messages: list[AbstractIncomingMessage] = []
@@ -154,3 +154,25 @@ async def dlq_replay(settings: Settings, ids: Sequence[str], *, out: TextIO = sy
     for missing in sorted(wanted):
         print(json.dumps({"not_found": missing}), file=out)
     return 1 if wanted else 0
+
+
+async def status(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """Print the operator's view (``processor.status``): tables, or one JSON document."""
+    from processor.status import collect, render_text  # noqa: PLC0415
+
+    mongo = mongo_client(settings.mongodb_url)
+    connection = await broker_mod.connect(settings.amqp_urls, name="m365sync:status")
+    try:
+        facts = await collect(
+            db=mongo[settings.database_name],
+            connection=connection,
+            shard_count=settings.shard_count,
+        )
+    finally:
+        await connection.close()
+        await mongo.close()
+    if as_json:
+        print(json.dumps(facts, indent=2, sort_keys=True), file=out)
+    else:
+        out.write(render_text(facts))
+    return 0

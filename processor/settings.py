@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -35,6 +37,17 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
+class ClientCertificate:
+    """The app registration's certificate credential, read and checked at start."""
+
+    #: Unencrypted PKCS#8 PEM, in memory only (the file may hold it encrypted).
+    private_key_pem: str = field(repr=False)
+    certificate_pem: str
+    #: Hex SHA-256 of the certificate: what Entra ID shows and MSAL signs with (x5t#S256).
+    thumbprint_sha256: str
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the service is configured with; built once by :func:`load_settings`."""
 
@@ -45,9 +58,15 @@ class Settings:
     ca_bundle: str | None = None
     client_id: str = ""
     client_secret: str = field(default="", repr=False)
+    client_certificate: ClientCertificate | None = None
     public_url: str = ""
     http_host: str = "0.0.0.0"  # noqa: S104  the contract's default: the receiver sits behind an ingress
     http_port: int = 8080
+    #: The internal listener for ``/metrics`` (and health), never exposed through the ingress.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    #: Refuse connect/consent links without an ``aud`` naming their route.
+    link_audience_required: bool = False
     master_keys: tuple[MasterKey, ...] = ()
     hash_key: bytes = field(default=b"", repr=False)
     connect_secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -57,6 +76,8 @@ class Settings:
     # Internal tunables: not part of the contract, safe defaults for one machine.
     shard_count: int = 8
     prefetch: int = 32
+    #: A batch with this many distinct events to fetch takes one delta pass instead.
+    burst_min_events: int = 16
     delivery_limit: int = 5
     publish_timeout_s: float = 2.5
     max_body_bytes: int = 1_048_576
@@ -67,10 +88,18 @@ class Settings:
     resync_interval_s: float = 3600.0
     dead_letter_ttl_days: int = 14
     tombstone_ttl_days: int = 30
+    parked_ttl_days: int = 14
+    parked_max_per_account: int = 10_000
     mass_delete_ratio: float = 0.5
     mass_delete_min_events: int = 10
     shutdown_grace_s: float = 25.0
     log_level: str = "info"
+    log_format: str = "auto"
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker's node URLs, in the order they are tried (``amqp_url`` split at commas)."""
+        return split_amqp_urls(self.amqp_url)
 
     @property
     def database_name(self) -> str:
@@ -210,9 +239,20 @@ def _mongodb_url(value: str) -> str:
 
 
 def _amqp_url(value: str) -> str:
-    if not value.startswith(("amqp://", "amqps://")):
-        raise SettingsError("M365SYNC_AMQP_URL: must start with amqp:// or amqps://")
+    # Several comma-separated URLs name the nodes of one cluster: the connection tries them
+    # in turn, at start and after every loss.
+    urls = split_amqp_urls(value)
+    if not urls:
+        raise SettingsError("M365SYNC_AMQP_URL: must name at least one amqp:// URL")
+    for url in urls:
+        if not url.startswith(("amqp://", "amqps://")):
+            raise SettingsError("M365SYNC_AMQP_URL: each URL must start with amqp:// or amqps://")
     return value
+
+
+def split_amqp_urls(value: str) -> tuple[str, ...]:
+    """The URLs of a ``M365SYNC_AMQP_URL`` value (one, or several separated by commas)."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def _ca_bundle(value: str) -> str:
@@ -221,11 +261,83 @@ def _ca_bundle(value: str) -> str:
     return value
 
 
+def _boolean(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
 def _log_level(value: str) -> str:
     level = value.lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ValueError(f"must be debug, info, warning or error, got {value!r}")
     return level
+
+
+def _log_format(value: str) -> str:
+    log_format = value.lower()
+    if log_format not in ("auto", "console", "json"):
+        raise ValueError(f"must be auto, console or json, got {value!r}")
+    return log_format
+
+
+_PEM_KEY = re.compile(
+    r"-----BEGIN ((?:ENCRYPTED |RSA |EC )?PRIVATE KEY)-----.+?-----END \1-----", re.S
+)
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+CERTIFICATE_PATH = "M365SYNC_CLIENT_CERTIFICATE_PATH"
+CERTIFICATE_PASSWORD = "M365SYNC_CLIENT_CERTIFICATE_PASSWORD"  # noqa: S105  a variable name
+
+
+def load_client_certificate(path: str, password: str | None) -> ClientCertificate:
+    """Read a PEM file holding the private key and its certificate; check they belong together."""
+    from cryptography import x509  # noqa: PLC0415  only deployments with a certificate need it
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
+    name = CERTIFICATE_PATH
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{name}: cannot read {path!r} ({type(exc).__name__})") from None
+    key_block = _PEM_KEY.search(text)
+    cert_block = _PEM_CERT.search(text)
+    if key_block is None or cert_block is None:
+        raise SettingsError(f"{name}: {path!r} must hold a PEM private key and its certificate")
+    try:
+        key = serialization.load_pem_private_key(
+            key_block.group(0).encode(), password.encode() if password else None
+        )
+    except (ValueError, TypeError):
+        raise SettingsError(
+            f"{name}: the private key in {path!r} does not load (wrong or missing "
+            f"{CERTIFICATE_PASSWORD}?)"
+        ) from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise SettingsError(f"{name}: the private key in {path!r} must be RSA (Entra ID's kind)")
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_block.group(0).encode())
+    except ValueError:
+        raise SettingsError(f"{name}: the certificate in {path!r} does not parse") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    pem = serialization.Encoding.PEM
+    if key.public_key().public_bytes(pem, public) != certificate.public_key().public_bytes(
+        pem, public
+    ):
+        raise SettingsError(f"{name}: the private key in {path!r} is not the certificate's")
+    private_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return ClientCertificate(
+        private_key_pem=private_pem,
+        certificate_pem=certificate.public_bytes(pem).decode(),
+        thumbprint_sha256=hashlib.sha256(der).hexdigest(),
+    )
 
 
 def load_settings(
@@ -243,6 +355,14 @@ def load_settings(
         env = _environment_with_dotenv()
     merged = dict(overrides or {})
     merged.update({key: value for key, value in env.items() if value.strip()})
+    certificate_path = merged.get(CERTIFICATE_PATH, "").strip()
+    if certificate_path:
+        # A certificate is the app's credential instead of the secret, never beside it.
+        if merged.get("M365SYNC_CLIENT_SECRET", "").strip():
+            raise SettingsError(
+                f"{CERTIFICATE_PATH}: set either it or M365SYNC_CLIENT_SECRET, not both"
+            )
+        required = required - {"M365SYNC_CLIENT_SECRET"}
     r = _Reader(merged, required)
     defaults = Settings()
     no_keys: tuple[MasterKey, ...] = ()
@@ -265,11 +385,21 @@ def load_settings(
         ca_bundle=r.parse("M365SYNC_CA_BUNDLE", _ca_bundle, None),
         client_id=r.get("M365SYNC_CLIENT_ID", "") or "",
         client_secret=r.get("M365SYNC_CLIENT_SECRET", "") or "",
+        client_certificate=(
+            load_client_certificate(r.get(CERTIFICATE_PATH) or "", r.get(CERTIFICATE_PASSWORD))
+            if r.get(CERTIFICATE_PATH)
+            else None
+        ),
         public_url=(
             _https_or_loopback("M365SYNC_PUBLIC_URL", public_url) if public_url is not None else ""
         ),
         http_host=r.get("M365SYNC_HTTP_HOST", defaults.http_host) or defaults.http_host,
         http_port=r.parse("M365SYNC_HTTP_PORT", _port, defaults.http_port),
+        metrics_host=r.get("M365SYNC_METRICS_HOST", defaults.metrics_host) or defaults.metrics_host,
+        metrics_port=r.parse("M365SYNC_METRICS_PORT", _port, defaults.metrics_port),
+        link_audience_required=r.parse(
+            "M365SYNC_LINK_AUDIENCE_REQUIRED", _boolean, defaults.link_audience_required
+        ),
         master_keys=master_keys,
         hash_key=hash_key,
         connect_secrets=r.parse(
@@ -283,6 +413,9 @@ def load_settings(
         ),
         shard_count=r.parse("M365SYNC_SHARDS", _positive_int, defaults.shard_count),
         prefetch=r.parse("M365SYNC_PREFETCH", _positive_int, defaults.prefetch),
+        burst_min_events=r.parse(
+            "M365SYNC_BURST_MIN_EVENTS", _positive_int, defaults.burst_min_events
+        ),
         delivery_limit=r.parse("M365SYNC_DELIVERY_LIMIT", _positive_int, defaults.delivery_limit),
         publish_timeout_s=r.parse(
             "M365SYNC_PUBLISH_TIMEOUT_S", _positive_float, defaults.publish_timeout_s
@@ -306,11 +439,18 @@ def load_settings(
         tombstone_ttl_days=r.parse(
             "M365SYNC_TOMBSTONE_TTL_DAYS", _positive_int, defaults.tombstone_ttl_days
         ),
+        parked_ttl_days=r.parse(
+            "M365SYNC_PARKED_TTL_DAYS", _positive_int, defaults.parked_ttl_days
+        ),
+        parked_max_per_account=r.parse(
+            "M365SYNC_PARKED_MAX_PER_ACCOUNT", _positive_int, defaults.parked_max_per_account
+        ),
         mass_delete_ratio=r.parse("M365SYNC_MASS_DELETE_RATIO", _ratio, defaults.mass_delete_ratio),
         shutdown_grace_s=r.parse(
             "M365SYNC_SHUTDOWN_GRACE_S", _positive_float, defaults.shutdown_grace_s
         ),
         log_level=r.parse("M365SYNC_LOG_LEVEL", _log_level, defaults.log_level),
+        log_format=r.parse("M365SYNC_LOG_FORMAT", _log_format, defaults.log_format),
     )
 
 

@@ -130,6 +130,9 @@ class Store:
         )
         await self.subscriptions.create_index("account_id")
         await self.events.create_index([("account_id", ASCENDING), ("start", ASCENDING)])
+        # Outbound links and parked messages are read and erased by account.
+        await self.db["links"].create_index("account_id")
+        await self.db["parked"].create_index("account_id")
         await self.events.create_index("expires_at")
         await self.leases.create_index("expires_at")
 

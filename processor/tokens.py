@@ -24,6 +24,7 @@ from requests.adapters import HTTPAdapter
 from processor.errors import SyncError, TransientError
 from processor.graph import build_ssl_context
 from processor.logs import get_logger
+from processor.settings import ClientCertificate
 
 log = get_logger(__name__)
 
@@ -119,10 +120,20 @@ class MsalApps:
         client_secret: str,
         authority_host: str,
         ca_bundle: str | None,
+        client_certificate: ClientCertificate | None = None,
         timeout_s: float = _MSAL_TIMEOUT_S,
     ) -> None:
         self.client_id = client_id
-        self._client_secret = client_secret
+        # MSAL signs a client assertion with the key (PS256, x5t#S256 of the certificate)
+        # when given a certificate; the secret is then unused.
+        self._credential: str | dict[str, str] = (
+            {
+                "private_key": client_certificate.private_key_pem,
+                "public_certificate": client_certificate.certificate_pem,
+            }
+            if client_certificate is not None
+            else client_secret
+        )
         self.authority_host = authority_host.rstrip("/")
         host = (urlsplit(self.authority_host).hostname or "").lower()
         # Instance discovery calls login.microsoftonline.com; a private IdP must skip it.
@@ -139,7 +150,7 @@ class MsalApps:
         """A fresh app for ``tenant`` (blocking: MSAL fetches the tenant's discovery document)."""
         return msal.ConfidentialClientApplication(
             self.client_id,
-            client_credential=self._client_secret,
+            client_credential=self._credential,
             authority=f"{self.authority_host}/{tenant}",
             token_cache=token_cache,
             http_client=self._http,
@@ -366,6 +377,7 @@ def initiate_flow(
     domain_hint: str | None = None,
     tenant: str = "organizations",
     response_mode: str = "query",
+    prompt: str | None = None,
 ) -> dict[str, Any]:
     """Start an auth-code + PKCE flow; keep the whole dict server-side, send ``auth_uri``.
 
@@ -380,6 +392,7 @@ def initiate_flow(
         login_hint=login_hint,
         domain_hint=domain_hint,
         response_mode=response_mode,
+        prompt=prompt,
     )
 
 
@@ -392,6 +405,7 @@ async def initiate_flow_async(
     domain_hint: str | None = None,
     tenant: str = "organizations",
     response_mode: str = "query",
+    prompt: str | None = None,
 ) -> dict[str, Any]:
     """:func:`initiate_flow` with the blocking discovery off the event loop."""
     app = await asyncio.to_thread(apps.build, tenant=tenant)
@@ -402,6 +416,7 @@ async def initiate_flow_async(
         login_hint=login_hint,
         domain_hint=domain_hint,
         response_mode=response_mode,
+        prompt=prompt,
     )
 
 
@@ -413,6 +428,7 @@ def _initiate(
     login_hint: str | None,
     domain_hint: str | None,
     response_mode: str,
+    prompt: str | None = None,
 ) -> dict[str, Any]:
     if response_mode not in ("form_post", "query"):
         raise ValueError(f"response_mode must be 'form_post' or 'query', not {response_mode!r}")
@@ -426,6 +442,7 @@ def _initiate(
             login_hint=login_hint,
             domain_hint=domain_hint,
             response_mode=response_mode,
+            prompt=prompt,
         )
     return flow
 

@@ -36,7 +36,11 @@ DEAD_QUEUE = "m365sync.dead-letters"
 
 #: Delay buckets of the retry queues, in seconds. A delayed message goes to the smallest
 #: bucket at least as long as the wait; its per-message TTL trims the wait to the asked value.
-RETRY_DELAYS_S: tuple[int, ...] = (1, 5, 30, 120, 600)
+#: A queue expires messages only at its head, so a short wait queued behind a longer one
+#: in the same bucket waits for that one: each bucket is at most twice the one below it
+#: (and 1 s wide at the short end, where Graph's Retry-After usually lies), which bounds
+#: that overshoot by the bucket's width instead of letting a 1 s wait take up to 5 s.
+RETRY_DELAYS_S: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600)
 #: Matched by the retry headers exchange; RabbitMQ ignores ``x-`` headers when matching.
 DELAY_HEADER = "m365sync-delay"
 

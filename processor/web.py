@@ -55,13 +55,17 @@ __all__ = [
     "CORRELATION_HEADER",
     "CORRELATION_ID",
     "METRICS_KEY",
+    "PROBLEM_CONTENT_TYPE",
     "SETTINGS_KEY",
     "add_graph_routes",
     "add_health_routes",
     "build_app",
+    "build_internal_app",
     "correlation_middleware",
     "error_middleware",
     "json_error",
+    "problem_middleware",
+    "problem_type",
 ]
 
 log = get_logger(__name__)
@@ -90,6 +94,10 @@ CORRELATION_ID: Final = web.RequestKey("correlation_id", str)
 METRICS_KEY: Final = web.AppKey("m365sync.metrics", Metrics)
 SETTINGS_KEY: Final = web.AppKey("m365sync.settings", Settings)
 
+#: RFC 9457 media type, and the prefix of every error's ``type`` (a URN: stable, not fetched).
+PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
+PROBLEM_TYPE_PREFIX: Final = "urn:m365sync:problem:"
+_IS_PROBLEM: Final = web.ResponseKey("m365sync.problem", bool)
 _ERROR_CODES: Final = {
     400: "bad_request",
     401: "unauthorized",
@@ -108,13 +116,44 @@ _ERROR_CODES: Final = {
 # -- shared helpers -------------------------------------------------------------------------
 
 
+def problem_type(code: str) -> str:
+    """The stable RFC 9457 ``type`` URI of an error ``code``."""
+    return PROBLEM_TYPE_PREFIX + code
+
+
 def json_error(
     status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    """An error answer in the contract's shape ``{"error": {"code", "message"}}``."""
-    return web.json_response(
-        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    """An error answer: RFC 9457 problem details that also keep the contract's
+    ``{"error": {"code", "message"}}`` and ``code``, so clients of either shape read it.
+
+    It is sent as ``application/json`` unless the client accepts
+    ``application/problem+json`` (:func:`problem_middleware`): clients that check the
+    content type before parsing JSON keep working.
+    """
+    response = web.json_response(
+        {
+            "type": problem_type(code),
+            "title": code.replace("_", " ").capitalize(),
+            "status": status,
+            "detail": message,
+            "code": code,
+            "error": {"code": code, "message": message},
+        },
+        status=status,
+        headers=headers,
     )
+    response[_IS_PROBLEM] = True
+    return response
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Label error answers ``application/problem+json`` for clients that accept it."""
+    response = await handler(request)
+    if response.get(_IS_PROBLEM) and PROBLEM_CONTENT_TYPE in request.headers.get("Accept", ""):
+        response.content_type = PROBLEM_CONTENT_TYPE
+    return response
 
 
 def _unavailable(message: str) -> web.Response:
@@ -417,7 +456,13 @@ class _GraphWebhook:
                     batch.rejected["account_unavailable", result.subscription_hash] += 1
                     continue
                 event_hash = self._hasher.hash_id("event", result.account_id, result.event_id)
-                key = ("change", result.account_id, event_hash, result.change_type)
+                key = (
+                    "change",
+                    result.account_id,
+                    event_hash,
+                    result.change_type,
+                    result.change_key or "",
+                )
                 if key not in seen:
                     body = seal_message(
                         cipher,
@@ -429,6 +474,11 @@ class _GraphWebhook:
                                 result.event_id, aad=event_ref_aad(result.account_id, event_hash)
                             ),
                             received_at=received_at,
+                            etag_hash=None
+                            if result.change_key is None
+                            else self._hasher.hash_id(
+                                "change_key", result.account_id, result.change_key
+                            ),
                         ),
                         purpose=INBOUND_SEAL,
                     )
@@ -532,9 +582,8 @@ def add_health_routes(
     app: web.Application,
     *,
     readiness: Callable[[], Awaitable[Mapping[str, bool]]],
-    metrics: Metrics,
 ) -> None:
-    """Register ``/healthz`` (alive), ``/readyz`` (dependencies reachable) and ``/metrics``."""
+    """Register ``/healthz`` (alive) and ``/readyz`` (dependencies reachable)."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -560,12 +609,28 @@ def add_health_routes(
             status=503,
         )
 
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+
+
+def build_internal_app(
+    *,
+    readiness: Callable[[], Awaitable[Mapping[str, bool]]],
+    metrics: Metrics,
+) -> web.Application:
+    """The internal listener's app: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+    ``/metrics`` is served only here, never on the public listener: its rejection counters
+    by reason would tell a prober whether a guessed subscription exists.
+    """
+
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
-    app.router.add_get("/healthz", healthz, allow_head=False)
-    app.router.add_get("/readyz", readyz, allow_head=False)
+    app = web.Application(middlewares=[error_middleware])
+    add_health_routes(app, readiness=readiness)
     app.router.add_get("/metrics", metrics_view, allow_head=False)
+    return app
 
 
 def build_app(
@@ -582,7 +647,7 @@ def build_app(
 ) -> web.Application:
     """The receiver app with the Graph webhook and health routes; others add theirs later."""
     app = web.Application(
-        middlewares=[correlation_middleware, error_middleware],
+        middlewares=[correlation_middleware, problem_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS_KEY] = settings
@@ -598,5 +663,5 @@ def build_app(
         clock=clock,
         body_read_timeout_s=body_read_timeout_s,
     )
-    add_health_routes(app, readiness=readiness, metrics=metrics)
+    add_health_routes(app, readiness=readiness)
     return app

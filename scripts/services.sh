@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Provision and start the services m365sync needs on a development or CI machine:
-# RabbitMQ from Debian's packages and FerretDB (SQLite backend) built from the Go module
-# proxy. Idempotent: whatever is already installed, built or listening is left alone, so
-# a second run takes a second or two.
+# RabbitMQ from Debian's packages, and FerretDB built from the Go module proxy on a
+# PostgreSQL cluster of the project's own (Debian's package, under .run/, loopback only),
+# whose indexes serve the service's queries (tools/ferretdb/gin-twins.sql). Idempotent:
+# whatever is already installed, built or listening is left alone, so a second run takes a
+# second or two.
 #
-#   scripts/services.sh up      install what is missing, start both, wait until they answer
-#   scripts/services.sh down    stop the FerretDB started here (RabbitMQ is left running)
+#   scripts/services.sh up      install what is missing, start them, wait until they answer
+#   scripts/services.sh down    stop the FerretDB and PostgreSQL started here (RabbitMQ is left running)
 #
 # M365SYNC_AMQP_URL / M365SYNC_MONGODB_URL, when set, point at services run elsewhere:
 # nothing is installed or started for them.
@@ -100,19 +102,99 @@ ferretdb_up() {
     log "FerretDB: already listening on 127.0.0.1:27017"
     return
   fi
-  # Development and test data, on disk: on tmpfs the embedded SQLite died with SIGBUS in
-  # its WAL reader several times an hour under the test suite, and it was no faster.
-  local data="$run_dir/ferretdb-data"
-  # Disposable development data: start empty, so a file left half-written by a killed
-  # server cannot keep the next one from starting (FerretDB refuses such a file).
-  rm -rf "$data"
-  mkdir -p "$data"
-  log "FerretDB: starting on 127.0.0.1:27017 (SQLite in $data)"
-  nohup "$run_dir/ferretdb-embed" -listen-addr 127.0.0.1:27017 -sqlite-dir "$data" \
+  postgres_up
+  # Disposable development data: every start of FerretDB begins with an empty database.
+  psql_admin -q -c "DROP DATABASE IF EXISTS ferretdb WITH (FORCE)" -c "CREATE DATABASE ferretdb"
+  psql_admin -q -d ferretdb -f "$root/tools/ferretdb/gin-twins.sql"
+  log "FerretDB: starting on 127.0.0.1:27017 (PostgreSQL on 127.0.0.1:$pg_port)"
+  nohup "$run_dir/ferretdb-embed" -listen-addr 127.0.0.1:27017 \
+    -postgresql-url "postgres://postgres@127.0.0.1:$pg_port/ferretdb?pool_max_conns=80" \
     >>"$run_dir/ferretdb.log" 2>&1 &
   echo $! >"$run_dir/ferretdb.pid"
   wait_port 127.0.0.1 27017 FerretDB 30
   log "FerretDB: ready on 127.0.0.1:27017"
+}
+
+# PostgreSQL behind FerretDB: a cluster of the project's own, so nothing of the machine's
+# own PostgreSQL (if any) is touched. Test data only: durability is traded for speed
+# (fsync off), which is safe because every start of FerretDB recreates its database.
+pg_port=${M365SYNC_PG_PORT:-55432}
+
+pg_bin() {
+  local dir
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$dir" ]; then
+    log "PostgreSQL: installing Debian's postgresql"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq postgresql >/dev/null
+    dir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+  fi
+  printf '%s' "$dir"
+}
+
+as_pg() {  # PostgreSQL refuses to run as root: run as the package's `postgres` user then
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+pg_data_dir() {
+  # Under .run/ when the server's user can reach it; else (a clone below a private home)
+  # in a directory of its own named after this clone, linked from .run/.
+  local dir="$run_dir/postgres"
+  if [ "$(id -u)" != 0 ] || runuser -u postgres -- test -x "$run_dir" 2>/dev/null; then
+    printf '%s' "$dir"
+    return
+  fi
+  local elsewhere
+  elsewhere="/var/tmp/m365sync-postgres-$(printf '%s' "$root" | sha256sum | cut -c1-12)"
+  ln -sfn "$elsewhere" "$dir"
+  printf '%s' "$elsewhere"
+}
+
+psql_admin() {
+  PGOPTIONS='-c client_min_messages=warning' "$(pg_bin)/psql" -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U postgres "$@" >/dev/null
+}
+
+postgres_up() {
+  local bin data
+  bin=$(pg_bin)
+  data=$(pg_data_dir)
+  if port_open 127.0.0.1 "$pg_port"; then
+    return
+  fi
+  if [ ! -f "$data/PG_VERSION" ]; then
+    log "PostgreSQL: creating a cluster in $data"
+    rm -rf "$data"
+    mkdir -p "$data"
+    [ "$(id -u)" = 0 ] && chown postgres: "$data"
+    chmod 700 "$data"
+    as_pg "$bin/initdb" -D "$data" -U postgres -A trust -E UTF8 --locale=C --no-sync >/dev/null
+    cat >>"$data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $pg_port
+unix_socket_directories = ''
+max_connections = 300
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+# FerretDB passes field names as parameters: only a custom plan matches the serving indexes.
+plan_cache_mode = force_custom_plan
+CONF
+  fi
+  log "PostgreSQL: starting on 127.0.0.1:$pg_port"
+  as_pg "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start >/dev/null
+}
+
+postgres_down() {
+  local data="$run_dir/postgres"
+  if [ -f "$data/postmaster.pid" ]; then
+    as_pg "$(pg_bin)/pg_ctl" -D "$data" -m fast -w stop >/dev/null || true
+  fi
 }
 
 ferretdb_down() {
@@ -125,6 +207,6 @@ ferretdb_down() {
 case "${1:-up}" in
   up) rabbitmq_up; ferretdb_up ;;
   build) ferretdb_binary ;;
-  down) ferretdb_down ;;
+  down) ferretdb_down; postgres_down ;;
   *) echo "usage: $0 up|build|down" >&2; exit 2 ;;
 esac

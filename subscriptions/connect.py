@@ -8,12 +8,21 @@ through MSAL, binds the Microsoft user (``oid``/``tid`` of the ID token) to the 
 account, stores the token cache encrypted under the account's key, makes sure a
 subscription exists, asks for a full resync and redirects to the link's ``return_url``.
 
+Every flow is bound to the browser that started it (CONTRACT §2): ``/connect`` sets a
+random, HttpOnly, ``SameSite=Lax`` cookie (:func:`browser_binding`) and the flow keeps its
+keyed hash; a callback that does not present it is refused and leaves the flow for the
+right browser, so a sign-in URL passed to a colleague cannot bind the colleague's mailbox
+(login CSRF). A Microsoft mailbox is bound to at most one 1Relation account.
+
 Logs carry the account id and a reason, never a token, code or state.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
+import re
+import secrets
 import time
 import uuid
 from collections.abc import Mapping
@@ -32,13 +41,13 @@ from processor.graph import GraphClient
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
 from processor.messages import resync_message
-from processor.settings import Settings
+from processor.settings import Settings, canonical_origin
 from processor.store import SCHEMA_VERSION, Document, Store, aad
 from processor.timeutil import utcnow
 from processor.tokens import DEFAULT_SCOPES, MsalApps, initiate_flow_async, redeem_auth_code
 from processor.topology import INBOUND_EXCHANGE, shard_routing_key
 from processor.web import json_error
-from subscriptions.links import LinkRejected, LinkVerifier, is_guid
+from subscriptions.links import CONNECT_AUDIENCE, LinkRejected, LinkVerifier, is_guid
 from subscriptions.registration import (
     SUBSCRIPTION_LEASE_PREFIX,
     create_subscription,
@@ -47,8 +56,12 @@ from subscriptions.registration import (
 
 __all__ = [
     "CONNECT_FLOWS",
+    "BrowserMismatch",
     "FlowStore",
     "add_connect_routes",
+    "bind_browser",
+    "browser_binding",
+    "browser_mismatch_page",
     "html_page",
     "publish_resync",
     "redirect",
@@ -71,6 +84,56 @@ SUBSCRIPTION_LEASE_WAIT_S: Final = 10.0
 #: Statuses in which an account's existing connection still stands (a failed reconnect
 #: attempt does not overwrite them).
 _WORKING: Final = frozenset({"connected", "backfilling", "deletions_paused"})
+#: The browser-binding cookie. Over https it carries the ``__Host-`` prefix (Secure, Path=/,
+#: no Domain: a sibling subdomain cannot plant one); plain http is only allowed on loopback
+#: (the demo and the tests), where a Secure cookie would not come back from every client.
+BROWSER_COOKIE: Final = "m365sync-signin"
+SECURE_BROWSER_COOKIE: Final = f"__Host-{BROWSER_COOKIE}"
+_BINDING_VALUE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+class BrowserMismatch(Exception):
+    """A callback for a flow that another browser started; the flow is left in place."""
+
+
+def _cookie_name(public_url: str) -> str:
+    secure = canonical_origin(public_url).startswith("https://")
+    return SECURE_BROWSER_COOKIE if secure else BROWSER_COOKIE
+
+
+def browser_binding(request: web.Request, public_url: str) -> str | None:
+    """The binding value the browser presents, if it is well-formed."""
+    value = request.cookies.get(_cookie_name(public_url))
+    return value if value is not None and _BINDING_VALUE.fullmatch(value) else None
+
+
+def bind_browser(request: web.Request, response: web.StreamResponse, public_url: str) -> str:
+    """The browser's binding value (a new random one unless it has one), set on ``response``.
+
+    One value per browser rather than per flow: two tabs connecting at once both finish.
+    """
+    value = browser_binding(request, public_url) or secrets.token_urlsafe(32)
+    name = _cookie_name(public_url)
+    response.set_cookie(
+        name,
+        value,
+        max_age=int(FLOW_TTL_S),
+        path="/",
+        secure=name == SECURE_BROWSER_COOKIE,
+        httponly=True,
+        samesite="Lax",
+    )
+    return value
+
+
+def browser_mismatch_page() -> web.Response:
+    """What a browser that did not start the sign-in it finishes is told."""
+    return html_page(
+        "Sign-in not started here",
+        "This sign-in was started in another browser, so it was not completed. "
+        "Open the link from 1Relation again in this browser.",
+        status=403,
+    )
 
 
 class FlowStore:
@@ -85,8 +148,13 @@ class FlowStore:
     def _key(self, state: str) -> str:
         return self._store.hasher.hash_id(self._name, state)
 
-    async def put(self, state: str, account_id: str, data: Mapping[str, Any]) -> None:
-        """Keep ``data`` for ``state`` until taken or expired."""
+    def _browser_hash(self, binding: str) -> str:
+        return self._store.hasher.hash_id(f"{self._name}:browser", binding)
+
+    async def put(
+        self, state: str, account_id: str, data: Mapping[str, Any], *, browser: str
+    ) -> None:
+        """Keep ``data`` for ``state`` until taken or expired, bound to the ``browser`` value."""
         cipher = await self._store.service_cipher(SERVICE_KEY_PURPOSE)
         key = self._key(state)
         now = utcnow()
@@ -95,6 +163,7 @@ class FlowStore:
                 "_id": key,
                 "schema": SCHEMA_VERSION,
                 "account_id": account_id,
+                "browser_hash": self._browser_hash(browser),
                 "data_ct": cipher.encrypt_json(
                     dict(data), aad(self._name, account_id, key, "data")
                 ),
@@ -103,14 +172,24 @@ class FlowStore:
             }
         )
 
-    async def take(self, state: str | None) -> tuple[str, dict[str, Any]] | None:
-        """The account id and data kept for ``state``, once; None if unknown, used or expired."""
+    async def take(
+        self, state: str | None, *, browser: str | None
+    ) -> tuple[str, dict[str, Any]] | None:
+        """The account id and data kept for ``state``, once; None if unknown, used or expired.
+
+        Raises :class:`BrowserMismatch`, leaving the flow, unless ``browser`` is the value
+        the flow was started with.
+        """
         if not state or len(state) > MAX_STATE_CHARS:
             return None
         key = self._key(state)
         doc = await self._collection.find_one({"_id": key})
         if doc is None:
             return None
+        bound = doc.get("browser_hash")
+        presented = self._browser_hash(browser) if browser is not None else ""
+        if not isinstance(bound, str) or not hmac.compare_digest(bound, presented):
+            raise BrowserMismatch
         # Whoever deletes it owns it: a replayed or concurrent callback finds nothing to delete.
         if (await self._collection.delete_one({"_id": key})).deleted_count != 1:
             return None
@@ -198,6 +277,11 @@ _FAILURES: Final = {
         "This account is connected to a different Microsoft user; disconnect it first.",
     ),
     "wrong_tenant": (403, "The Microsoft user belongs to another organisation than expected."),
+    "mailbox_in_use": (
+        409,
+        "This Microsoft mailbox is connected to another 1Relation account; "
+        "disconnect it there first.",
+    ),
     "connect_in_progress": (409, "This account is being connected right now; try again."),
     "temporarily_unavailable": (503, "Microsoft could not be reached; try again."),
     "sign_in_failed": (400, "The Microsoft sign-in did not complete; try again."),
@@ -231,7 +315,7 @@ class _Connect:
     async def start(self, request: web.Request) -> web.Response:
         """``GET /connect?token=JWT``: verify, keep the flow, send the browser to Microsoft."""
         try:
-            link = await self._links.verify(request.query.get("token"))
+            link = await self._links.verify(request.query.get("token"), audience=CONNECT_AUDIENCE)
         except LinkRejected as exc:
             log.info("connect.rejected", code=exc.code)
             return json_error(exc.status, exc.code, exc.message)
@@ -244,11 +328,15 @@ class _Connect:
                 domain_hint=link.tenant if link.tenant and not link.tenant_is_guid else None,
                 tenant=link.tenant or "organizations",
                 response_mode="query",
+                # Microsoft shows its account picker even under single sign-on, so whoever
+                # signs in sees which mailbox is about to be connected.
+                prompt="select_account",
             )
         except (ValueError, requests.RequestException) as exc:
             # MSAL raises ValueError when the authority (tenant) cannot be discovered.
             reason = "sign_in_failed" if isinstance(exc, ValueError) else "temporarily_unavailable"
             return self._failed(link.account_id, link.return_url, reason)
+        response = redirect(str(flow["auth_uri"]))
         await self._flows.put(
             str(flow["state"]),
             link.account_id,
@@ -258,13 +346,20 @@ class _Connect:
                 "tenant": link.tenant,
                 "started_at": time.time(),
             },
+            browser=bind_browser(request, response, self._settings.public_url),
         )
-        return redirect(str(flow["auth_uri"]))
+        return response
 
     async def callback(self, request: web.Request) -> web.Response:
         """``GET /auth/callback``: finish the sign-in and connect the account."""
         query = {name: request.query[name] for name in request.query}
-        taken = await self._flows.take(query.get("state"))
+        try:
+            taken = await self._flows.take(
+                query.get("state"), browser=browser_binding(request, self._settings.public_url)
+            )
+        except BrowserMismatch:
+            log.info("connect.failed", reason="browser_mismatch")
+            return browser_mismatch_page()
         if taken is None:
             log.info("connect.failed", reason="unknown_state")
             return json_error(
@@ -317,12 +412,23 @@ class _Connect:
         lease, owner = f"connect:{account_id}", uuid.uuid4().hex
         if not await self._store.try_lease(lease, owner, ttl_s=CONNECT_LEASE_TTL_S):
             return self._failed(account_id, return_url, "connect_in_progress")
+        user_hash = self._store.hasher.hash_id("user", user_id.lower())
+        # Held while the mailbox is checked and bound, so that two accounts connecting the
+        # same mailbox at once cannot both pass the check.
+        mailbox_lease = f"mailbox:{user_hash}"
+        if not await self._store.try_lease(mailbox_lease, owner, ttl_s=CONNECT_LEASE_TTL_S):
+            await self._store.release_lease(lease, owner)
+            return self._failed(account_id, return_url, "connect_in_progress")
         try:
             account = await self._store.get_account(account_id)
-            user_hash = self._store.hasher.hash_id("user", user_id.lower())
             bound = account.get("user_hash") if account is not None else None
             if bound is not None and bound != user_hash:
                 return self._failed(account_id, return_url, "different_user")
+            elsewhere = await self._store.accounts.find_one(
+                {"user_hash": user_hash, "_id": {"$ne": account_id}}, {"_id": 1}
+            )
+            if elsewhere is not None:
+                return self._failed(account_id, return_url, "mailbox_in_use")
             previous = account.get("status") if account is not None else None
             await register_account(
                 self._store,
@@ -347,6 +453,7 @@ class _Connect:
                 # The periodic delta pass backfills it later; the connection itself stands.
                 log.warning("connect.resync_not_queued", account_id=account_id, error=str(exc))
         finally:
+            await self._store.release_lease(mailbox_lease, owner)
             await self._store.release_lease(lease, owner)
         log.info(
             "connect.completed",

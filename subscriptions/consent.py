@@ -5,15 +5,22 @@ expiring, taken once, see :class:`subscriptions.connect.FlowStore`) and the admi
 is sent to the tenant's admin consent page. The callback records the tenant's approval only
 for a state we issued, and only for the tenant that state was started for when the link
 named one: the ``tenant`` parameter Microsoft appends is never trusted on its own
-(GRAPH-NOTES §8). Approvals are kept in ``tenants`` by keyed hash of the tenant id.
+(GRAPH-NOTES §8). Before anything is recorded, the approval is confirmed with Microsoft:
+an app-only token (client credentials, ``.default``) is issued for a tenant only once its
+administrator approved the app, so a callback naming another tenant records nothing.
+Like a sign-in, the approval is bound to the browser that started it (a cookie, see
+:func:`subscriptions.connect.bind_browser`). Approvals are kept in ``tenants`` by keyed
+hash of the tenant id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Final
 from urllib.parse import quote, urlencode
 
+import requests
 from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
@@ -21,9 +28,19 @@ from processor.logs import get_logger
 from processor.settings import Settings
 from processor.store import SCHEMA_VERSION, Store
 from processor.timeutil import utcnow
+from processor.tokens import MsalApps
 from processor.web import json_error
-from subscriptions.connect import FlowStore, html_page, redirect, with_status
-from subscriptions.links import LinkRejected, LinkVerifier, is_guid
+from subscriptions.connect import (
+    BrowserMismatch,
+    FlowStore,
+    bind_browser,
+    browser_binding,
+    browser_mismatch_page,
+    html_page,
+    redirect,
+    with_status,
+)
+from subscriptions.links import CONSENT_AUDIENCE, LinkRejected, LinkVerifier, is_guid
 
 __all__ = ["CONSENT_FLOWS", "TENANTS", "add_consent_routes"]
 
@@ -37,23 +54,30 @@ CONSENT_SCOPE: Final = "https://graph.microsoft.com/.default"
 
 
 class _Consent:
-    def __init__(self, *, settings: Settings, store: Store, links: LinkVerifier) -> None:
+    def __init__(
+        self, *, settings: Settings, store: Store, links: LinkVerifier, apps: MsalApps
+    ) -> None:
         self._settings = settings
         self._store = store
         self._links = links
+        self._apps = apps
         self._flows = FlowStore(store=store, collection=CONSENT_FLOWS)
         self._tenants = store.db[TENANTS]
 
     async def start(self, request: web.Request) -> web.Response:
         """Verify the link, keep a state, send the administrator to Microsoft."""
         try:
-            link = await self._links.verify(request.query.get("token"))
+            link = await self._links.verify(request.query.get("token"), audience=CONSENT_AUDIENCE)
         except LinkRejected as exc:
             log.info("consent.rejected", code=exc.code)
             return json_error(exc.status, exc.code, exc.message)
         state = secrets.token_urlsafe(32)
+        response = redirect("")  # Location set below, once the state is kept
         await self._flows.put(
-            state, link.account_id, {"return_url": link.return_url, "tenant": link.tenant}
+            state,
+            link.account_id,
+            {"return_url": link.return_url, "tenant": link.tenant},
+            browser=bind_browser(request, response, self._settings.public_url),
         )
         # Not "common": the admin consent endpoint needs a tenant or "organizations".
         segment = quote(link.tenant or "organizations", safe="")
@@ -66,11 +90,21 @@ class _Consent:
             }
         )
         log.info("consent.started", account_id=link.account_id, tenant_hint=link.tenant is not None)
-        return redirect(f"{self._settings.authority_host}/{segment}/v2.0/adminconsent?{query}")
+        response.headers["Location"] = (
+            f"{self._settings.authority_host}/{segment}/v2.0/adminconsent?{query}"
+        )
+        return response
 
     async def callback(self, request: web.Request) -> web.Response:
         """Record the approval for a state we issued; redirect to the link's ``return_url``."""
-        taken = await self._flows.take(request.query.get("state"))
+        try:
+            taken = await self._flows.take(
+                request.query.get("state"),
+                browser=browser_binding(request, self._settings.public_url),
+            )
+        except BrowserMismatch:
+            log.info("consent.failed", reason="browser_mismatch")
+            return browser_mismatch_page()
         if taken is None:
             log.info("consent.failed", reason="unknown_state")
             return json_error(
@@ -88,6 +122,11 @@ class _Consent:
             return self._failed(account_id, return_url, "admin_consent_declined")
         if is_guid(expected) and str(expected).lower() != tenant.lower():
             return self._failed(account_id, return_url, "wrong_tenant")
+        confirmed = await self._confirmed(tenant.lower())
+        if confirmed is None:
+            return self._failed(account_id, return_url, "temporarily_unavailable")
+        if not confirmed:
+            return self._failed(account_id, return_url, "admin_consent_not_confirmed")
         await self._record(tenant.lower())
         log.info("consent.completed", account_id=account_id)
         if return_url is not None:
@@ -96,6 +135,22 @@ class _Consent:
             "Approved",
             "Your organisation approved the app; its users can now connect their calendars.",
         )
+
+    async def _confirmed(self, tenant_id: str) -> bool | None:
+        """Whether Microsoft issues an app-only token for the tenant; None if it cannot say."""
+
+        def ask() -> bool:
+            app = self._apps.build(tenant=tenant_id)
+            result = app.acquire_token_for_client(scopes=[CONSENT_SCOPE])
+            return isinstance(result, dict) and bool(result.get("access_token"))
+
+        try:
+            return await asyncio.to_thread(ask)
+        except ValueError:  # MSAL: the tenant's authority cannot be discovered (no such tenant)
+            return False
+        except requests.RequestException as exc:
+            log.warning("consent.confirm_failed", error=type(exc).__name__)
+            return None
 
     async def _record(self, tenant_id: str) -> None:
         key = self._store.hasher.hash_id("tenant", tenant_id)
@@ -118,17 +173,26 @@ class _Consent:
         log.info("consent.failed", account_id=account_id, reason=reason)
         if return_url is not None:
             return redirect(with_status(return_url, "error", reason))
-        message = {
-            "admin_consent_declined": "The administrator did not approve the app.",
-            "wrong_tenant": "The approval came from another organisation than the link named.",
+        status, message = {
+            "admin_consent_declined": (403, "The administrator did not approve the app."),
+            "wrong_tenant": (
+                403,
+                "The approval came from another organisation than the link named.",
+            ),
+            "admin_consent_not_confirmed": (
+                403,
+                "Microsoft does not confirm that the organisation approved the app; "
+                "ask an administrator to approve it again.",
+            ),
+            "temporarily_unavailable": (503, "Microsoft could not be reached; try again."),
         }[reason]
-        return json_error(403, reason, message)
+        return json_error(status, reason, message)
 
 
 def add_consent_routes(
-    app: web.Application, *, settings: Settings, store: Store, links: LinkVerifier
+    app: web.Application, *, settings: Settings, store: Store, links: LinkVerifier, apps: MsalApps
 ) -> None:
     """Register ``GET /admin-consent`` and ``GET /admin-consent/callback``."""
-    routes = _Consent(settings=settings, store=store, links=links)
+    routes = _Consent(settings=settings, store=store, links=links, apps=apps)
     app.router.add_get("/admin-consent", routes.start, allow_head=False)
     app.router.add_get(CALLBACK_PATH, routes.callback, allow_head=False)

@@ -5,6 +5,12 @@ claims, ``return_url`` origin) before its ``jti`` is consumed, so a rejected tok
 uses up anything. The ``jti`` is consumed by a unique-key insert into ``used_links``,
 atomic on FerretDB too (an update would not be); the record expires a while after the
 token does, when a replay would fail on ``exp`` anyway, and the sweeper removes it.
+
+Each route has its own audience (:data:`CONNECT_AUDIENCE`, :data:`CONSENT_AUDIENCE`), so
+a connect link cannot start an admin consent or the other way round. CONTRACT §2 names no
+``aud``, so a link without one is accepted on either route unless the verifier is told
+to require it (``M365SYNC_LINK_AUDIENCE_REQUIRED``, once 1Relation's signer sets it); a
+link whose ``aud`` does not name the route is always refused.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from processor.timeutil import utcnow
 
 __all__ = [
     "ACCOUNT_ID_PATTERN",
+    "CONNECT_AUDIENCE",
+    "CONSENT_AUDIENCE",
     "USED_LINKS",
     "Link",
     "LinkRejected",
@@ -39,6 +47,11 @@ __all__ = [
 ]
 
 USED_LINKS: Final = "used_links"
+#: ``aud`` of a link for ``GET /connect``.
+CONNECT_AUDIENCE: Final = "m365sync:connect"
+#: ``aud`` of a link for ``GET /admin-consent``.
+CONSENT_AUDIENCE: Final = "m365sync:admin-consent"
+_AUDIENCES: Final = frozenset({CONNECT_AUDIENCE, CONSENT_AUDIENCE})
 ALGORITHM: Final = "HS256"
 #: Longest token looked at; a real link is a few hundred characters.
 MAX_TOKEN_CHARS: Final = 4096
@@ -125,6 +138,9 @@ class MongoUsedLinks:
         return True
 
 
+_MISSING: Final = object()
+
+
 def _forbidden(code: str, message: str) -> LinkRejected:
     return LinkRejected(403, code, message)
 
@@ -140,6 +156,7 @@ class LinkVerifier:
         used: UsedLinkStore,
         hasher: Hasher,
         max_lifetime_s: float = MAX_LIFETIME_S,
+        require_audience: bool = False,
     ) -> None:
         if not secrets:
             raise ValueError("at least one connect secret is required")
@@ -148,10 +165,14 @@ class LinkVerifier:
         self._used = used
         self._hasher = hasher
         self._max_lifetime_s = max_lifetime_s
+        self._require_audience = require_audience
 
-    async def verify(self, token: str | None) -> Link:
-        """Check ``token`` completely, then consume its ``jti``; raises :class:`LinkRejected`."""
-        link = self.check(token)
+    async def verify(self, token: str | None, *, audience: str = CONNECT_AUDIENCE) -> Link:
+        """Check ``token`` for the route ``audience`` names completely, then consume its ``jti``.
+
+        Raises :class:`LinkRejected`.
+        """
+        link = self.check(token, audience=audience)
         consumed = await self._used.consume(
             self._hasher.hash_id("link_jti", link.jti),
             expires_at=link.expires_at + timedelta(seconds=LEEWAY_S + USED_LINK_MARGIN_S),
@@ -160,18 +181,33 @@ class LinkVerifier:
             raise _forbidden("token_replayed", "this link was used already; ask for a new one")
         return link
 
-    def check(self, token: str | None) -> Link:
-        """Format, algorithm, signature and claims; consumes nothing."""
+    def check(self, token: str | None, *, audience: str = CONNECT_AUDIENCE) -> Link:
+        """Format, algorithm, signature and claims for the route ``audience``; consumes nothing."""
+        if audience not in _AUDIENCES:
+            raise ValueError(f"unknown link audience {audience!r}")
         if not token or len(token) > MAX_TOKEN_CHARS or token.count(".") != 2:
             raise LinkRejected(400, "invalid_token", "the token is not a JWT")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
-            raise LinkRejected(400, "invalid_token", "the token is not a JWT") from None
+        except jwt.InvalidTokenError:  # also a non-string kid or an unknown crit extension
+            raise LinkRejected(400, "invalid_token", "the token is not a usable JWT") from None
         if header.get("alg") != ALGORITHM:
             raise _forbidden("unsupported_algorithm", "the token must be signed with HS256")
         claims = self._decode(token)
+        self._audience(claims.get("aud", _MISSING), audience)
         return self._claims(claims)
+
+    def _audience(self, value: object, expected: str) -> None:
+        if value is _MISSING:
+            if self._require_audience:
+                raise _forbidden("wrong_audience", f"the token must have aud {expected!r}")
+            return
+        names = value if isinstance(value, list) else [value]
+        # A list naming both routes would make the link work on both again.
+        if expected not in names or any(n in _AUDIENCES and n != expected for n in names):
+            raise _forbidden(
+                "wrong_audience", f"the token is not meant for this route ({expected})"
+            )
 
     def _decode(self, token: str) -> dict[str, Any]:
         for secret in self._secrets:

@@ -216,6 +216,9 @@ class SubscriptionManager:
         #: Counts by what happened: created, renewed, recreated, deleted_extra, checks,
         #: resyncs, lease_busy, failures, reauthorization_required, unknown_lifecycle …
         self.stats: Counter[str] = Counter()
+        #: What the last scan saw, for the metrics: :func:`expiry_summary` of the accounts
+        #: that are not paused.
+        self.expiring: dict[str, int] = {}
 
     # ---- running ------------------------------------------------------------------------------
 
@@ -262,6 +265,14 @@ class SubscriptionManager:
         states = {str(doc["_id"]): doc async for doc in self._state.find({})}
         due: list[str] = []
         resyncs: list[str] = []
+        self.expiring = expiry_summary(
+            (
+                records.get(str(account["_id"]), [])
+                for account in accounts
+                if account.get("status") not in PAUSED_STATUSES
+            ),
+            now,
+        )
         for account in accounts:
             account_id = str(account["_id"])
             paused = account.get("status") in PAUSED_STATUSES
@@ -778,3 +789,30 @@ class SubscriptionManager:
     async def report_reauthorization(self, account_id: str, reason: str) -> None:
         """The account's sign-in is gone: set the status (and so stop its Graph calls)."""
         await self._reauthorization_required(account_id, reason)
+
+
+#: The horizons of :func:`expiry_summary`, in seconds.
+EXPIRY_HORIZONS_S: dict[str, float] = {"1h": 3600.0, "6h": 21600.0, "24h": 86400.0}
+
+
+def expiry_summary(records_by_account: Iterable[list[Document]], now: datetime) -> dict[str, int]:
+    """Count accounts by how soon their latest subscription expires.
+
+    For each account, its live subscription that expires last decides: ``within_1h``,
+    ``within_6h``, ``within_24h`` (cumulative: an account within 1 h is counted in all three)
+    and ``none`` (no live subscription at all: it receives no notifications). Renewal starts
+    when half of a lifetime of days is left, so a count above zero within hours means
+    renewals are failing.
+    """
+    summary = {f"within_{name}": 0 for name in EXPIRY_HORIZONS_S} | {"none": 0}
+    for records in records_by_account:
+        expiries = [as_utc(r["expires_at"]) for r in records if "expires_at" in r]
+        latest = max(expiries, default=None)
+        if latest is None or latest <= now:
+            summary["none"] += 1
+            continue
+        left_s = (latest - now).total_seconds()
+        for name, horizon_s in EXPIRY_HORIZONS_S.items():
+            if left_s <= horizon_s:
+                summary[f"within_{name}"] += 1
+    return summary

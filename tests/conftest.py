@@ -13,13 +13,16 @@ import signal
 import sys
 import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import pytest
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+
+from tests.support import published
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_MONGODB_URL = "mongodb://127.0.0.1:27017/m365sync"
@@ -145,3 +148,21 @@ def _dump_tasks(signum: int, frame: object) -> None:
 
 if hasattr(signal, "SIGUSR1"):
     signal.signal(signal.SIGUSR1, _dump_tasks)
+
+
+published.install()
+
+
+@pytest.fixture(autouse=True)
+def _published_messages_follow_their_schemas() -> Iterator[None]:
+    """Every message the service published to 1Relation during the test matched its schema."""
+    published.take_violations()  # what an earlier test's leftovers published is theirs
+    yield
+    violations = published.take_violations()
+    assert not violations, "published messages break docs/schemas:\n" + "\n".join(violations[:20])
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say how many published messages the suite checked against their schemas."""
+    for line in published.summary():
+        terminalreporter.write_line(line)

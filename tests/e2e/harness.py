@@ -23,6 +23,7 @@ from graphsim.server import SimConfig, Simulator
 from processor.app import (
     Runtime,
     build_runtime,
+    internal_listener,
     outbound_role,
     receiver_role,
     subscriptions_role,
@@ -54,6 +55,8 @@ def service_env(
         "M365SYNC_CLIENT_SECRET": sim.client_secret,
         "M365SYNC_PUBLIC_URL": public_url,
         "M365SYNC_HTTP_HOST": "127.0.0.1",
+        # Many service processes share this machine: each takes a free metrics port.
+        "M365SYNC_METRICS_PORT": "0",
         "M365SYNC_MASTER_KEYS": generate_master_key_spec("k1"),
         "M365SYNC_HASH_KEY": base64.b64encode(os.urandom(32)).decode(),
         "M365SYNC_CONNECT_SECRET": base64.b64encode(os.urandom(32)).decode(),
@@ -83,6 +86,8 @@ class Stack:
     env: dict[str, str]
     rt: Runtime
     port: int
+    #: The internal listener (``/metrics``), away from the public ``port``.
+    metrics_port: int
     accounts: dict[str, str] = field(default_factory=dict)  # account_id -> mailbox user id
     managers: list[SubscriptionManager] = field(default_factory=list)
     exit_stack: AsyncExitStack | None = None
@@ -252,6 +257,7 @@ async def running_stack(
         )
         settings = load_settings(env)
         rt = await build_runtime(settings, stack, mailbox_concurrency=3)
+        metrics_port = await stack.enter_async_context(internal_listener(rt, sock=free_socket()))
         if "receiver" in roles:
             await stack.enter_async_context(receiver_role(rt, sock=sock))
         else:
@@ -261,7 +267,14 @@ async def running_stack(
         if "outbound" in roles:
             await stack.enter_async_context(outbound_role(rt))
         running = Stack(
-            sim=sim, control=control, settings=settings, env=env, rt=rt, port=port, exit_stack=stack
+            sim=sim,
+            control=control,
+            settings=settings,
+            env=env,
+            rt=rt,
+            port=port,
+            metrics_port=metrics_port,
+            exit_stack=stack,
         )
         if "subscriptions" in roles:
             await running.start_manager(**(manager or {}))
@@ -342,18 +355,30 @@ class BrowserRun:
         return dict(parse_qsl(urlsplit(self.location).query))
 
 
-async def browse(stack: Stack, path: str, *, max_hops: int = 3) -> BrowserRun:
-    """GET ``path`` on the receiver and follow redirects by hand, as a browser would, until
-    the answer is not a redirect or points outside the receiver and the simulator."""
+def browser_jar() -> Any:
+    """A browser's cookies; accepts cookies of IP-address hosts like a browser does."""
+    import aiohttp  # noqa: PLC0415
+
+    return aiohttp.CookieJar(unsafe=True)
+
+
+async def browse(
+    stack: Stack, path_or_url: str, *, max_hops: int = 3, jar: Any = None
+) -> BrowserRun:
+    """GET ``path_or_url`` (a receiver path or a full URL) and follow redirects by hand, as a
+    browser would, until the answer is not a redirect or points outside the receiver and the
+    simulator. ``jar`` is the browser's cookies (a fresh browser when None)."""
     import ssl  # noqa: PLC0415
 
     import aiohttp  # noqa: PLC0415
 
     base = f"http://127.0.0.1:{stack.port}"
-    url = base + path
+    url = path_or_url if "://" in path_or_url else base + path_or_url
     context = ssl.create_default_context(cafile=str(stack.sim.ca_file))
     hops: list[str] = []
-    async with aiohttp.ClientSession(trust_env=False) as http:
+    async with aiohttp.ClientSession(
+        trust_env=False, cookie_jar=jar if jar is not None else browser_jar()
+    ) as http:
         for _ in range(max_hops):
             hops.append(url.split("?")[0])
             async with http.get(url, allow_redirects=False, ssl=context) as resp:

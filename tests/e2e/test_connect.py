@@ -24,6 +24,7 @@ from tests.e2e.harness import (
     Stack,
     browse,
     browser_connect,
+    browser_jar,
     eventually,
     mint_link,
     running_stack,
@@ -183,8 +184,9 @@ async def test_callback_state_is_taken_once(
         assert json.loads(unknown.body)["error"]["code"] == "invalid_state"
 
         token = mint_link(stack, "acc-once", return_url=None)
-        at_microsoft = await browse(stack, f"/connect?token={quote(token)}", max_hops=1)
-        async with aiohttp.ClientSession(trust_env=False) as http:
+        jar = browser_jar()
+        at_microsoft = await browse(stack, f"/connect?token={quote(token)}", max_hops=1, jar=jar)
+        async with aiohttp.ClientSession(trust_env=False, cookie_jar=jar) as http:
             async with http.get(
                 at_microsoft.location,
                 allow_redirects=False,
@@ -262,17 +264,21 @@ async def test_admin_consent_records_only_a_matching_state(
 
         # A real state, but the callback claims another tenant than the link named.
         other = str(uuid.uuid4())
+        jar = browser_jar()
         started = await browse(
             stack,
             f"/admin-consent?token={quote(mint_link(stack, 'acc-a', tenant=other))}",
             max_hops=1,
+            jar=jar,
         )
         assert started.location.startswith(f"{stack.sim.authority_host}/{other}/v2.0/adminconsent?")
         state = dict(pair.split("=", 1) for pair in started.location.split("?", 1)[1].split("&"))[
             "state"
         ]
         mismatch = await browse(
-            stack, f"/admin-consent/callback?admin_consent=True&tenant={tenant_id}&state={state}"
+            stack,
+            f"/admin-consent/callback?admin_consent=True&tenant={tenant_id}&state={state}",
+            jar=jar,
         )
         assert mismatch.query()["reason"] == "wrong_tenant"
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from subscriptions.manager import STATE_COLLECTION
 from tests.conftest import RabbitAdmin
 from tests.e2e.harness import (
     Stack,
+    api,
     converged,
     eventually,
     running_stack,
@@ -98,3 +102,43 @@ async def test_revoked_sign_in_pauses_the_account_and_reconnect_resumes_it(
         key = stack.rt.events.event_key("acc-x", probe["id"])
         assert await stack.rt.events.collection.find_one({"_id": key}) is not None
         assert await _dead_letters(stack) == 0
+
+
+async def test_last_error_says_what_failed_when_and_what_to_do(
+    tmp_path: Path, amqp_url: str, mongodb_url: str
+) -> None:
+    """An account in reauthorization_required shows a last_error (API and account.status)
+    that says in words what failed, when, and what a person can do, with no token or
+    Microsoft id in it."""
+    async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url) as stack:
+        user_id = (await stack.control.users())[0]["id"]
+        await stack.connect_account("acc-e", user_id)
+        cache = await stack.rt.store.load_token_cache("acc-e")
+        assert cache is not None
+        before = datetime.now(UTC).replace(microsecond=0)
+        await stack.control.revoke_tokens(user_id, access_tokens=True)
+        await stack.control.create_event(user_id, _event(1), immutable=True)
+
+        async def paused() -> bool:
+            return await stack.status("acc-e") == "reauthorization_required"
+
+        await eventually(paused)
+        status, body, _ = await api(stack, "GET", "/api/v1/accounts/acc-e")
+        assert status == 200
+        error = body["last_error"]
+        assert isinstance(error, str), body
+        assert "refused the account's stored sign-in" in error
+        assert "Connect to Microsoft" in error
+        stamp = re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", error)
+        assert stamp is not None, error
+        when = datetime.strptime(stamp.group(0), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        assert before <= when <= datetime.now(UTC)
+        secrets = {
+            entry["secret"]
+            for section in ("AccessToken", "RefreshToken", "IdToken")
+            for entry in json.loads(cache[0]).get(section, {}).values()
+        }
+        forbidden = secrets | {user_id, stack.sim.tenant_id, stack.sim.client_id}
+        assert [v for v in forbidden if v in error] == []
+        published = [a for a in await stack.announcements() if a["routing_key"] == "account.status"]
+        assert published[-1]["last_error"] == error

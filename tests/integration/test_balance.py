@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -214,3 +215,53 @@ async def test_a_second_process_takes_half_the_shards_and_a_leaving_one_hands_th
         if second is not None:
             await second.stop()
         await first.stop()
+
+
+async def test_survivors_spread_a_leavers_shards_at_once_though_they_released_them_lately(
+    amqp_url: str, mongo_db: AsyncDatabase[Any]
+) -> None:
+    """Four processes share the shards, then two leave: the leavers' shards reach whichever
+    process is next in line, and the two survivors are back on an even split within
+    seconds, even for shards a survivor let go less than a minute before (the once-a-minute
+    guard is against bouncing while a dead process's heartbeat lingers, not against a new
+    set of processes)."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        await declare_topology(await connection.channel(), TopologyConfig(shard_count=SHARDS))
+    accounts = _accounts()
+    log: list[Handled] = []
+    procs = [await Process(f"w-{i}", amqp_url, mongo_db, log).start() for i in range(1, 5)]
+    try:
+        sent = await _publish(amqp_url, accounts, 0, 200)
+        await _all_handled(log, sent)
+
+        async def spread_over(live: list[Process]) -> bool:
+            nonlocal sent
+            settled = len(log)
+            batch = await _publish(amqp_url, accounts, len(sent), 80)
+            sent += batch
+            await _all_handled(log, sent)
+            owners = live[0].balancer.assignment
+            after = log[settled:]
+            return len({p.name for p in live}) == len(set(owners.values())) and all(
+                owners.get(h.queue) == h.process for h in after
+            )
+
+        deadline = time.monotonic() + 30
+        while not await spread_over(procs):
+            assert time.monotonic() < deadline, "four processes never split the shards"
+        for leaver in procs[2:]:
+            await leaver.stop()
+        survivors = procs[:2]
+        procs = survivors
+        deadline = time.monotonic() + 15
+        while not await spread_over(survivors):
+            assert time.monotonic() < deadline, (
+                "the survivors did not split the shards within 15 s: "
+                f"{Counter(h.process for h in log[-80:])}"
+            )
+        assert _overlaps(log) == []
+        assert sorted(h.n for h in log) == sorted(sent)
+    finally:
+        for proc in procs:
+            await proc.stop()

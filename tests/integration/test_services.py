@@ -168,3 +168,21 @@ async def test_racing_deletes_by_id_have_exactly_one_deleter(
         results = await asyncio.gather(*(coll.delete_one({"_id": "state"}) for _ in range(8)))
         counts = [r.deleted_count for r in results]
         assert sum(counts) == 1, f"round {round_}: {counts}"
+
+
+async def test_a_connection_given_several_nodes_skips_the_ones_that_do_not_answer(
+    amqp_url: str,
+) -> None:
+    """The broker connection tries each listed node in turn: a refused first node is skipped."""
+    from processor.broker import ClusterConnection, connect  # noqa: PLC0415
+    from tests.support.nodes import free_port  # noqa: PLC0415
+
+    dead = amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{free_port()}")
+    assert dead != amqp_url
+    connection = await connect(f"{dead},{amqp_url}", name="test:cluster", reconnect_interval_s=0.2)
+    async with connection:
+        assert isinstance(connection, ClusterConnection)
+        assert connection.node_url.port == 5672
+        channel = await connection.channel()
+        queue = await channel.declare_queue("t.multi", exclusive=True)
+        assert queue.name == "t.multi"

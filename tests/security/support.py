@@ -45,10 +45,10 @@ async def document_counts(stack: Stack) -> dict[str, int]:
 
 
 async def metrics(stack: Stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample the receiver serves at /metrics, keyed by (name, labels)."""
+    """Every sample the internal listener serves at /metrics, keyed by (name, labels)."""
     async with (
         aiohttp.ClientSession(trust_env=False) as http,
-        http.get(f"http://127.0.0.1:{stack.port}/metrics") as resp,
+        http.get(f"http://127.0.0.1:{stack.metrics_port}/metrics") as resp,
     ):
         assert resp.status == 200
         text = await resp.text()

@@ -185,3 +185,26 @@ async def test_graph_rejects_bad_and_revoked_access_tokens(
     await control.advance_clock(-3601)
     await control.revoke_tokens(ann, access_tokens=True)
     assert (await graph.call("GET", "/me"))[0] == 401
+
+
+async def test_authorize_honours_documented_prompt_values(
+        sim: Simulator, http: aiohttp.ClientSession) -> None:
+    """prompt=select_account signs in (the picked account is the sign-in user) and is
+    recorded; a prompt value Microsoft does not document is an invalid_request."""
+    app = await _msal_app(sim)
+
+    def initiate(prompt: str) -> dict[str, Any]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="response_mode='form_post'", category=UserWarning)
+            flow: dict[str, Any] = app.initiate_auth_code_flow(
+                SCOPES, redirect_uri=REDIRECT, prompt=prompt)
+        return flow
+
+    for prompt, answer in (("select_account", "code"), ("pick_one", "error")):
+        flow = await asyncio.to_thread(initiate, prompt)
+        async with http.get(flow["auth_uri"], allow_redirects=False) as resp:
+            assert resp.status == 302
+            query = parse_qs(urlsplit(resp.headers["Location"]).query)
+        assert answer in query, (prompt, query)
+    assert query["error"] == ["invalid_request"]
+    assert sim.describe()["authorize_prompts"] == ["select_account"]

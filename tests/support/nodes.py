@@ -71,9 +71,13 @@ class RabbitNode:
     turns it into an orderly shutdown); ``start()`` after either restarts on the same data.
     """
 
-    def __init__(self, base_dir: Path) -> None:
+    def __init__(
+        self, base_dir: Path, *, nodename: str | None = None, cookie: str | None = None
+    ) -> None:
+        """``nodename`` and ``cookie`` are given for the members of one cluster (the cookie
+        must be the same on every member); otherwise each node has its own."""
         self.base_dir = base_dir
-        self.nodename = f"m365sync-fault-{uuid.uuid4().hex[:8]}@localhost"
+        self.nodename = nodename or f"m365sync-fault-{uuid.uuid4().hex[:8]}@localhost"
         self.amqp_port = free_port()
         self.dist_port = free_port()
         self.management_port = free_port()
@@ -81,9 +85,9 @@ class RabbitNode:
         self._proc: subprocess.Popen[bytes] | None = None
         home = base_dir / "home"
         home.mkdir(parents=True, exist_ok=True)
-        cookie = home / ".erlang.cookie"
-        cookie.write_text(uuid.uuid4().hex.upper())
-        cookie.chmod(0o400)
+        cookie_file = home / ".erlang.cookie"
+        cookie_file.write_text(cookie or uuid.uuid4().hex.upper())
+        cookie_file.chmod(0o400)
         (base_dir / "rabbitmq.conf").write_text(
             "\n".join(
                 (

@@ -145,19 +145,27 @@ async def fake_graph() -> AsyncIterator[Callable[[Handler], Awaitable[FakeGraph]
 
 
 class Sleeps:
-    """Records requested waits and returns at once (inline retries without real waiting)."""
+    """Records requested waits and returns at once, advancing its own clock by the wait
+    (inline retries and mailbox gates without real waiting)."""
 
     def __init__(self) -> None:
         self.waits: list[float] = []
+        self.now = 1000.0
 
     async def __call__(self, seconds: float) -> None:
         self.waits.append(seconds)
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
 
 
 def client(
     http: aiohttp.ClientSession, fake: FakeGraph, tokens: FakeTokens | None = None, **kw: Any
 ) -> GraphClient:
-    kw.setdefault("sleep", Sleeps())
+    sleeps = kw.setdefault("sleep", Sleeps())
+    if isinstance(sleeps, Sleeps):
+        kw.setdefault("monotonic", sleeps.clock)
     return GraphClient(session=http, graph_url=fake.url, tokens=tokens or FakeTokens(), **kw)
 
 
@@ -312,26 +320,64 @@ async def test_at_most_n_requests_in_flight_per_mailbox(http, fake_graph) -> Non
     assert graph._gates == {}  # idle mailbox semaphores are dropped
 
 
-async def test_semaphore_is_not_held_while_waiting_to_retry(http, fake_graph) -> None:
-    """A request sleeping out a Retry-After leaves its mailbox slot to other requests."""
-    order: list[str] = []
+async def test_retry_after_holds_back_every_request_to_the_mailbox(http, fake_graph) -> None:
+    """After a 429 with Retry-After on one request, no other request to that mailbox is sent
+    before the wait has elapsed, while another mailbox goes on at once."""
+    arrivals: list[tuple[str, float]] = []
+    throttled_at: list[float] = []
+    throttled = asyncio.Event()
 
     async def handler(request: web.Request) -> web.Response:
         name = request.path.rsplit("/", 1)[-1]
-        if name == "first" and not order:
-            order.append("first-throttled")
-            return graph_error(429, "x", {"Retry-After": "0.3"})
-        order.append(name)
+        arrivals.append((name, time.monotonic()))
+        if name == "first" and not throttled_at:
+            throttled_at.append(time.monotonic())
+            throttled.set()
+            return graph_error(429, "x", {"Retry-After": "0.4"})
         return web.json_response({"id": name})
 
     fake = await fake_graph(handler)
-    graph = client(http, fake, max_concurrency_per_mailbox=1, sleep=asyncio.sleep)
+    graph = client(http, fake, max_concurrency_per_mailbox=3, sleep=asyncio.sleep)
     first = asyncio.create_task(graph.get_event("acc", "mbx", "first", select=[]))
+    await throttled.wait()
     await asyncio.sleep(0.05)
-    second = await graph.get_event("acc", "mbx", "second", select=[])
-    assert second == {"id": "second"}
+    others = [
+        asyncio.create_task(graph.get_event("acc", "mbx", f"later{i}", select=[]))
+        for i in range(4)
+    ]
+    await asyncio.sleep(0.02)
+    other_mailbox = await graph.get_event("acc", "mbx-2", "elsewhere", select=[])
+    assert other_mailbox == {"id": "elsewhere"}
+    assert [r["id"] for r in await asyncio.gather(*others)] == [f"later{i}" for i in range(4)]
     assert await first == {"id": "first"}
-    assert order == ["first-throttled", "second", "first"]
+    early = [
+        name
+        for name, at in arrivals
+        if name != "elsewhere" and throttled_at[0] < at < throttled_at[0] + 0.4
+    ]
+    assert early == []
+    elsewhere = next(at for name, at in arrivals if name == "elsewhere")
+    assert elsewhere < throttled_at[0] + 0.4
+    assert graph.stats["gate_waits"] >= 3  # the fourth may find the gate open after its slot
+
+
+async def test_a_long_mailbox_wait_fails_fast_with_the_time_left(http, fake_graph) -> None:
+    """While a mailbox waits longer than an inline retry may, a request to it raises
+    ThrottledError carrying the time left and never reaches Graph (parking carries it)."""
+    fake = await fake_graph(sequence(lambda r: graph_error(429, "x", {"Retry-After": "30"}), found))
+    sleeps = Sleeps()
+    graph = client(http, fake, sleep=sleeps, inline_retry_max_wait_s=2.0)
+    with pytest.raises(ThrottledError):
+        await graph.get_event("acc", "mbx", "first", select=[])
+    sleeps.now += 10
+    with pytest.raises(ThrottledError) as caught:
+        await graph.update_event("acc", "mbx", "second", {"subject": "s"})
+    assert caught.value.retry_after_s == pytest.approx(20.0)
+    assert len(fake.seen) == 1
+    assert graph.stats["gate_refusals"] == 1
+    sleeps.now += 20
+    assert await graph.get_event("acc", "mbx", "third", select=[]) is not None
+    assert len(fake.seen) == 2
 
 
 # ---- status handling ------------------------------------------------------------------------

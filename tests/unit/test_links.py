@@ -327,3 +327,46 @@ async def test_sweeper_removes_expired_link_and_flow_records(
     for name in ("used_links", "connect_flows", "consent_flows"):
         assert counts[name] == 1
         assert [doc["_id"] for doc in await mongo_db[name].find({}).to_list()] == ["live"]
+
+
+async def test_audience_names_the_route() -> None:
+    """A link whose aud names the route is accepted there and refused on the other route;
+    a foreign aud is refused; a missing aud passes unless the verifier requires one."""
+    from subscriptions.links import CONNECT_AUDIENCE, CONSENT_AUDIENCE  # noqa: PLC0415
+
+    v = verifier()
+    assert (await v.verify(token(aud=CONNECT_AUDIENCE), audience=CONNECT_AUDIENCE)).jti
+    assert (await v.verify(token(aud=[CONSENT_AUDIENCE]), audience=CONSENT_AUDIENCE)).jti
+    assert (await v.verify(token(), audience=CONSENT_AUDIENCE)).jti
+    for aud, route in (
+        (CONSENT_AUDIENCE, CONNECT_AUDIENCE),
+        (CONNECT_AUDIENCE, CONSENT_AUDIENCE),
+        ("https://other-app.example", CONNECT_AUDIENCE),
+        ([CONNECT_AUDIENCE, CONSENT_AUDIENCE], CONNECT_AUDIENCE),
+        (7, CONNECT_AUDIENCE),
+    ):
+        with pytest.raises(LinkRejected) as info:
+            await v.verify(token(aud=aud), audience=route)
+        assert (info.value.status, info.value.code) == (403, "wrong_audience"), aud
+    strict = LinkVerifier(
+        secrets=(SECRET,),
+        return_url_origins=(ORIGIN,),
+        used=FakeUsedLinks(),
+        hasher=Hasher(os.urandom(32)),
+        require_audience=True,
+    )
+    with pytest.raises(LinkRejected) as info:
+        await strict.verify(token(), audience=CONNECT_AUDIENCE)
+    assert info.value.code == "wrong_audience"
+    assert (await strict.verify(token(aud=CONNECT_AUDIENCE), audience=CONNECT_AUDIENCE)).jti
+
+
+def test_link_audience_required_setting() -> None:
+    """M365SYNC_LINK_AUDIENCE_REQUIRED parses true/false and refuses anything else."""
+    from processor.settings import SettingsError, load_settings  # noqa: PLC0415
+
+    assert not load_settings({}, required=frozenset()).link_audience_required
+    env = {"M365SYNC_LINK_AUDIENCE_REQUIRED": "true"}
+    assert load_settings(env, required=frozenset()).link_audience_required
+    with pytest.raises(SettingsError, match="M365SYNC_LINK_AUDIENCE_REQUIRED"):
+        load_settings({"M365SYNC_LINK_AUDIENCE_REQUIRED": "maybe"}, required=frozenset())

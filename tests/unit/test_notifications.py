@@ -18,6 +18,7 @@ from handlers.notifications import (
     AcceptedLifecycle,
     MalformedBody,
     Rejected,
+    change_key_of,
     check_change,
     check_lifecycle,
     parse_collection,
@@ -160,8 +161,31 @@ async def test_valid_change_is_accepted_with_our_account() -> None:
     """A well-formed item for our subscription is accepted with the record's account."""
     result = await check(change_item(changeType="deleted"))
     assert result == Accepted(
-        account_id=ACCOUNT, change_type="deleted", event_id=EVENT, subscription_hash=SUB_HASH
+        account_id=ACCOUNT,
+        change_type="deleted",
+        event_id=EVENT,
+        subscription_hash=SUB_HASH,
+        change_key="DwAAABYAAABexampleChangeKey01",
     )
+
+
+@pytest.mark.parametrize(
+    ("etag", "expected"),
+    [
+        ('W/"abc=="', "abc=="),
+        ('"abc"', "abc"),
+        ("abc", "abc"),
+        ('W/""', None),
+        (17, None),
+        ("x" * 600, None),
+    ],
+)
+def test_the_change_key_is_read_from_the_etag_and_an_unusable_one_is_none(
+    etag: object, expected: str | None
+) -> None:
+    """resourceData.@odata.etag yields the changeKey (weak or strong form); anything else is
+    None, which only costs the worker a fetch."""
+    assert change_key_of(etag) == expected
 
 
 async def test_accepted_repr_hides_the_event_id() -> None:

@@ -108,3 +108,17 @@ def test_cli_reports_a_missing_variable_in_one_line() -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("m365sync: configuration error: M365SYNC_")
+
+
+def test_amqp_url_may_list_the_nodes_of_a_cluster() -> None:
+    """Comma-separated AMQP URLs are the nodes of one cluster, tried in the order given."""
+    value = "amqp://u:p@rabbit-0:5672/v, amqp://u:p@rabbit-1:5672/v,amqps://u:p@rabbit-2:5671/v"
+    settings = load_settings({**FULL, "M365SYNC_AMQP_URL": value})
+    assert settings.amqp_urls == (
+        "amqp://u:p@rabbit-0:5672/v",
+        "amqp://u:p@rabbit-1:5672/v",
+        "amqps://u:p@rabbit-2:5671/v",
+    )
+    assert load_settings(FULL).amqp_urls == ("amqp://guest:guest@127.0.0.1:5672/",)
+    with pytest.raises(SettingsError, match="M365SYNC_AMQP_URL"):
+        load_settings({**FULL, "M365SYNC_AMQP_URL": "amqp://a/, http://b/"})

@@ -23,7 +23,7 @@ from processor.messages import INBOUND_SEAL, event_ref_aad, unb64
 from processor.metrics import Metrics
 from processor.settings import Settings
 from processor.topology import INBOUND_EXCHANGE, LIFECYCLE_EXCHANGE, shard_routing_key
-from processor.web import build_app
+from processor.web import build_app, build_internal_app
 
 HASHER = Hasher(b"w" * 32)
 SUB_ID = "3f1c9a52-7d0e-4b8a-9c11-5e2f6a7b8c90"
@@ -555,15 +555,29 @@ async def test_readyz_is_503_when_a_check_fails(receiver: Receiver) -> None:
 
 
 async def test_metrics_exposition_contains_the_counters(receiver: Receiver) -> None:
-    """/metrics serves the Prometheus text format with the webhook counters."""
+    """The internal listener's /metrics serves the Prometheus text format with the webhook
+    counters; the public app has no /metrics."""
     await receiver.client.post("/graph/notifications", data=collection(change_item()))
     await receiver.client.post(
         "/graph/notifications", data=collection(change_item(clientState="x"))
     )
-    response = await receiver.client.get("/metrics")
-    assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/plain")
-    text = await response.text()
+    await assert_error(await receiver.client.get("/metrics"), 404, "not_found")
+
+    async def readiness() -> Mapping[str, bool]:
+        return receiver.checks
+
+    internal = TestClient(
+        TestServer(build_internal_app(readiness=readiness, metrics=receiver.metrics))
+    )
+    await internal.start_server()
+    try:
+        response = await internal.get("/metrics")
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
+        assert (await internal.get("/readyz")).status == 200
+    finally:
+        await internal.close()
     for line in (
         "m365sync_notifications_received_total 2.0",
         "m365sync_notifications_accepted_total 1.0",
