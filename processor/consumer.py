@@ -27,6 +27,7 @@ from aio_pika.abc import (
 from pymongo.errors import ConnectionFailure
 
 from processor.broker import ConfirmPublisher, Outcome, settle, settle_parts
+from processor.errors import KeyUnreadable
 from processor.lag import LagTracker
 from processor.logs import correlation, get_logger
 from processor.messages import INBOUND_SCHEMA
@@ -37,8 +38,44 @@ log = get_logger(__name__)
 
 #: How long a batch waits when the database is unreachable before it is tried again.
 DATABASE_RETRY_S = 5.0
+#: How long a batch waits when its account's data key cannot be unwrapped (a master key
+#: missing from this process's key ring): parked, not counted against the delivery limit,
+#: so the work survives until an operator puts the key back.
+KEY_UNREADABLE_RETRY_S = 30.0
 #: How long :meth:`ShardConsumer.release` waits for a queue's running batches.
 RELEASE_WAIT_S = 30.0
+#: Largest message body parsed (a consumer may be given its own limit): bigger ones are
+#: dead-lettered unread, so a huge message costs no parsing.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def parse_body(raw: bytes, *, max_bytes: int) -> dict[str, Any] | str:
+    """The message's JSON object, or why it cannot be worked on (dead-letter reason).
+
+    The size is checked before parsing, and every parse failure (bad UTF-8, bad JSON,
+    nesting deep enough for a ``RecursionError``) is a reason too, so no message escapes
+    the consumer's callback unsettled.
+    """
+    if len(raw) > max_bytes:
+        return f"message is larger than {max_bytes} bytes"
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
+        return "body is not JSON"
+    if not isinstance(body, dict):
+        return "body is not an object"
+    return body
+
+
+def problem_of(
+    body: dict[str, Any], validate: Callable[[dict[str, Any]], str | None]
+) -> str | None:
+    """The validator's reason, with a validator that raises counted as one (never escaping)."""
+    try:
+        return validate(body)
+    except (ValueError, TypeError, RecursionError) as exc:
+        log.warning("message.validation_failed", error=type(exc).__name__)
+        return "body could not be validated"
 
 
 @dataclass
@@ -103,8 +140,10 @@ class ShardConsumer:
         prefetch: int,
         max_batch: int = 64,
         split: Splitter | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._connection = connection
+        self._max_message_bytes = max_message_bytes
         self._queue_names = list(queue_names)
         self._handler = handler
         self._publisher = publisher
@@ -220,13 +259,9 @@ class ShardConsumer:
             # Its channel is about to close: the broker gives it to the next owner.
             held.append(message)
             return
-        try:
-            body = json.loads(message.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            body = None
-        if not isinstance(body, dict):
-            unusable = "body is not JSON" if body is None else "body is not an object"
-            await self._settle(Delivery(message, {}, queue_name, Outcome.dead_letter(unusable)))
+        body = parse_body(message.body, max_bytes=self._max_message_bytes)
+        if isinstance(body, str):
+            await self._settle(Delivery(message, {}, queue_name, Outcome.dead_letter(body)))
             return
         if self._stopping:
             await self._settle(Delivery(message, body, queue_name, Outcome.requeue("stopping")))
@@ -237,7 +272,7 @@ class ShardConsumer:
             await self._settle(Delivery(message, body, queue_name, Outcome.dead_letter(str(exc))))
             return
         if items is None:
-            problem = self._validate(body)
+            problem = problem_of(body, self._validate)
             if problem is not None:
                 await self._settle(Delivery(message, {}, queue_name, Outcome.dead_letter(problem)))
                 return
@@ -247,7 +282,7 @@ class ShardConsumer:
         for item in items:
             if not isinstance(item, dict):
                 await self._settle_part(parts, item, Outcome.dead_letter("item is not an object"))
-            elif (problem := self._validate(item)) is not None:
+            elif (problem := problem_of(item, self._validate)) is not None:
                 await self._settle_part(parts, item, Outcome.dead_letter(problem))
             else:
                 self._enqueue(Delivery(message, item, queue_name, part_of=parts))
@@ -286,6 +321,10 @@ class ShardConsumer:
             fallback = Outcome.requeue("handler set no outcome")
             try:
                 await self._handler.handle_batch(account_id, batch)
+            except KeyUnreadable as exc:
+                # Never "erased": the data is intact and reads again once the key is back.
+                log.warning("batch.key_unreadable", key_id=exc.key_id, size=len(batch))
+                fallback = Outcome.retry(KEY_UNREADABLE_RETRY_S)
             except ConnectionFailure as exc:
                 # The database is away: wait in the retry queue, which does not count
                 # against the delivery limit (requeues would dead-letter the batch

@@ -16,10 +16,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
-from crypto import DataCipher, Hasher
+from crypto import DataCipher, Hasher, seal_valid
 from processor.errors import AccountUnavailable
 from processor.interfaces import OutgoingMessage, PublishError, SubscriptionRecord
-from processor.messages import unb64
+from processor.messages import INBOUND_SEAL, event_ref_aad, unb64
 from processor.metrics import Metrics
 from processor.settings import Settings
 from processor.topology import INBOUND_EXCHANGE, LIFECYCLE_EXCHANGE, shard_routing_key
@@ -293,8 +293,10 @@ async def test_valid_notifications_are_published_then_202(receiver: Receiver) ->
         assert item["change_type"] == change_type
         assert item["event_hash"] == HASHER.hash_id("event", ACCOUNT, event_id)
         assert item["received_at"] == "2031-05-14T09:00:00Z"
-        aad = f"inbound|{ACCOUNT}|event_ref".encode()
+        aad = event_ref_aad(ACCOUNT, item["event_hash"])
         assert cipher.decrypt_str(unb64(item["event_ref"]), aad) == event_id
+        assert seal_valid(cipher, item, purpose=INBOUND_SEAL)
+        assert not seal_valid(cipher, {**item, "change_type": "x"}, purpose=INBOUND_SEAL)
         assert event_id not in json.dumps(message.body)
     assert receiver.sample("m365sync_notifications_received_total") == 2
     assert receiver.sample("m365sync_notifications_accepted_total") == 2
