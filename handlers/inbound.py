@@ -15,16 +15,16 @@ from datetime import timedelta
 from typing import Any
 
 from crypto import DataCipher, DecryptionError
-from processor.accounts import AccountStatuses, record_sync
-from processor.announce import Announcer
-from processor.broker import Outcome
-from processor.consumer import Delivery
-from processor.errors import (
+from handlers.errors import (
     AccountUnavailable,
     PermanentError,
-    ThrottledError,
+    ReauthorizationRequired,
     TransientError,
 )
+from handlers.outcome import Action, Outcome, outcome_for
+from processor.accounts import AccountStatuses, record_sync
+from processor.announce import Announcer
+from processor.consumer import Delivery
 from processor.event_store import KEPT_FIELDS, Change, EventStore
 from processor.graph import GraphClient
 from processor.logs import get_logger
@@ -33,7 +33,6 @@ from processor.messages import INBOUND_SCHEMA, unb64
 from processor.metrics import Metrics
 from processor.store import Store
 from processor.timeutil import utcnow
-from processor.tokens import ReauthorizationRequired
 
 log = get_logger(__name__)
 
@@ -149,11 +148,11 @@ class InboundHandler:
                 await self._statuses.set(account_id, "reauthorization_required", exc.reason)
             except TransientError as publish_failure:
                 for delivery in deliveries:
-                    delivery.outcome = Outcome.requeue(str(publish_failure))
+                    delivery.outcome = outcome_for(publish_failure)
                 return
             for delivery in deliveries:
                 if delivery.outcome is None:
-                    delivery.outcome = Outcome.ack()
+                    delivery.outcome = outcome_for(exc)
             reauthorization = True
         sweep_outbox = False
         for delivery in deliveries:
@@ -165,7 +164,7 @@ class InboundHandler:
         await self._announcer.flush(account_id, changes, sweep_outbox=sweep_outbox)
         # Acked because the account stopped is no sync: last_error keeps what failed.
         if not reauthorization and any(
-            d.outcome is not None and d.outcome.action == "ack" for d in deliveries
+            d.outcome is not None and d.outcome.action is Action.ACK for d in deliveries
         ):
             await record_sync(self._store, account_id)
 
@@ -183,14 +182,8 @@ class InboundHandler:
                 bool(delivery.body.get("full")),
                 str(delivery.body.get("reason", "")),
             )
-        except ThrottledError as exc:
-            delivery.outcome = Outcome.retry(exc.retry_after_s or 5.0)
-            return []
-        except TransientError as exc:
-            delivery.outcome = Outcome.requeue(str(exc))
-            return []
-        except PermanentError as exc:
-            delivery.outcome = Outcome.dead_letter(exc.reason)
+        except (TransientError, PermanentError) as exc:
+            delivery.outcome = outcome_for(exc)
             return []
         delivery.outcome = Outcome.ack()
         return changes
@@ -240,7 +233,7 @@ class InboundHandler:
                 changes += await self._run_delta(account_id, cipher, user_id, False, "burst")
                 outcome = Outcome.ack()
             except (TransientError, PermanentError) as exc:
-                outcome = _outcome_for(exc)
+                outcome = outcome_for(exc)
             for group in to_fetch.values():
                 for delivery in group:
                     delivery.outcome = outcome
@@ -259,7 +252,7 @@ class InboundHandler:
             if isinstance(result, ReauthorizationRequired):
                 raise result
             if isinstance(result, BaseException):
-                outcome = _outcome_for(result)
+                outcome = outcome_for(result)
             else:
                 try:
                     changes += await self._reconcile(
@@ -274,9 +267,9 @@ class InboundHandler:
                             {str(d.body["etag_hash"]) for d in group if d.body.get("etag_hash")},
                         )
                 except (TransientError, PermanentError) as exc:
-                    if isinstance(exc, ReauthorizationRequired):
-                        raise
-                    outcome = _outcome_for(exc)
+                    # ReauthorizationRequired is neither: it leaves the loop, and the batch
+                    # sets the account's status.
+                    outcome = outcome_for(exc)
             for delivery in group:
                 delivery.outcome = outcome
         return changes
@@ -416,13 +409,3 @@ class InboundHandler:
     def _count(self, changes: list[Change]) -> None:
         for change in changes:
             self._metrics.events_reconciled.labels(change=change.change).inc()
-
-
-def _outcome_for(exc: BaseException) -> Outcome:
-    if isinstance(exc, ThrottledError):
-        return Outcome.retry(exc.retry_after_s or 5.0)
-    if isinstance(exc, TransientError):
-        return Outcome.requeue(str(exc)[:200])
-    if isinstance(exc, PermanentError):
-        return Outcome.dead_letter(exc.reason)
-    return Outcome.requeue(type(exc).__name__)

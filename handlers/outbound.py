@@ -24,6 +24,13 @@ from typing import Any
 
 from crypto import DataCipher, DecryptionError
 from handlers.decisions import plan_update
+from handlers.errors import (
+    AccountUnavailable,
+    PermanentError,
+    PublishError,
+    ReauthorizationRequired,
+    TransientError,
+)
 from handlers.outbound_validation import (
     FIELD_GROUPS,
     MAX_MESSAGE_BYTES,
@@ -31,25 +38,18 @@ from handlers.outbound_validation import (
     OutboundChange,
     validate_message,
 )
+from handlers.outcome import Outcome, outcome_for
 from processor.accounts import AccountStatuses
-from processor.broker import Outcome
 from processor.consumer import Delivery
-from processor.errors import (
-    AccountUnavailable,
-    PermanentError,
-    ThrottledError,
-    TransientError,
-)
 from processor.event_store import EventStore, next_sequence
 from processor.graph import GraphClient
-from processor.interfaces import OutgoingMessage, Publisher, PublishError
+from processor.interfaces import OutgoingMessage, Publisher
 from processor.logs import get_logger
 from processor.mapping import Link, LinkStore, comparable
 from processor.messages import b64, event_change_body, unb64
 from processor.metrics import Metrics
 from processor.store import Store
 from processor.timeutil import isoformat_z, parse_graph_datetime
-from processor.tokens import ReauthorizationRequired
 from processor.topology import ONERELATION_INBOUND, OUTBOUND_EXCHANGE, shard_routing_key
 
 log = get_logger(__name__)
@@ -209,7 +209,7 @@ class IntakeHandler:
             try:
                 delivery.outcome = await self._one(delivery)
             except TransientError as exc:
-                delivery.outcome = Outcome.requeue(str(exc))
+                delivery.outcome = outcome_for(exc)
 
     async def _one(self, delivery: Delivery) -> Outcome:
         body = delivery.body
@@ -245,7 +245,7 @@ class IntakeHandler:
                 timeout_s=self._timeout_s,
             )
         except PublishError as exc:
-            return Outcome.requeue(f"shard publish not confirmed: {exc}")
+            return outcome_for(exc)
         return Outcome.ack()
 
     async def _reject(self, body: Mapping[str, Any], reason: str, kind: str) -> Outcome:
@@ -360,11 +360,8 @@ class OutboundHandler:
                 for rest in ordered[index:]:
                     await self._park(rest, cipher)
                 return
-            except ThrottledError as exc:
-                self._settle(item, Outcome.retry(exc.retry_after_s or 5.0))
-                continue
             except TransientError as exc:
-                self._settle(item, Outcome.requeue(str(exc)[:200]))
+                self._settle(item, outcome_for(exc))
                 continue
             except PermanentError as exc:
                 await self._reporter.rejected_change(
@@ -374,7 +371,7 @@ class OutboundHandler:
                     exc.reason,
                     "graph",
                 )
-                self._settle(item, Outcome.dead_letter(exc.reason))
+                self._settle(item, outcome_for(exc))
             else:
                 self._settle(item, Outcome.ack())
             if item.parked_id is not None:

@@ -66,7 +66,7 @@ from processor.topology import (
     shard_routing_key,
 )
 from processor.web import build_app, build_internal_app
-from subscriptions.lifecycle import LifecycleConsumer, LifecycleHandler
+from subscriptions.lifecycle import LifecycleHandler, validate_lifecycle
 from subscriptions.manager import ManagerSettings, SubscriptionManager
 
 log = get_logger(__name__)
@@ -419,6 +419,8 @@ async def _every(interval_s: float, job: Callable[[], Awaitable[Any]]) -> None:
 
 
 QUEUE_DEPTH_INTERVAL_S = 30.0
+#: Lifecycle messages one subscriptions process works on at once.
+LIFECYCLE_PREFETCH = 8
 
 
 def queue_names(shard_count: int) -> list[str]:
@@ -481,11 +483,15 @@ async def subscriptions_role(
         ),
         clock=clock,
     )
-    channel = await rt.connection.channel()
-    lifecycle = LifecycleConsumer(
-        channel=channel,
+    lifecycle = ShardConsumer(
+        connection=rt.connection,
+        queue_names=[LIFECYCLE_QUEUE],
         handler=LifecycleHandler(store=rt.store, manager=manager),
         publisher=rt.publisher,
+        retry_target=None,
+        metrics=rt.metrics,
+        validate=validate_lifecycle,
+        prefetch=LIFECYCLE_PREFETCH,
     )
     await lifecycle.start()
     await manager.start()
@@ -514,10 +520,8 @@ async def subscriptions_role(
         poller.cancel()
         await asyncio.gather(sweeper, poller, return_exceptions=True)
         await depths.close()
-        await lifecycle.stop()
+        await lifecycle.stop(grace_s=rt.settings.shutdown_grace_s)
         await manager.stop()
-        if not channel.is_closed:
-            await channel.close()
         log.info("subscriptions.stopped")
 
 

@@ -26,7 +26,8 @@ from aio_pika.abc import (
 )
 from pymongo.errors import ConnectionFailure
 
-from processor.broker import ConfirmPublisher, Outcome, settle
+from handlers.outcome import Action, Outcome
+from processor.broker import ConfirmPublisher, settle
 from processor.lag import LagTracker
 from processor.logs import correlation, get_logger
 from processor.messages import INBOUND_SCHEMA
@@ -73,6 +74,9 @@ Validator = Callable[[dict[str, Any]], str | None]
 class ShardConsumer:
     """Consumes a set of queues and feeds per-account batches to a :class:`BatchHandler`.
 
+    ``retry_target`` names the retry-delay queues a "retry" outcome parks in; None for queues
+    that have none (lifecycle), whose "retry" outcomes are requeued instead.
+
     Each queue has a channel of its own. On a single-active-consumer queue that lets the
     process hand one queue to another process (:meth:`release`) while it keeps the rest.
     """
@@ -84,7 +88,7 @@ class ShardConsumer:
         queue_names: Sequence[str],
         handler: BatchHandler,
         publisher: ConfirmPublisher,
-        retry_target: str,
+        retry_target: str | None,
         metrics: Metrics,
         validate: Validator,
         prefetch: int,
@@ -276,11 +280,15 @@ class ShardConsumer:
 
     async def _settle(self, delivery: Delivery) -> None:
         assert delivery.outcome is not None
+        outcome = delivery.outcome
+        if outcome.action is Action.RETRY and self._retry_target is None:
+            # Queues without retry-delay queues (lifecycle): the wait becomes a requeue.
+            outcome = Outcome.requeue(f"no retry queue for a {outcome.delay_s:g} s wait")
         action = await settle(
             delivery.message,
-            delivery.outcome,
+            outcome,
             publisher=self._publisher,
-            retry_target=self._retry_target,
+            retry_target=self._retry_target or "",
             queue_name=delivery.queue_name,
         )
         self._metrics.messages_processed.labels(queue=delivery.queue_name, outcome=action).inc()

@@ -46,8 +46,9 @@ PREFER_UTC: Final = 'outlook.timezone="UTC"'
 THROTTLE_STATUSES: Final = frozenset({429, 503, 504})
 #: Error codes Graph uses (with 400 or 404) when a delta token can no longer be used.
 DELTA_RESET_CODES: Final = frozenset({"syncstatenotfound", "resyncrequired"})
-#: Exceptions that mean "the request may not have reached Graph or its answer was lost".
-CONNECTION_EXCEPTIONS: Final = (aiohttp.ClientError, TimeoutError, ConnectionError)
+#: Exceptions that mean "the request may not have reached Graph or its answer was lost"
+#: (the HTTP transport's; the broker's are :data:`processor.broker.CONNECTION_EXCEPTIONS`).
+HTTP_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, ConnectionError)
 
 
 class DeltaResetRequired(TransientError):
@@ -558,7 +559,7 @@ class GraphClient:
                 answer = await self._send(
                     method, url, gate=gate, template=template, headers=headers, json_body=json_body
                 )
-            except CONNECTION_EXCEPTIONS as exc:
+            except HTTP_TRANSPORT_ERRORS as exc:
                 reason = type(exc).__name__
                 if await self._retry_inline(
                     attempt,

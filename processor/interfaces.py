@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from crypto import DataCipher
+from handlers.errors import PublishError as PublishError  # noqa: PLC0414  re-export
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,6 @@ class Publisher(Protocol):
 
     async def publish_many(self, messages: list[OutgoingMessage], *, timeout_s: float) -> None:
         """Publish concurrently; raises :class:`PublishError` unless every one was confirmed."""
-
-
-class PublishError(Exception):
-    """The broker did not confirm a publish (down, nacked, unroutable or timed out)."""
 
 
 class SubscriptionLookup(Protocol):
