@@ -31,6 +31,10 @@ class ThrottledError(TransientError):
     """Graph answered 429/503/504: wait ``retry_after_s`` before trying again."""
 
 
+class DeltaResetRequired(TransientError):
+    """The delta link is no longer usable: discard it and run a full initial round."""
+
+
 class PermanentError(SyncError):
     """Retrying cannot help: the message is dead-lettered with this reason."""
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import structlog
+
 from crypto import DataCipher, DecryptionError
 from handlers.errors import (
     AccountUnavailable,
@@ -21,20 +23,22 @@ from handlers.errors import (
     ReauthorizationRequired,
     TransientError,
 )
+from handlers.messages import INBOUND_SCHEMA, unb64
 from handlers.outcome import Action, Outcome, outcome_for
-from processor.accounts import AccountStatuses, record_sync
-from processor.announce import Announcer
-from processor.consumer import Delivery
-from processor.event_store import KEPT_FIELDS, Change, EventStore
-from processor.graph import GraphClient
-from processor.logs import get_logger
-from processor.mapping import LinkStore
-from processor.messages import INBOUND_SCHEMA, unb64
-from processor.metrics import Metrics
-from processor.store import Store
-from processor.timeutil import utcnow
+from handlers.ports import (
+    Accounts,
+    AccountStatus,
+    Announcer,
+    CalendarGraph,
+    Delivery,
+    Events,
+    LinkReader,
+    SyncMetrics,
+)
+from handlers.records import KEPT_FIELDS, Change
+from handlers.timeutil import utcnow
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 #: ``transactionId`` names the create a new event came from (how an echo of the service's
 #: own create is recognised before Graph's answer to it has been recorded).
@@ -45,8 +49,6 @@ BURST_MIN_EVENTS = 16
 #: Events (and versions per event) whose notified versions the handler remembers.
 SETTLED_EVENTS = 10_000
 SETTLED_PER_EVENT = 4
-#: Account statuses in which the service makes no Graph calls for the account.
-PAUSED_STATUSES = frozenset({"reauthorization_required", "admin_consent_required", "disconnected"})
 
 
 def validate_inbound(body: dict[str, Any]) -> str | None:
@@ -89,14 +91,14 @@ class InboundHandler:
     def __init__(
         self,
         *,
-        store: Store,
-        events: EventStore,
-        graph: GraphClient,
+        store: Accounts,
+        events: Events,
+        graph: CalendarGraph,
         announcer: Announcer,
-        statuses: AccountStatuses,
-        metrics: Metrics,
+        statuses: AccountStatus,
+        metrics: SyncMetrics,
         window: SyncWindow,
-        links: LinkStore | None = None,
+        links: LinkReader | None = None,
         run_delta: DeltaRunner | None = None,
         burst_min_events: int = BURST_MIN_EVENTS,
     ) -> None:
@@ -118,13 +120,13 @@ class InboundHandler:
         """Reconcile every change of the batch, then announce what really changed."""
         try:
             cipher = await self._store.cipher_for(account_id)
-            account = await self._store.get_account(account_id)
+            account = await self._store.account(account_id)
         except AccountUnavailable:
             # Erased: its messages still queued are dropped when reached (CONTRACT §4).
             for delivery in deliveries:
                 delivery.outcome = Outcome.ack()
             return
-        if account is None or account.get("status") in PAUSED_STATUSES or "user_ct" not in account:
+        if account is None or account.paused:
             # No Graph calls while paused; the resync that follows a reconnect repairs it.
             # Announcing what is already stored needs no Graph call, so the outbox still goes.
             sweep = any(d.body.get("kind") == "announce" for d in deliveries)
@@ -166,7 +168,7 @@ class InboundHandler:
         if not reauthorization and any(
             d.outcome is not None and d.outcome.action is Action.ACK for d in deliveries
         ):
-            await record_sync(self._store, account_id)
+            await self._statuses.record_sync(account_id)
 
     async def _resync(
         self, account_id: str, user_id: str, cipher: DataCipher, delivery: Delivery

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+
 from crypto import DataCipher, DecryptionError
 from handlers.decisions import plan_update
 from handlers.errors import (
@@ -31,6 +33,7 @@ from handlers.errors import (
     ReauthorizationRequired,
     TransientError,
 )
+from handlers.messages import b64, event_change_body, unb64
 from handlers.outbound_validation import (
     FIELD_GROUPS,
     MAX_MESSAGE_BYTES,
@@ -39,26 +42,27 @@ from handlers.outbound_validation import (
     validate_message,
 )
 from handlers.outcome import Outcome, outcome_for
-from processor.accounts import AccountStatuses
-from processor.consumer import Delivery
-from processor.event_store import EventStore, next_sequence
-from processor.graph import GraphClient
-from processor.interfaces import OutgoingMessage, Publisher
-from processor.logs import get_logger
-from processor.mapping import Link, LinkStore, comparable
-from processor.messages import b64, event_change_body, unb64
-from processor.metrics import Metrics
-from processor.store import Store
-from processor.timeutil import isoformat_z, parse_graph_datetime
-from processor.topology import ONERELATION_INBOUND, OUTBOUND_EXCHANGE, shard_routing_key
+from handlers.ports import (
+    Accounts,
+    AccountStatus,
+    CalendarGraph,
+    Delivery,
+    Events,
+    Links,
+    OutgoingMessage,
+    Publisher,
+    SyncMetrics,
+)
+from handlers.records import Link, comparable, next_sequence
+from handlers.routing import ONERELATION_INBOUND, OUTBOUND_EXCHANGE, shard_routing_key
+from handlers.timeutil import isoformat_z, parse_graph_datetime
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 OUTBOUND_SCHEMA = "m365sync.outbound.v1"
 #: Marks events the service created in Outlook (a single-value extended property).
 ORIGIN_PROPERTY_ID = "String {7d3f3b4e-6f1c-4c55-9a0e-2b8f6a1d9c21} Name m365syncOrigin"
 TRANSACTION_NAMESPACE = uuid.UUID("0f8d4c1e-9a57-4b7e-8f2d-3c6b5a4e1d90")
-PAUSED_STATUSES = frozenset({"reauthorization_required", "admin_consent_required", "disconnected"})
 
 #: How a cleared (null) field is written to Graph.
 _CLEARED: Mapping[str, Any] = {
@@ -94,7 +98,7 @@ def to_graph(fields: Mapping[str, Any]) -> dict[str, Any]:
 class Reporter:
     """Publishes ``event.rejected``, ``event.conflict`` and ``event.deleted`` to 1Relation."""
 
-    def __init__(self, *, publisher: Publisher, metrics: Metrics, timeout_s: float) -> None:
+    def __init__(self, *, publisher: Publisher, metrics: SyncMetrics, timeout_s: float) -> None:
         self._publisher = publisher
         self._metrics = metrics
         self._timeout_s = timeout_s
@@ -191,7 +195,7 @@ class IntakeHandler:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Accounts,
         publisher: Publisher,
         reporter: Reporter,
         shard_count: int,
@@ -273,13 +277,13 @@ class OutboundHandler:
     def __init__(
         self,
         *,
-        store: Store,
-        events: EventStore,
-        links: LinkStore,
-        graph: GraphClient,
-        statuses: AccountStatuses,
+        store: Accounts,
+        events: Events,
+        links: Links,
+        graph: CalendarGraph,
+        statuses: AccountStatus,
         reporter: Reporter,
-        metrics: Metrics,
+        metrics: SyncMetrics,
         tombstone_ttl_s: float,
         parked_ttl_s: float = 14 * 86400.0,
         parked_max: int = 10_000,
@@ -324,7 +328,7 @@ class OutboundHandler:
             for delivery in deliveries:  # erased: queued messages are dropped when reached
                 delivery.outcome = Outcome.ack()
             return
-        account = await self._store.get_account(account_id)
+        account = await self._store.account(account_id)
         todo: list[_Pending] = []
         for delivery in deliveries:
             if delivery.body.get("kind") != "change":
@@ -336,10 +340,7 @@ class OutboundHandler:
                 delivery.outcome = Outcome.dead_letter(
                     f"undecodable shard message: {type(exc).__name__}"
                 )
-        paused = (
-            account is None or account.get("status") in PAUSED_STATUSES or "user_ct" not in account
-        )
-        if paused:
+        if account is None or account.paused:
             for item in todo:
                 await self._park(item, cipher)
             return
@@ -494,13 +495,13 @@ class OutboundHandler:
         assert change.event is not None
         assert link.graph_id is not None
         assert link.event_key is not None
-        seen = await self._events.collection.find_one({"_id": link.event_key, "deleted": False})
+        seen = await self._events.live_state(link.event_key, cipher)
         outlook: dict[str, Any] = dict(link.state)
         outlook_lm = link.base_lm
         if seen is not None:
             # Fields the store does not keep (categories) are as the service last wrote them.
-            outlook = {**link.state, **self._events.decrypt(seen, cipher)[1]}
-            outlook_lm = seen.get("lm")
+            outlook = {**link.state, **seen[0]}
+            outlook_lm = seen[1]
             if outlook.get("isOrganizer") is False:
                 raise PermanentError(
                     "the account does not organise this meeting, so the change is not written "

@@ -31,15 +31,15 @@ from handlers.delta import DeltaRunner, DeltaSettings
 from handlers.inbound import InboundHandler, SyncWindow, validate_inbound
 from handlers.outbound import (
     OUTBOUND_SCHEMA,
-    PAUSED_STATUSES,
     IntakeHandler,
     OutboundHandler,
     Reporter,
     validate_intake,
     validate_shard,
 )
+from handlers.records import PAUSED_STATUSES
 from processor import broker as broker_mod
-from processor.accounts import AccountStatuses
+from processor.accounts import AccountStatuses, DeltaLinkStore
 from processor.announce import Announcer, OutboxRelay
 from processor.api import add_account_routes
 from processor.balance import Balancer, Registry
@@ -285,6 +285,7 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         run_delta=DeltaRunner(
             links=rt.links,
             store=rt.store,
+            delta_links=DeltaLinkStore(store=rt.store),
             events=rt.events,
             graph=rt.graph,
             statuses=rt.statuses,

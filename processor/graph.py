@@ -33,10 +33,12 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from handlers.errors import DeltaResetRequired as DeltaResetRequired  # noqa: PLC0414
+from handlers.records import DeltaPage as DeltaPage  # noqa: PLC0414
+from handlers.timeutil import isoformat_z
 from processor.errors import PermanentError, ThrottledError, TransientError
 from processor.interfaces import AccessTokens
 from processor.logs import get_logger
-from processor.timeutil import isoformat_z
 
 log = get_logger(__name__)
 
@@ -51,21 +53,8 @@ DELTA_RESET_CODES: Final = frozenset({"syncstatenotfound", "resyncrequired"})
 HTTP_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, ConnectionError)
 
 
-class DeltaResetRequired(TransientError):
-    """The delta link is no longer usable: discard it and run a full initial round."""
-
-
 class ResourceNotFound(PermanentError):
     """Graph answered 404 where the method has no "gone" answer of its own (e.g. the mailbox)."""
-
-
-@dataclass(frozen=True)
-class DeltaPage:
-    """One page of a calendarView delta round; the last page carries the next ``delta_link``."""
-
-    items: list[dict[str, Any]]
-    removed_ids: list[str]
-    delta_link: str | None
 
 
 @dataclass(frozen=True)
