@@ -3,7 +3,8 @@
 Three families, and :func:`handlers.outcome.outcome_for` is the one place that turns each
 into what happens to a message:
 
-- :class:`TransientError` (:class:`ThrottledError` among them): worth another try later;
+- :class:`TransientError` (:class:`ThrottledError` and :class:`KeyUnreadable` among them):
+  worth another try later;
 - :class:`PermanentError`: retrying cannot help;
 - :class:`AccountUnavailable` and :class:`ReauthorizationRequired`: the account cannot be
   served now, whatever the message says; its messages are dropped (erased) or wait for the
@@ -64,6 +65,23 @@ class ReauthorizationRequired(SyncError):
         super().__init__(f"account {account_id} needs reauthorization: {reason}")
         self.account_id = account_id
         self.reason = reason
+
+
+class KeyUnreadable(TransientError):
+    """The account's data key is wrapped by a master key the key ring lacks.
+
+    Not an erased account: the data is intact and reads again once the master key is back
+    (a key removed before ``keys rotate`` finished, or a rolling deploy). Work waits and an
+    operator is alerted; nothing is acked away.
+    """
+
+    def __init__(self, account_id: str, key_id: str) -> None:
+        super().__init__(
+            f"data key of account {account_id} is wrapped by master key {key_id!r}, "
+            "which is not in the key ring"
+        )
+        self.account_id = account_id
+        self.key_id = key_id
 
 
 class PublishError(Exception):

@@ -16,14 +16,20 @@ from typing import Any
 
 import structlog
 
-from crypto import DataCipher, DecryptionError
+from crypto import SEAL_FIELD, DataCipher, DecryptionError, seal_valid
 from handlers.errors import (
     AccountUnavailable,
     PermanentError,
     ReauthorizationRequired,
     TransientError,
 )
-from handlers.messages import INBOUND_SCHEMA, unb64
+from handlers.messages import (
+    INBOUND_SCHEMA,
+    INBOUND_SEAL,
+    event_ref_aad,
+    legacy_event_ref_aad,
+    unb64,
+)
 from handlers.outcome import Action, Outcome, outcome_for
 from handlers.ports import (
     Accounts,
@@ -156,6 +162,13 @@ class InboundHandler:
                 if delivery.outcome is None:
                     delivery.outcome = outcome_for(exc)
             reauthorization = True
+        if await self._store.fenced(account_id):
+            # Erased while this batch ran: announce nothing and write no sync state (the
+            # erasure's sweeps remove what the batch wrote before it saw the fence).
+            for delivery in deliveries:
+                if delivery.outcome is None:
+                    delivery.outcome = Outcome.ack()
+            return
         sweep_outbox = False
         for delivery in deliveries:
             if delivery.body.get("kind") == "announce" and delivery.outcome is None:
@@ -184,7 +197,8 @@ class InboundHandler:
                 bool(delivery.body.get("full")),
                 str(delivery.body.get("reason", "")),
             )
-        except (TransientError, PermanentError) as exc:
+        except (AccountUnavailable, TransientError, PermanentError) as exc:
+            # AccountUnavailable: erased while the pass ran; it stopped at the fence.
             delivery.outcome = outcome_for(exc)
             return []
         delivery.outcome = Outcome.ack()
@@ -199,15 +213,26 @@ class InboundHandler:
             if delivery.body.get("kind") != "change":
                 continue
             event_hash = str(delivery.body["event_hash"])
-            if event_hash not in event_ids:
-                try:
-                    event_ids[event_hash] = cipher.decrypt_str(
-                        unb64(str(delivery.body["event_ref"])),
-                        f"inbound|{account_id}|event_ref".encode(),
-                    )
-                except (DecryptionError, ValueError):
-                    delivery.outcome = Outcome.dead_letter("event_ref does not decrypt")
-                    continue
+            # A sealed message is authenticated as a whole (change type, hash, times), and
+            # its event_ref is bound to the event. An unsealed one is from before sealing
+            # (queued across a rolling deploy): it is only a hint to fetch, and its
+            # event_ref still has to decrypt under the account's key, so it is accepted.
+            sealed = SEAL_FIELD in delivery.body
+            if sealed and not seal_valid(cipher, delivery.body, purpose=INBOUND_SEAL):
+                delivery.outcome = Outcome.dead_letter("seal does not verify")
+                continue
+            aad = (
+                event_ref_aad(account_id, event_hash)
+                if sealed
+                else legacy_event_ref_aad(account_id)
+            )
+            try:
+                event_id = cipher.decrypt_str(unb64(str(delivery.body["event_ref"])), aad)
+            except (DecryptionError, ValueError):
+                delivery.outcome = Outcome.dead_letter("event_ref does not decrypt")
+                continue
+            if sealed or event_hash not in event_ids:
+                event_ids[event_hash] = event_id
             groups.setdefault(event_hash, []).append(delivery)
         if not groups:
             return []

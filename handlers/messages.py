@@ -10,6 +10,19 @@ from handlers.timeutil import isoformat_z
 
 INBOUND_SCHEMA = "m365sync.inbound.v1"
 EVENT_CHANGE_SCHEMA = "m365sync.event-change.v1"
+#: Seal purposes (crypto.seal_message): a message of one queue never passes as another's.
+INBOUND_SEAL = "m365sync.inbound"
+OUTBOUND_SEAL = "m365sync.outbound"
+
+
+def event_ref_aad(account_id: str, event_hash: str) -> bytes:
+    """Associated data of a sealed change message's ``event_ref``: account and event."""
+    return f"inbound|{account_id}|{event_hash}|event_ref".encode()
+
+
+def legacy_event_ref_aad(account_id: str) -> bytes:
+    """``event_ref``'s associated data in unsealed messages from before sealing."""
+    return f"inbound|{account_id}|event_ref".encode()
 
 
 def b64(data: bytes) -> str:

@@ -24,16 +24,17 @@ from typing import Any
 
 import structlog
 
-from crypto import DataCipher, DecryptionError
+from crypto import SEAL_FIELD, DataCipher, DecryptionError, seal_message, seal_valid
 from handlers.decisions import plan_update
 from handlers.errors import (
     AccountUnavailable,
+    KeyUnreadable,
     PermanentError,
     PublishError,
     ReauthorizationRequired,
     TransientError,
 )
-from handlers.messages import b64, event_change_body, unb64
+from handlers.messages import OUTBOUND_SEAL, b64, event_change_body, unb64
 from handlers.outbound_validation import (
     FIELD_GROUPS,
     MAX_MESSAGE_BYTES,
@@ -75,6 +76,10 @@ _CLEARED: Mapping[str, Any] = {
     "showAs": "busy",
     "sensitivity": "normal",
 }
+
+
+class UnauthenticatedMessage(Exception):
+    """A shard message whose fields are not authenticated under the account's key."""
 
 
 def _aad(account_id: str, relation_event_id: str, revision: int) -> bytes:
@@ -212,6 +217,8 @@ class IntakeHandler:
         for delivery in deliveries:
             try:
                 delivery.outcome = await self._one(delivery)
+            except KeyUnreadable:
+                raise  # the consumer parks the batch: every message waits for the key
             except TransientError as exc:
                 delivery.outcome = outcome_for(exc)
 
@@ -302,7 +309,24 @@ class OutboundHandler:
             "outbound_writes_total", "Graph writes made for 1Relation, by kind.", ("kind",)
         )
 
-    def _decode(self, body: Mapping[str, Any], cipher: DataCipher) -> OutboundChange:
+    def _decode(
+        self, body: Mapping[str, Any], cipher: DataCipher, *, from_queue: bool = True
+    ) -> OutboundChange:
+        """The change a shard message carries; raises :class:`UnauthenticatedMessage`.
+
+        A message from the queue must be sealed, or (queued before sealing, across a
+        rolling deploy) be an upsert whose ``event_ct`` authenticates account, event and
+        revision; an unsealed delete proves nothing and is refused. Parked bodies come
+        from our own database and are trusted as they are.
+        """
+        if from_queue:
+            if SEAL_FIELD in body:
+                if not seal_valid(cipher, body, purpose=OUTBOUND_SEAL):
+                    raise UnauthenticatedMessage("seal does not verify")
+            elif body.get("op") != "upsert" or not body.get("event_ct"):
+                raise UnauthenticatedMessage(
+                    "unsealed delete (queued before an upgrade): 1Relation must send it again"
+                )
         event = None
         if body.get("event_ct"):
             event = cipher.decrypt_json(
@@ -336,6 +360,8 @@ class OutboundHandler:
                 continue
             try:
                 todo.append(_Pending(delivery, self._decode(delivery.body, cipher)))
+            except UnauthenticatedMessage as exc:
+                delivery.outcome = Outcome.dead_letter(str(exc))
             except (DecryptionError, ValueError, KeyError) as exc:
                 delivery.outcome = Outcome.dead_letter(
                     f"undecodable shard message: {type(exc).__name__}"
@@ -346,7 +372,11 @@ class OutboundHandler:
             return
         await self._drop_expired(account_id)
         parked = [
-            _Pending(None, self._decode(doc["body"], cipher), parked_id=str(doc["_id"]))
+            _Pending(
+                None,
+                self._decode(doc["body"], cipher, from_queue=False),
+                parked_id=str(doc["_id"]),
+            )
             for doc in await self._links.parked_for(account_id)
         ]
         ordered = sorted(
@@ -581,7 +611,7 @@ def _shard_body(change: OutboundChange, cipher: DataCipher) -> dict[str, Any]:
         if change.event is not None
         else None
     )
-    return {
+    body = {
         "schema": OUTBOUND_SCHEMA,
         "kind": "change",
         "account_id": change.account_id,
@@ -591,3 +621,5 @@ def _shard_body(change: OutboundChange, cipher: DataCipher) -> dict[str, Any]:
         "occurred_at": isoformat_z(change.occurred_at),
         "event_ct": b64(event_ct) if event_ct is not None else None,
     }
+    # Sealed as a whole: op, revision and occurred_at are authenticated, deletes too.
+    return seal_message(cipher, body, purpose=OUTBOUND_SEAL)

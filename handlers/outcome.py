@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from handlers.errors import (
     AccountUnavailable,
+    KeyUnreadable,
     PermanentError,
     PublishError,
     ReauthorizationRequired,
@@ -20,6 +21,10 @@ from handlers.errors import (
 
 #: The wait when Graph throttled without saying how long.
 DEFAULT_THROTTLE_WAIT_S = 5.0
+#: How long work waits when its account's data key cannot be unwrapped (a master key
+#: missing from this process's key ring): parked, not counted against the delivery limit,
+#: so the work survives until an operator puts the key back.
+KEY_UNREADABLE_RETRY_S = 30.0
 
 
 class Action(enum.StrEnum):
@@ -63,7 +68,9 @@ class Outcome:
 def outcome_for(exc: BaseException) -> Outcome:
     """The outcome of a message whose handling raised ``exc``.
 
-    Throttled: wait what Graph asked in a retry queue. Other transient failures and
+    Throttled: wait what Graph asked in a retry queue; an unreadable data key: wait in a
+    retry queue for the key to come back (never a requeue, which the delivery limit would
+    turn into a dead letter). Other transient failures and
     unconfirmed publishes: back to the queue. Permanent: dead letter with the reason. The
     account cannot be served (erased, or waiting for its user to connect again): ack, since
     an erased account's messages are dropped and a reconnect's resync repairs the rest
@@ -72,6 +79,8 @@ def outcome_for(exc: BaseException) -> Outcome:
     """
     if isinstance(exc, ThrottledError):
         return Outcome.retry(exc.retry_after_s or DEFAULT_THROTTLE_WAIT_S)
+    if isinstance(exc, KeyUnreadable):
+        return Outcome.retry(KEY_UNREADABLE_RETRY_S)
     if isinstance(exc, TransientError):
         return Outcome.requeue(str(exc)[:200])
     if isinstance(exc, PermanentError):

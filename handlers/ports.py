@@ -119,6 +119,10 @@ class Accounts(Protocol):
         """The decrypted user id; raises ``AccountUnavailable`` when it is not bound."""
         ...
 
+    async def fenced(self, account_id: str) -> bool:
+        """Whether writes for the account must stop: it is erased or being erased."""
+        ...
+
 
 class AccountStatus(Protocol):
     """Sets account statuses (telling 1Relation) and notes finished sync steps."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from handlers.errors import (
     AccountUnavailable,
+    KeyUnreadable,
     PermanentError,
     PublishError,
     ReauthorizationRequired,
@@ -14,6 +15,7 @@ from handlers.errors import (
 
 __all__ = [
     "AccountUnavailable",
+    "KeyUnreadable",
     "PermanentError",
     "PublishError",
     "ReauthorizationRequired",

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
 from handlers.messages import (
     EVENT_CHANGE_SCHEMA,
     INBOUND_SCHEMA,
+    INBOUND_SEAL,
+    OUTBOUND_SEAL,
     b64,
     event_change_body,
+    event_ref_aad,
+    legacy_event_ref_aad,
     unb64,
 )
 from handlers.timeutil import isoformat_z
@@ -17,17 +22,27 @@ from handlers.timeutil import isoformat_z
 __all__ = [
     "EVENT_CHANGE_SCHEMA",
     "INBOUND_SCHEMA",
+    "INBOUND_SEAL",
+    "LIFECYCLE_SCHEMA",
+    "MAX_CHANGES_ITEMS",
+    "OUTBOUND_SEAL",
     "b64",
     "change_message",
+    "changes_message",
     "event_change_body",
+    "event_ref_aad",
+    "legacy_event_ref_aad",
     "lifecycle_message",
     "resync_message",
+    "split_changes",
     "unb64",
 ]
 
 LIFECYCLE_SCHEMA = "m365sync.lifecycle.v1"
 
-InboundKind = Literal["change", "resync"]
+InboundKind = Literal["change", "changes", "resync"]
+#: The most items a ``changes`` message may carry; more is not from our receiver.
+MAX_CHANGES_ITEMS = 1000
 
 
 def change_message(
@@ -58,6 +73,30 @@ def change_message(
     if etag_hash is not None:
         body["etag_hash"] = etag_hash
     return body
+
+
+def changes_message(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several change messages in one (the receiver's group commit, one per shard queue).
+
+    Each item is a whole :func:`change_message` body, so that the worker handles it exactly
+    as it handles a change message of its own.
+    """
+    return {"schema": INBOUND_SCHEMA, "kind": "changes", "items": list(items)}
+
+
+def split_changes(body: Mapping[str, Any]) -> list[Any] | None:
+    """The items of a ``changes`` message; None for any other message.
+
+    Raises ``ValueError`` when it is a ``changes`` message without a usable item list.
+    The items are returned unchecked: each is validated on its own, so one bad item does
+    not cost the others.
+    """
+    if body.get("kind") != "changes":
+        return None
+    items = body.get("items")
+    if not isinstance(items, list) or not items or len(items) > MAX_CHANGES_ITEMS:
+        raise ValueError("changes without a list of 1 to 1000 items")
+    return items
 
 
 def resync_message(

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,7 +28,7 @@ from pymongo.errors import DuplicateKeyError
 
 from crypto import CipherCache, DataCipher, DecryptionError, Hasher, KeyRing, WrappedKey
 from handlers.records import Account
-from processor.errors import AccountUnavailable
+from processor.errors import AccountUnavailable, KeyUnreadable
 from processor.interfaces import SubscriptionRecord
 from processor.logs import get_logger
 from processor.timeutil import as_utc, utcnow
@@ -33,6 +36,8 @@ from processor.timeutil import as_utc, utcnow
 log = get_logger(__name__)
 
 SCHEMA_VERSION = 1
+#: Erased accounts waiting for their second sweep (:meth:`Store.resweep_due`).
+ERASURE_RESWEEPS = "erasure_resweeps"
 
 #: Collections whose documents carry ``expires_at`` and are removed by the sweeper
 #: (FerretDB has no TTL indexes). Modules that add such a collection list it here.
@@ -75,6 +80,17 @@ class AccountIdentity:
     tenant_id: str
 
 
+@dataclass
+class RotationReport:
+    """What ``keys rotate`` covered: every data key is in exactly one of the three counts."""
+
+    total: int = 0
+    rewrapped: int = 0
+    current: int = 0  # already under the active master key
+    #: Data keys whose master key is not in the key ring, by master key id.
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+
 class Store:
     """The service's MongoDB collections, behind methods that encrypt and hash."""
 
@@ -86,8 +102,10 @@ class Store:
         hasher: Hasher,
         cipher_cache: CipherCache | None = None,
         subscription_cache_ttl_s: float = 2.0,
+        on_key_unreadable: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
+        self._on_key_unreadable = on_key_unreadable
         self.keyring = keyring
         self.hasher = hasher
         self._ciphers = cipher_cache or CipherCache()
@@ -172,33 +190,59 @@ class Store:
         if doc is None:
             raise AccountUnavailable(account_id, "erased")
         try:
-            cipher = self.keyring.unwrap(account_id, WrappedKey.from_doc(doc))
-        except DecryptionError as exc:
-            raise AccountUnavailable(account_id, "key unreadable") from exc
+            cipher: DataCipher | None = self.keyring.unwrap(account_id, WrappedKey.from_doc(doc))
+        except DecryptionError:
+            cipher = None
+        if cipher is None:
+            key_id = str(doc.get("kid", ""))[:64]
+            log.error("keys.unreadable", account_id=account_id, key_id=key_id)
+            if self._on_key_unreadable is not None:
+                self._on_key_unreadable()
+            raise KeyUnreadable(account_id, key_id)
         self._ciphers.put(account_id, cipher)
         return cipher
 
-    async def rotate_data_keys(self) -> tuple[int, int]:
-        """Rewrap every data key not under the active master key; returns (rewrapped, total).
+    async def missing_master_keys(self) -> dict[str, int]:
+        """Master key ids that wrap data keys but are not in the key ring, with counts."""
+        missing: dict[str, int] = {}
+        known = set(self.keyring.key_ids)
+        async for doc in self.data_keys.find({}, {"kid": 1}):
+            key_id = str(doc.get("kid", ""))
+            if key_id not in known:
+                missing[key_id] = missing.get(key_id, 0) + 1
+        return missing
+
+    async def rotate_data_keys(self) -> RotationReport:
+        """Rewrap every data key not under the active master key; says what it covered.
 
         Data ciphertext is untouched (envelope encryption), so this runs beside live
         traffic: a process holding an old wrapped key in its cache still has the same data
-        key, and one that reads the new wrapping unwraps it with the new master key.
+        key, and one that reads the new wrapping unwraps it with the new master key. A key
+        that cannot be unwrapped is counted and skipped, never the end of the run.
         """
-        rewrapped = total = 0
+        report = RotationReport()
         async for doc in self.data_keys.find({}):
-            total += 1
-            wrapped = WrappedKey.from_doc(doc)
-            if not self.keyring.needs_rewrap(wrapped):
-                continue
+            report.total += 1
             account_id = str(doc["_id"])
-            fresh = self.keyring.rewrap(account_id, wrapped)
+            try:
+                wrapped = WrappedKey.from_doc(doc)
+                if not self.keyring.needs_rewrap(wrapped):
+                    report.current += 1
+                    continue
+                fresh: WrappedKey | None = self.keyring.rewrap(account_id, wrapped)
+            except DecryptionError:
+                fresh = None
+            if fresh is None:
+                key_id = str(doc.get("kid", ""))[:64]
+                report.unreadable[key_id] = report.unreadable.get(key_id, 0) + 1
+                log.error("keys.unreadable", account_id=account_id, key_id=key_id)
+                continue
             await self.data_keys.update_one(
                 {"_id": account_id, "kid": wrapped.master_key_id},
                 {"$set": {**fresh.to_doc(), "rotated_at": utcnow()}},
             )
-            rewrapped += 1
-        return rewrapped, total
+            report.rewrapped += 1
+        return report
 
     async def destroy_data_key(self, account_id: str) -> None:
         """Crypto-shred the account: without its data key none of its ciphertext reads."""
@@ -510,6 +554,76 @@ class Store:
         if as_utc(current["expires_at"]) - utcnow() > LEASE_RELEASE_MARGIN:
             await self.leases.delete_one({"_id": name})
 
+    # ------------------------------------------------------------------ erasure fence
+
+    async def fenced(self, account_id: str) -> bool:
+        """Whether writes for the account must stop: it is erased or being erased.
+
+        Erasure marks the account ``disconnected`` before anything else and removes the
+        document last, so a pass that began earlier sees one of the two before each write.
+        """
+        account = await self.accounts.find_one({"_id": account_id}, {"status": 1})
+        return account is None or account.get("status") == "disconnected"
+
+    async def delete_account_documents(self, account_id: str) -> int:
+        """Every document of the account except the account document itself, with its
+        leases (``<purpose>:<id>``, slots, takeover claims); returns how many."""
+        total = 0
+        lease_names = re.compile(f"^[^:]+:{re.escape(account_id)}([:@]|$)")
+        for name in sorted(await self.db.list_collection_names()):
+            if name.startswith("system.") or name == ERASURE_RESWEEPS:
+                continue
+            collection = self.db[name]
+            total += (await collection.delete_many({"account_id": account_id})).deleted_count
+            if name != "accounts":
+                total += (await collection.delete_many({"_id": account_id})).deleted_count
+            if name in ("leases", "lease_takeovers"):
+                total += (
+                    await collection.delete_many({"_id": {"$regex": lease_names.pattern}})
+                ).deleted_count
+        return total
+
+    async def schedule_resweep(self, account_id: str, *, after_s: float) -> None:
+        """Sweep the account's documents once more after ``after_s`` (see :meth:`resweep_due`).
+
+        The record names the account only as ciphertext under the service's own key, so
+        that no readable trace of an erased account is left while it waits.
+        """
+        cipher = await self.service_cipher("erasure")
+        record_id = uuid.uuid4().hex
+        await self.db[ERASURE_RESWEEPS].insert_one(
+            {
+                "_id": record_id,
+                "account_ct": cipher.encrypt_str(account_id, aad=_resweep_aad(record_id)),
+                "due_at": utcnow() + timedelta(seconds=after_s),
+            }
+        )
+
+    async def resweep_due(self) -> int:
+        """The second sweep of erased accounts whose longest possible pass is over.
+
+        A delta pass that began before the erasure may have written between its last
+        fence check and the first sweep; this removes that. An account connected again
+        since (its document exists) is left alone: its documents are new.
+        """
+        swept = 0
+        resweeps = self.db[ERASURE_RESWEEPS]
+        due = [doc async for doc in resweeps.find({"due_at": {"$lt": utcnow()}})]
+        if not due:
+            return 0
+        cipher = await self.service_cipher("erasure")
+        for doc in due:
+            record_id = str(doc["_id"])
+            try:
+                account_id = cipher.decrypt_str(doc["account_ct"], aad=_resweep_aad(record_id))
+            except (DecryptionError, KeyError, TypeError):
+                log.warning("erasure.resweep_unreadable", record=record_id)
+                account_id = None
+            if account_id and await self.accounts.find_one({"_id": account_id}, {"_id": 1}) is None:
+                swept += await self.delete_account_documents(account_id)
+            await resweeps.delete_one({"_id": record_id})
+        return swept
+
     async def sweep_expired(self) -> dict[str, int]:
         """Remove expired records (FerretDB has no TTL indexes); returns counts per collection.
 
@@ -586,3 +700,7 @@ async def wait_for_database(db: AsyncDatabase[Document], *, timeout_s: float) ->
             await asyncio.sleep(0.5)
         else:
             return
+
+
+def _resweep_aad(record_id: str) -> bytes:
+    return f"{ERASURE_RESWEEPS}|{record_id}|account".encode()

@@ -19,7 +19,6 @@ Order, chosen so that a crash at any point leaves a state the next ``DELETE`` fi
 from __future__ import annotations
 
 import asyncio
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
@@ -42,6 +41,9 @@ GRAPH_BUDGET_S: Final = 10.0
 #: manager's (subscriptions/manager.py) and the connect callback's (subscriptions/connect.py).
 BARRIER_LEASES: Final = ("subscription:{account_id}", "connect:{account_id}")
 LEASE_WAIT_S: Final = 10.0
+#: When the second sweep runs: after the longest a delta pass can hold its message (the
+#: broker closes a consumer that keeps a delivery unacknowledged for 30 minutes).
+RESWEEP_AFTER_S: Final = 40 * 60.0
 LEASE_TTL_S: Final = 60.0
 
 
@@ -82,7 +84,9 @@ class Eraser:
         publish_timeout_s: float,
         graph_budget_s: float = GRAPH_BUDGET_S,
         lease_wait_s: float = LEASE_WAIT_S,
+        resweep_after_s: float = RESWEEP_AFTER_S,
     ) -> None:
+        self._resweep_after_s = resweep_after_s
         self._store = store
         self._graph = graph
         self._tokens = tokens
@@ -108,6 +112,9 @@ class Eraser:
         await store.destroy_data_key(account_id)
         self._tokens.invalidate(account_id)
         documents = await self._delete_documents(account_id)
+        # A delta pass in another process checks the fence before each write, but one
+        # write may land between its check and the sweep above: sweep again later.
+        await store.schedule_resweep(account_id, after_s=self._resweep_after_s)
         if account is not None:
             await self._publish_final(account_id)
             documents += (await store.accounts.delete_one({"_id": account_id})).deleted_count
@@ -159,23 +166,7 @@ class Eraser:
 
     async def _delete_documents(self, account_id: str) -> int:
         """Every document of the account except the account document itself."""
-        db = self._store.db
-        total = 0
-        # "subscription:<id>", "connect:<id>", "resync:<id>:<slot>", and the takeover
-        # claims of expired ones, "<lease>@<expiry>".
-        lease_names = re.compile(f"^[^:]+:{re.escape(account_id)}([:@]|$)")
-        for name in sorted(await db.list_collection_names()):
-            if name.startswith("system."):
-                continue
-            collection = db[name]
-            total += (await collection.delete_many({"account_id": account_id})).deleted_count
-            if name != "accounts":
-                total += (await collection.delete_many({"_id": account_id})).deleted_count
-            if name in ("leases", "lease_takeovers"):
-                total += (
-                    await collection.delete_many({"_id": {"$regex": lease_names.pattern}})
-                ).deleted_count
-        return total
+        return await self._store.delete_account_documents(account_id)
 
     async def _publish_final(self, account_id: str) -> None:
         try:

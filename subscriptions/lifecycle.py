@@ -42,6 +42,10 @@ log = get_logger(__name__)
 LIFECYCLE_EVENTS = frozenset({"subscriptionRemoved", "missed", "reauthorizationRequired"})
 
 
+#: Largest lifecycle message the consumer parses: ours are a few hundred bytes.
+MAX_LIFECYCLE_MESSAGE_BYTES = 64 * 1024
+
+
 def validate_lifecycle(body: Any) -> str | None:
     """Why a lifecycle message is malformed, or None."""
     if not isinstance(body, dict):

@@ -95,6 +95,9 @@ class FakeAccounts:
     async def identity(self, account_id: str) -> FakeIdentity:
         return FakeIdentity(USER)
 
+    async def fenced(self, account_id: str) -> bool:
+        return account_id in self.erased
+
 
 class FakeStatuses:
     """Records status changes and finished sync steps."""
