@@ -27,6 +27,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from crypto import CipherCache, DataCipher, DecryptionError, Hasher, KeyRing, WrappedKey
+from handlers.records import Account
 from processor.errors import AccountUnavailable, KeyUnreadable
 from processor.interfaces import SubscriptionRecord
 from processor.logs import get_logger
@@ -167,6 +168,18 @@ class Store:
     async def get_account(self, account_id: str) -> Document | None:
         """The raw account document (ciphertext fields stay encrypted)."""
         return await self.accounts.find_one({"_id": account_id})
+
+    async def account(self, account_id: str) -> Account | None:
+        """The account's record for the sync handlers (status, whether a user is bound)."""
+        doc = await self.get_account(account_id)
+        if doc is None:
+            return None
+        status = doc.get("status")
+        return Account(
+            account_id=account_id,
+            status=status if isinstance(status, str) else None,
+            bound="user_ct" in doc,
+        )
 
     async def cipher_for(self, account_id: str) -> DataCipher:
         """The account's data cipher; :class:`AccountUnavailable` once it is erased."""

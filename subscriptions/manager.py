@@ -15,7 +15,7 @@ own per-account state (plain reads, no locks) and picks the accounts with someth
   account's mailbox: delete);
 - the account came back from ``reauthorization_required`` (reconnect): full resync.
 
-Accounts whose status pauses Graph calls (:data:`handlers.inbound.PAUSED_STATUSES`) are
+Accounts whose status pauses Graph calls (:data:`handlers.records.PAUSED_STATUSES`) are
 skipped. Any number of managers may run: each due account is worked on under a per-account
 lease in MongoDB (a unique-key insert, atomic on FerretDB too), and the decision is made
 again from fresh reads *after* taking the lease, so a subscription is never created or
@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 
 from pymongo.errors import PyMongoError
 
-from handlers.inbound import PAUSED_STATUSES
+from handlers.records import PAUSED_STATUSES
 from processor.accounts import AccountStatuses
 from processor.errors import AccountUnavailable, PermanentError, ThrottledError, TransientError
 from processor.graph import GraphClient
