@@ -11,7 +11,7 @@ from processor.event_store import EventStore
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
 from processor.metrics import Metrics
-from processor.store import Store, aad
+from processor.store import Store
 from processor.timeutil import isoformat_z, utcnow
 from processor.topology import ONERELATION_INBOUND
 
@@ -107,7 +107,7 @@ class AccountStatuses:
             await record_sync(
                 self._store, account_id, error=describe_failure(status, text, at=utcnow())
             )
-        changed = await self._store.set_status(account_id, status, text)
+        changed = await self._store.accounts.set_status(account_id, status, text)
         if changed:
             self._metrics.account_status_changes.labels(status=status).inc()
             log.info("account.status_changed", account_id=account_id, status=status)
@@ -134,22 +134,12 @@ class AccountStatuses:
 
     async def document(self, account_id: str) -> dict[str, Any] | None:
         """The status document of CONTRACT §2, or None for an unknown account."""
-        account = await self._store.get_account(account_id)
+        account = await self._store.accounts.get(account_id)
         if account is None:
             return None
         sync = await self._store.db[SYNC_STATE].find_one({"_id": account_id}) or {}
-        tenant_id = None
-        if "tenant_ct" in account:
-            cipher = await self._store.cipher_for(account_id)
-            tenant_id = cipher.decrypt_str(
-                account["tenant_ct"], aad("accounts", account_id, "tenant")
-            )
-        expiries = [
-            doc["expires_at"]
-            async for doc in self._store.subscriptions.find(
-                {"account_id": account_id}, {"expires_at": 1}
-            )
-        ]
+        tenant_id = await self._store.accounts.decrypt_tenant(account_id, account)
+        expiries = await self._store.subscriptions.expiries(account_id)
         last_sync = sync.get("last_sync_at")
         return {
             "account_id": account_id,

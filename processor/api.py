@@ -251,10 +251,10 @@ class _Api:
             after = _decode_cursor(cursor) if cursor is not None else None
         except _BadRequest as exc:
             return json_error(400, "bad_request", exc.message)
-        if not is_account_id(account_id) or await self._store.get_account(account_id) is None:
+        if not is_account_id(account_id) or await self._store.accounts.get(account_id) is None:
             return self._not_found()
         try:
-            cipher = await self._store.cipher_for(account_id)
+            cipher = await self._store.keys.cipher_for(account_id)
         except AccountUnavailable:
             return self._not_found()
         query: dict[str, Any] = {
@@ -314,7 +314,7 @@ class _Api:
 
     async def resync(self, request: web.Request) -> web.StreamResponse:
         account_id = request.match_info["account_id"]
-        if not is_account_id(account_id) or await self._store.get_account(account_id) is None:
+        if not is_account_id(account_id) or await self._store.accounts.get(account_id) is None:
             return self._not_found()
         try:
             await publish_resync(

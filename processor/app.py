@@ -154,7 +154,7 @@ async def build_runtime(
             authority_host=settings.authority_host,
             ca_bundle=settings.ca_bundle,
         ),
-        store=store,
+        store=store.token_caches,
     )
     graph = GraphClient(
         session=http,
@@ -207,10 +207,10 @@ async def receiver_role(rt: Runtime, *, sock: socket.socket | None = None) -> As
     """Serve the HTTP app; yields the bound port. Stops accepting on exit."""
     app = build_app(
         settings=rt.settings,
-        lookup=rt.store,
+        lookup=rt.store.subscriptions,
         publisher=rt.publisher,
         hasher=rt.hasher,
-        ciphers=rt.store,
+        ciphers=rt.store.keys,
         readiness=rt.readiness,
         metrics=rt.metrics,
     )
@@ -389,7 +389,7 @@ async def outbound_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
 async def _wake_parked(rt: Runtime) -> None:
     """Send a ``replay`` to the shard of each reconnected account with parked changes."""
     for account_id in await rt.links.accounts_with_parked():
-        account = await rt.store.get_account(account_id)
+        account = await rt.store.accounts.get(account_id)
         if account is None or account.get("status") in PAUSED_STATUSES:
             continue
         await rt.publisher.publish(
@@ -405,7 +405,7 @@ async def _wake_parked(rt: Runtime) -> None:
 
 async def _relay_and_sweep(rt: Runtime, relay: OutboxRelay) -> None:
     await relay.run_once(older_than_s=60.0, now=utcnow())
-    await rt.store.sweep_expired()
+    await rt.store.leases.sweep_expired()
 
 
 async def _every(interval_s: float, job: Callable[[], Awaitable[Any]]) -> None:
@@ -489,7 +489,7 @@ async def subscriptions_role(
     )
     await lifecycle.start()
     await manager.start()
-    sweeper = asyncio.create_task(_every(60.0, rt.store.sweep_expired))
+    sweeper = asyncio.create_task(_every(60.0, rt.store.leases.sweep_expired))
     rt.metrics.gauges(
         "subscriptions_expiring",
         "Accounts (not paused) by how soon their subscription expires, at the last scan: "

@@ -37,7 +37,7 @@ async def rotate_keys(settings: Settings, *, out: TextIO = sys.stdout) -> int:
             keyring=KeyRing(settings.master_keys),
             hasher=Hasher(settings.hash_key),
         )
-        rewrapped, total = await store.rotate_data_keys()
+        rewrapped, total = await store.keys.rotate()
     finally:
         await mongo.close()
     active = settings.master_keys[0].key_id

@@ -65,12 +65,10 @@ class ReauthorizationRequired(SyncError):
 class TokenCacheStore(Protocol):
     """Where an account's serialized MSAL cache lives (encrypted at rest by the store)."""
 
-    async def load_token_cache(self, account_id: str) -> tuple[str, int] | None:
+    async def load(self, account_id: str) -> tuple[str, int] | None:
         """The decrypted serialized cache and its version, or None when there is none."""
 
-    async def save_token_cache(
-        self, account_id: str, serialized: str, expected_version: int
-    ) -> bool:
+    async def save(self, account_id: str, serialized: str, expected_version: int) -> bool:
         """Store a new cache if the version is still ``expected_version``; False otherwise."""
 
 
@@ -241,7 +239,7 @@ class MsalTokenProvider:
     async def _acquire(self, account_id: str, stale: str | None) -> tuple[str, float]:
         ours: tuple[str, float] | None = None  # a token we got but lost the race to save
         while True:
-            loaded = await self._store.load_token_cache(account_id)
+            loaded = await self._store.load(account_id)
             if loaded is None:
                 self._count("reauthorization_required")
                 raise ReauthorizationRequired(
@@ -264,7 +262,7 @@ class MsalTokenProvider:
                 if silent.cache is None:
                     return token, expires_in_s
             if silent.cache is not None:
-                saved = await self._store.save_token_cache(account_id, silent.cache, version)
+                saved = await self._store.save(account_id, silent.cache, version)
                 if not saved:
                     self._count("cas_conflicts")
                     log.info("tokens.cache.conflict", account_id=account_id, retried=ours is None)

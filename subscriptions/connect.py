@@ -155,7 +155,7 @@ class FlowStore:
         self, state: str, account_id: str, data: Mapping[str, Any], *, browser: str
     ) -> None:
         """Keep ``data`` for ``state`` until taken or expired, bound to the ``browser`` value."""
-        cipher = await self._store.service_cipher(SERVICE_KEY_PURPOSE)
+        cipher = await self._store.keys.service_cipher(SERVICE_KEY_PURPOSE)
         key = self._key(state)
         now = utcnow()
         await self._collection.insert_one(
@@ -199,7 +199,7 @@ class FlowStore:
         if expires_at <= utcnow():
             return None
         account_id = str(doc["account_id"])
-        cipher = await self._store.service_cipher(SERVICE_KEY_PURPOSE)
+        cipher = await self._store.keys.service_cipher(SERVICE_KEY_PURPOSE)
         try:
             data = cipher.decrypt_json(doc["data_ct"], aad(self._name, account_id, key, "data"))
         except DecryptionError:
@@ -410,24 +410,21 @@ class _Connect:
         started_at: float | None,
     ) -> web.Response:
         lease, owner = f"connect:{account_id}", uuid.uuid4().hex
-        if not await self._store.try_lease(lease, owner, ttl_s=CONNECT_LEASE_TTL_S):
+        if not await self._store.leases.try_take(lease, owner, ttl_s=CONNECT_LEASE_TTL_S):
             return self._failed(account_id, return_url, "connect_in_progress")
         user_hash = self._store.hasher.hash_id("user", user_id.lower())
         # Held while the mailbox is checked and bound, so that two accounts connecting the
         # same mailbox at once cannot both pass the check.
         mailbox_lease = f"mailbox:{user_hash}"
-        if not await self._store.try_lease(mailbox_lease, owner, ttl_s=CONNECT_LEASE_TTL_S):
-            await self._store.release_lease(lease, owner)
+        if not await self._store.leases.try_take(mailbox_lease, owner, ttl_s=CONNECT_LEASE_TTL_S):
+            await self._store.leases.release(lease, owner)
             return self._failed(account_id, return_url, "connect_in_progress")
         try:
-            account = await self._store.get_account(account_id)
+            account = await self._store.accounts.get(account_id)
             bound = account.get("user_hash") if account is not None else None
             if bound is not None and bound != user_hash:
                 return self._failed(account_id, return_url, "different_user")
-            elsewhere = await self._store.accounts.find_one(
-                {"user_hash": user_hash, "_id": {"$ne": account_id}}, {"_id": 1}
-            )
-            if elsewhere is not None:
+            if await self._store.accounts.mailbox_bound_elsewhere(user_hash, account_id):
                 return self._failed(account_id, return_url, "mailbox_in_use")
             previous = account.get("status") if account is not None else None
             await register_account(
@@ -453,8 +450,8 @@ class _Connect:
                 # The periodic delta pass backfills it later; the connection itself stands.
                 log.warning("connect.resync_not_queued", account_id=account_id, error=str(exc))
         finally:
-            await self._store.release_lease(mailbox_lease, owner)
-            await self._store.release_lease(lease, owner)
+            await self._store.leases.release(mailbox_lease, owner)
+            await self._store.leases.release(lease, owner)
         log.info(
             "connect.completed",
             account_id=account_id,
@@ -476,16 +473,13 @@ class _Connect:
         the manager (it creates a missing one on its next scan).
         """
         name, owner = f"{SUBSCRIPTION_LEASE_PREFIX}{account_id}", uuid.uuid4().hex
-        if not await self._store.take_lease(
+        if not await self._store.leases.take(
             name, owner, ttl_s=CONNECT_LEASE_TTL_S, wait_s=SUBSCRIPTION_LEASE_WAIT_S, poll_s=0.2
         ):
             log.info("connect.subscription_left_to_manager", account_id=account_id)
             return
         try:
-            live = await self._store.subscriptions.find_one(
-                {"account_id": account_id, "expires_at": {"$gt": utcnow()}}, {"_id": 1}
-            )
-            if live is not None:
+            if await self._store.subscriptions.has_live(account_id, utcnow()):
                 return
             try:
                 await create_subscription(
@@ -499,7 +493,7 @@ class _Connect:
                     "connect.subscription_failed", account_id=account_id, error=type(exc).__name__
                 )
         finally:
-            await self._store.release_lease(name, owner)
+            await self._store.leases.release(name, owner)
 
     async def _announce(self, account_id: str, *, reconnect: bool, previous: str | None) -> None:
         """Tell 1Relation the new status (``register_account`` wrote ``connected`` silently)."""
@@ -529,9 +523,9 @@ class _Connect:
 
     async def _consent_required(self, account_id: str) -> None:
         """Record that an administrator must approve, unless a working connection stands."""
-        account = await self._store.get_account(account_id)
+        account = await self._store.accounts.get(account_id)
         if account is None:
-            await self._store.create_account(account_id)
+            await self._store.accounts.create(account_id)
         elif account.get("status") in _WORKING and "user_ct" in account:
             return
         try:

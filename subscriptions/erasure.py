@@ -19,7 +19,6 @@ Order, chosen so that a crash at any point leaves a state the next ``DELETE`` fi
 from __future__ import annotations
 
 import asyncio
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
@@ -95,9 +94,11 @@ class Eraser:
         """Erase everything of ``account_id``; raises :class:`TransientError` if 1Relation
         could not be told (the account document is then kept, so a repeat finishes it)."""
         store = self._store
-        account = await store.get_account(account_id)
+        account = await store.accounts.get(account_id)
         if account is not None and account.get("status") != "disconnected":
-            await store.set_status(account_id, "disconnected", DEFAULT_REASONS["disconnected"])
+            await store.accounts.set_status(
+                account_id, "disconnected", DEFAULT_REASONS["disconnected"]
+            )
         # A barrier: wait out a subscription write or a connect callback that began before
         # the status changed (afterwards both see "disconnected" or no account and stop).
         # The leases are held to the end; the document sweep below removes them.
@@ -105,13 +106,13 @@ class Eraser:
         for template in BARRIER_LEASES:
             await self._hold(template.format(account_id=account_id), owner)
         deleted, left = await self._delete_graph_subscriptions(account_id)
-        await store.destroy_data_key(account_id)
+        await store.keys.destroy(account_id)
         self._tokens.invalidate(account_id)
-        documents = await self._delete_documents(account_id)
+        documents = await store.accounts.delete_other_documents(account_id)
         if account is not None:
             await self._publish_final(account_id)
-            documents += (await store.accounts.delete_one({"_id": account_id})).deleted_count
-        store.forget_cipher(account_id)
+            documents += await store.accounts.delete(account_id)
+        store.keys.forget(account_id)
         log.info(
             "account.erased",
             account_id=account_id,
@@ -123,24 +124,23 @@ class Eraser:
         return Erasure(account is not None, deleted, left, documents)
 
     async def _hold(self, name: str, owner: str) -> None:
-        if not await self._store.take_lease(
+        if not await self._store.leases.take(
             name, owner, ttl_s=LEASE_TTL_S, wait_s=self._lease_wait_s
         ):
             log.warning("erasure.lease_busy", lease=name.partition(":")[0])
             # erase anyway; a straggler's documents go with the next DELETE
 
     async def _delete_graph_subscriptions(self, account_id: str) -> tuple[int, int]:
-        hashes = [
-            str(doc["_id"])
-            async for doc in self._store.subscriptions.find({"account_id": account_id}, {"_id": 1})
-        ]
+        hashes = await self._store.subscriptions.hashes_for_account(account_id)
         deleted = left = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._graph_budget_s
         for sub_hash in hashes:
             try:
                 async with asyncio.timeout_at(deadline):
-                    subscription_id = await self._store.subscription_id(account_id, sub_hash)
+                    subscription_id = await self._store.subscriptions.fetch_graph_id(
+                        account_id, sub_hash
+                    )
                     if subscription_id is not None:
                         await self._graph.delete_subscription(account_id, subscription_id)
                 deleted += 1
@@ -154,28 +154,8 @@ class Eraser:
                     subscription=sub_hash,
                     error=type(exc).__name__,
                 )
-            await self._store.delete_subscription(sub_hash)
+            await self._store.subscriptions.delete(sub_hash)
         return deleted, left
-
-    async def _delete_documents(self, account_id: str) -> int:
-        """Every document of the account except the account document itself."""
-        db = self._store.db
-        total = 0
-        # "subscription:<id>", "connect:<id>", "resync:<id>:<slot>", and the takeover
-        # claims of expired ones, "<lease>@<expiry>".
-        lease_names = re.compile(f"^[^:]+:{re.escape(account_id)}([:@]|$)")
-        for name in sorted(await db.list_collection_names()):
-            if name.startswith("system."):
-                continue
-            collection = db[name]
-            total += (await collection.delete_many({"account_id": account_id})).deleted_count
-            if name != "accounts":
-                total += (await collection.delete_many({"_id": account_id})).deleted_count
-            if name in ("leases", "lease_takeovers"):
-                total += (
-                    await collection.delete_many({"_id": {"$regex": lease_names.pattern}})
-                ).deleted_count
-        return total
 
     async def _publish_final(self, account_id: str) -> None:
         try:

@@ -68,8 +68,8 @@ class LifecycleHandler:
             self.stats["unknown_event"] += 1
             log.info("lifecycle.unknown_event", account_id=account_id, lifecycle_event=event[:40])
             return Outcome.ack()
-        record = await self._store.subscription_of(account_id, sub_hash)
-        account = await self._store.get_account(account_id)
+        record = await self._store.subscriptions.get_for_account(account_id, sub_hash)
+        account = await self._store.accounts.get(account_id)
         if record is None or account is None:
             self.stats["unknown"] += 1
             self._manager.stats["lifecycle_unknown"] += 1

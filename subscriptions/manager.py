@@ -78,7 +78,6 @@ from subscriptions.registration import (
 
 log = get_logger(__name__)
 
-STATE_COLLECTION = "subscription_state"
 #: The lease the connect flow holds while it binds an account and creates its subscription.
 CONNECT_LEASE_PREFIX = "connect:"
 
@@ -203,7 +202,6 @@ class SubscriptionManager:
         self._settings = settings
         self._clock = clock
         self.owner = owner or f"manager-{uuid.uuid4().hex[:12]}"
-        self._state = store.db[STATE_COLLECTION]
         self._bucket = TokenBucket(settings.writes_per_s, settings.write_burst)
         self._limit = asyncio.Semaphore(settings.max_concurrency)
         self._lifetime_minutes = OPTIMISTIC_SUBSCRIPTION_MINUTES
@@ -251,18 +249,9 @@ class SubscriptionManager:
     async def scan_once(self) -> int:
         """One pass over every account; returns how many accounts were worked on."""
         now = self._clock()
-        accounts = [
-            doc
-            async for doc in self._store.accounts.find(
-                {"user_ct": {"$exists": True}}, {"status": 1}
-            )
-        ]
-        records: dict[str, list[Document]] = {}
-        async for doc in self._store.subscriptions.find(
-            {}, {"account_id": 1, "expires_at": 1, "granted_at": 1}
-        ):
-            records.setdefault(str(doc["account_id"]), []).append(doc)
-        states = {str(doc["_id"]): doc async for doc in self._state.find({})}
+        accounts = await self._store.accounts.bound_statuses()
+        records = await self._store.subscriptions.renewal_view()
+        states = await self._store.renewals.get_many()
         due: list[str] = []
         resyncs: list[str] = []
         self.expiring = expiry_summary(
@@ -305,7 +294,7 @@ class SubscriptionManager:
         async def take(account_id: str) -> None:
             async with self._limit:
                 try:
-                    if await self._store.try_lease(
+                    if await self._store.leases.try_take(
                         self._lease_name(account_id), self.owner, ttl_s=self._settings.lease_ttl_s
                     ):
                         taken[account_id] = time.monotonic()
@@ -327,33 +316,15 @@ class SubscriptionManager:
         await asyncio.gather(*(self._guarded(a, batch=batch, taken_at=t) for a, t in taken.items()))
 
     async def _read_batch(self, batch: _Batch) -> None:
-        """Read the batch's accounts, states and subscription records: one query each.
-
-        Each query names the batch's accounts (``$in``), so on MongoDB it reads through an
-        index what the batch needs and no more. (FerretDB, the test database, evaluates
-        such a filter by going through the whole collection: a query per batch costs about
-        what a few lookups do there.)
-        """
-        ids = {"$in": batch.account_ids}
-        batch.accounts = {
-            str(doc["_id"]): doc
-            async for doc in self._store.accounts.find(
-                {"_id": ids},
-                {"status": 1, "user_ct": 1, "tenant_ct": 1, "user_hash": 1, "tenant_hash": 1},
-            )
-        }
-        batch.states = {str(doc["_id"]): doc async for doc in self._state.find({"_id": ids})}
+        """Read the batch's accounts, states and subscription records: one query each."""
+        batch.accounts = await self._store.accounts.get_many(batch.account_ids)
+        batch.states = await self._store.renewals.get_many(batch.account_ids)
         await self._read_records(batch)
 
     async def _read_records(self, batch: _Batch) -> None:
         """(Re)read the subscription records of the batch's accounts into ``batch``."""
         began = time.monotonic()
-        records: dict[str, list[Document]] = {}
-        async for doc in self._store.subscriptions.find(
-            {"account_id": {"$in": batch.account_ids}},
-            {"account_id": 1, "expires_at": 1, "granted_at": 1, "subscription_ct": 1},
-        ):
-            records.setdefault(str(doc["account_id"]), []).append(doc)
+        records = await self._store.subscriptions.renewal_view(batch.account_ids)
         batch.records, batch.read_at = records, began
 
     async def _records_since(self, batch: _Batch, account_id: str, since: float) -> list[Document]:
@@ -399,7 +370,7 @@ class SubscriptionManager:
         interval_s = self._settings.check_interval_s
         slot = self._slot("check", account_id, now, interval_s)
         self._slots["check", account_id] = slot
-        return await self._store.try_lease(
+        return await self._store.leases.try_take(
             f"check:{account_id}:{slot}", self.owner, ttl_s=2 * interval_s
         )
 
@@ -419,7 +390,7 @@ class SubscriptionManager:
         slot = self._slot("resync", account_id, now, interval_s)
         async with self._limit:
             try:
-                if await self._store.try_lease(
+                if await self._store.leases.try_take(
                     f"resync:{account_id}:{slot}", self.owner, ttl_s=2 * interval_s
                 ):
                     await self.publish_resync(account_id, full=False, reason="periodic")
@@ -466,11 +437,11 @@ class SubscriptionManager:
 
     async def _release(self, account_id: str) -> None:
         with contextlib.suppress(Exception):  # it expires anyway
-            await self._store.release_lease(self._lease_name(account_id), self.owner)
+            await self._store.leases.release(self._lease_name(account_id), self.owner)
 
     @contextlib.asynccontextmanager
     async def _lease(self, account_id: str, *, wait_s: float = 0.0) -> Any:
-        if not await self._store.take_lease(
+        if not await self._store.leases.take(
             self._lease_name(account_id),
             self.owner,
             ttl_s=self._settings.lease_ttl_s,
@@ -509,8 +480,8 @@ class SubscriptionManager:
         ``batch``: what was read after the lease was taken (None: read it now).
         """
         if batch is None:
-            account = await self._store.get_account(account_id)
-            state = await self._state.find_one({"_id": account_id}) or {}
+            account = await self._store.accounts.get(account_id)
+            state = await self._store.renewals.get(account_id)
         else:
             account = batch.accounts.get(account_id)
             state = batch.states.get(account_id, {})
@@ -535,7 +506,7 @@ class SubscriptionManager:
         )
         for record in records:
             if record not in live:  # expired: Graph has deleted it already
-                await self._store.delete_subscription(str(record["_id"]))
+                await self._store.subscriptions.delete(str(record["_id"]))
         for record in live[:-1]:  # a reconnect made a newer one: keep only the newest
             await self._delete(account_id, record)
             self.stats["deleted_extra"] += 1
@@ -568,11 +539,10 @@ class SubscriptionManager:
 
     async def _connecting(self, account_id: str) -> bool:
         """Whether the connect flow holds the account (it creates the subscription itself)."""
-        lease = await self._store.leases.find_one({"_id": f"{CONNECT_LEASE_PREFIX}{account_id}"})
-        return lease is not None and as_utc(lease["expires_at"]) > utcnow()
+        return await self._store.leases.is_held(f"{CONNECT_LEASE_PREFIX}{account_id}")
 
     async def _records(self, account_id: str) -> list[Document]:
-        return [doc async for doc in self._store.subscriptions.find({"account_id": account_id})]
+        return await self._store.subscriptions.for_account(account_id)
 
     async def _made_meanwhile(
         self, batch: _Batch, account_id: str, records: list[Document], now: datetime, since: float
@@ -585,7 +555,7 @@ class SubscriptionManager:
         )
 
     async def _create(self, account_id: str, account: Document) -> None:
-        identity = await self._store.identity_of(account_id, account)
+        identity = await self._store.accounts.decrypt_identity(account_id, account)
 
         async def write(minutes: int) -> None:
             await create_subscription(
@@ -619,7 +589,7 @@ class SubscriptionManager:
     async def _renew(self, account_id: str, record: Document) -> Document | None:
         """PATCH a longer expiry (this also reauthorizes); None when Graph no longer has it."""
         sub_hash = str(record["_id"])
-        sub_id = await self._store.subscription_id_of(account_id, record)
+        sub_id = await self._store.subscriptions.decrypt_graph_id(account_id, record)
         if sub_id is None:
             return None
         granted_at = self._clock()
@@ -634,10 +604,10 @@ class SubscriptionManager:
         answer = await self._with_lifetime(write)
         if answer is None:
             log.info("subscription.renewal_gone", account_id=account_id, subscription=sub_hash)
-            await self._store.delete_subscription(sub_hash)
+            await self._store.subscriptions.delete(sub_hash)
             return None
         expires_at = parse_graph_datetime(str(answer["expirationDateTime"]))
-        await self._store.set_subscription_expiry(
+        await self._store.subscriptions.set_expiry(
             sub_hash, expires_at=expires_at, granted_at=granted_at
         )
         self.stats["renewed"] += 1
@@ -651,11 +621,11 @@ class SubscriptionManager:
 
     async def _delete(self, account_id: str, record: Document) -> None:
         sub_hash = str(record["_id"])
-        sub_id = await self._store.subscription_id_of(account_id, record)
+        sub_id = await self._store.subscriptions.decrypt_graph_id(account_id, record)
         if sub_id is not None:
             await self._bucket.take()
             await self._graph.delete_subscription(account_id, sub_id)
-        await self._store.delete_subscription(sub_hash)
+        await self._store.subscriptions.delete(sub_hash)
 
     async def _check(
         self, account_id: str, account: Document, record: Document, batch: _Batch | None
@@ -663,7 +633,7 @@ class SubscriptionManager:
         """Compare with what Graph holds; returns the record if Graph still has it."""
         self.stats["checks"] += 1
         sub_hash = str(record["_id"])
-        ours = await self._store.subscription_id_of(account_id, record)
+        ours = await self._store.subscriptions.decrypt_graph_id(account_id, record)
         view = await self._graph_view(account_id, account, batch)
         held, mine = view.held, view.mine
         # A delegated token lists every subscription of the *user*, and several accounts may
@@ -678,7 +648,7 @@ class SubscriptionManager:
         seen_before = self._stray_candidates.get(account_id, set())
         self._stray_candidates[account_id] = candidates - seen_before
         for stray_id in sorted(candidates & seen_before):
-            if await self._store.subscriptions.find_one({"_id": mine[stray_id]}, {"_id": 1}):
+            if await self._store.subscriptions.exists(mine[stray_id]):
                 continue  # recorded meanwhile: not a stray
             await self._bucket.take()
             await self._graph.delete_subscription(account_id, stray_id)
@@ -686,7 +656,7 @@ class SubscriptionManager:
             log.info("subscription.stray_deleted", account_id=account_id)
         if ours is None or not any(s.get("id") == ours for s in held):
             log.info("subscription.missing_in_graph", account_id=account_id, subscription=sub_hash)
-            await self._store.delete_subscription(sub_hash)
+            await self._store.subscriptions.delete(sub_hash)
             self.stats["missing"] += 1
             return None
         return record
@@ -712,11 +682,11 @@ class SubscriptionManager:
 
     async def _list_mine(self, account_id: str, account: Document) -> _GraphView:
         held = await self._graph.list_subscriptions(account_id)
-        identity = await self._store.identity_of(account_id, account)
+        identity = await self._store.accounts.decrypt_identity(account_id, account)
         notification_url = f"{self._settings.public_url}/graph/notifications"
         resource = f"users/{identity.user_id}/events".lower()
         mine = {
-            str(h["id"]): self._store.hasher.hash_id("subscription", str(h["id"]))
+            str(h["id"]): self._store.subscriptions.hash_graph_id(str(h["id"]))
             for h in held
             if h.get("id")
             and h.get("notificationUrl") == notification_url
@@ -724,16 +694,11 @@ class SubscriptionManager:
         }
         recorded: set[str] = set()
         if len(mine) > 1:  # a mailbox serving several accounts (or holding a stray)
-            cursor = self._store.subscriptions.find(
-                {"_id": {"$in": list(mine.values())}}, {"_id": 1}
-            )
-            recorded = {str(doc["_id"]) async for doc in cursor}
+            recorded = await self._store.subscriptions.recorded_among(list(mine.values()))
         return _GraphView(held=held, mine=mine, recorded=frozenset(recorded))
 
     async def _set_state(self, account_id: str, **fields: Any) -> None:
-        await self._state.update_one(
-            {"_id": account_id}, {"$set": {**fields, "updated_at": utcnow()}}, upsert=True
-        )
+        await self._store.renewals.update(account_id, **fields)
 
     # ---- used by the lifecycle consumer -------------------------------------------------------
 
@@ -766,7 +731,7 @@ class SubscriptionManager:
         async with self._lease(account_id, wait_s=10.0) as held:
             if not held:
                 return False
-            await self._store.delete_subscription(subscription_hash)
+            await self._store.subscriptions.delete(subscription_hash)
             await self._service_locked(account_id)
             return True
 
@@ -776,7 +741,7 @@ class SubscriptionManager:
         async with self._lease(account_id, wait_s=10.0) as held:
             if not held:
                 return False
-            record = await self._store.subscription_of(account_id, subscription_hash)
+            record = await self._store.subscriptions.get_for_account(account_id, subscription_hash)
             if record is None:
                 return True  # already replaced
             renewed = await self._renew(account_id, record)

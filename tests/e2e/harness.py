@@ -134,7 +134,7 @@ class Stack:
         # Holds the connect flow's lease, as /auth/callback does, so that a running
         # subscription manager leaves the subscription to this flow.
         lease, owner = f"connect:{account_id}", uuid.uuid4().hex
-        assert await self.rt.store.try_lease(lease, owner, ttl_s=60.0)
+        assert await self.rt.store.leases.try_take(lease, owner, ttl_s=60.0)
         try:
             await register_account(
                 self.rt.store,
@@ -150,7 +150,7 @@ class Stack:
                 public_url=self.settings.public_url,
             )
         finally:
-            await self.rt.store.release_lease(lease, owner)
+            await self.rt.store.leases.release(lease, owner)
         self.accounts[account_id] = user_id
 
     async def request_resync(self, account_id: str, *, full: bool, reason: str) -> None:
@@ -169,7 +169,7 @@ class Stack:
 
     async def status(self, account_id: str) -> str | None:
         """The account's current status."""
-        doc = await self.rt.store.get_account(account_id)
+        doc = await self.rt.store.accounts.get(account_id)
         return None if doc is None else str(doc.get("status"))
 
     async def announcements(self) -> list[dict[str, Any]]:
