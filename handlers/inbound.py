@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from contract.statuses import PAUSED_STATUSES
 from crypto import DataCipher, DecryptionError
 from processor.accounts import AccountStatuses, record_sync
 from processor.announce import Announcer
@@ -47,7 +48,6 @@ BURST_MIN_EVENTS = 16
 SETTLED_EVENTS = 10_000
 SETTLED_PER_EVENT = 4
 #: Account statuses in which the service makes no Graph calls for the account.
-PAUSED_STATUSES = frozenset({"reauthorization_required", "admin_consent_required", "disconnected"})
 
 
 def validate_inbound(body: dict[str, Any]) -> str | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from contract.statuses import PAUSED_STATUSES
 from crypto import DataCipher, DecryptionError
 from handlers.decisions import plan_update
 from handlers.outbound_validation import (
@@ -58,7 +59,6 @@ OUTBOUND_SCHEMA = "m365sync.outbound.v1"
 #: Marks events the service created in Outlook (a single-value extended property).
 ORIGIN_PROPERTY_ID = "String {7d3f3b4e-6f1c-4c55-9a0e-2b8f6a1d9c21} Name m365syncOrigin"
 TRANSACTION_NAMESPACE = uuid.UUID("0f8d4c1e-9a57-4b7e-8f2d-3c6b5a4e1d90")
-PAUSED_STATUSES = frozenset({"reauthorization_required", "admin_consent_required", "disconnected"})
 
 #: How a cleared (null) field is written to Graph.
 _CLEARED: Mapping[str, Any] = {

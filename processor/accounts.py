@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Final
 
+from contract.statuses import DEFAULT_REASONS, STATUSES
 from processor.errors import TransientError
 from processor.event_store import EventStore
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
@@ -16,36 +17,6 @@ from processor.timeutil import isoformat_z, utcnow
 from processor.topology import ONERELATION_INBOUND
 
 log = get_logger(__name__)
-
-STATUSES: Final = frozenset(
-    {
-        "connected",
-        "backfilling",
-        "reauthorization_required",
-        "admin_consent_required",
-        "deletions_paused",
-        "disconnected",
-    }
-)
-
-#: What a person can do about each status (the default ``status_reason``).
-DEFAULT_REASONS: Final = {
-    "connected": "",
-    "backfilling": "The calendar is being copied for the first time; this takes a few minutes.",
-    "reauthorization_required": (
-        "Microsoft no longer accepts the stored sign-in: the user must click "
-        "'Connect to Microsoft' again."
-    ),
-    "admin_consent_required": (
-        "An administrator of the user's Microsoft 365 organisation must approve the app "
-        "before the user can connect."
-    ),
-    "deletions_paused": (
-        "Microsoft reported far more deletions than usual, so deleting was paused to protect "
-        "the data; an operator or a resync releases it."
-    ),
-    "disconnected": "The account is not connected to Microsoft 365.",
-}
 
 #: What failed, and what a person can do, when an account enters a status that stops it.
 FAILURES: Final = {

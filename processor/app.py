@@ -26,12 +26,12 @@ from aiohttp import web
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from contract.statuses import PAUSED_STATUSES
 from crypto import CipherCache, Hasher, KeyRing
 from handlers.delta import DeltaRunner, DeltaSettings
 from handlers.inbound import InboundHandler, SyncWindow, validate_inbound
 from handlers.outbound import (
     OUTBOUND_SCHEMA,
-    PAUSED_STATUSES,
     IntakeHandler,
     OutboundHandler,
     Reporter,

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
-from processor.accounts import DEFAULT_REASONS
+from contract.statuses import DEFAULT_REASONS
 from processor.errors import TransientError
 from processor.graph import GraphClient
 from processor.interfaces import AccessTokens, OutgoingMessage, Publisher, PublishError

@@ -1,45 +1,22 @@
 """The subscription manager: one live Graph subscription per connected account, forever.
 
-Every ``scan_interval_s`` a manager reads the accounts, our subscription records and its
-own per-account state (plain reads, no locks) and picks the accounts with something due:
+Each scan reads every account, subscription record and per-account state (plain reads,
+no locks) and works on the accounts with something due: create a missing subscription
+(then a full delta resync, since the gap had no notifications), renew one past half its
+granted lifetime (jittered per account so that accounts created together do not renew
+together), delete extra ones a reconnect left, and check now and then against what Graph
+holds. Accounts whose status pauses Graph calls are skipped.
 
-- no live subscription (never created, expired, removed, renewal answered 404): create
-  one (``created,updated,deleted``, lifecycle URL, fresh clientState, longest lifetime),
-  then ask the account's shard for a *full* delta resync (the gap had no notifications);
-- renewal due: PATCH a new expiry once less than half the granted lifetime (or less than
-  ``renew_margin_s``) remains, each account a little earlier by a stable jitter so that
-  accounts created together do not renew together;
-- more than one live record (a reconnect created another): delete the older ones;
-- the Graph check (every ``check_interval_s``, spread by account): list what Graph holds
-  and repair differences (ours missing: recreate + full resync; strays of ours for the
-  account's mailbox: delete);
-- the account came back from ``reauthorization_required`` (reconnect): full resync.
+Any number of managers may run. Each due account is decided again from reads made
+*after* taking its lease, so a subscription is never created or renewed twice; periodic
+delta passes and checks take a lease per account and time slot. Due accounts are worked
+on in batches whose reads are one query each, because a query per account makes a scan
+quadratic on a database that cannot push such filters to an index (docs/ferretdb.md).
+Writes pass a token bucket and a concurrency limit, and the first scan waits a random
+delay, so a restart never fires every account at once.
 
-Accounts whose status pauses Graph calls (:data:`handlers.inbound.PAUSED_STATUSES`) are
-skipped. Any number of managers may run: each due account is worked on under a per-account
-lease in MongoDB (a unique-key insert, atomic on FerretDB too), and the decision is made
-again from fresh reads *after* taking the lease, so a subscription is never created or
-renewed twice. Periodic delta passes and Graph checks are deduplicated across copies by a
-lease per account and time slot. Subscription writes pass a token bucket (per process) and
-a concurrency limit, and the first scan waits a random delay, so a restart never fires
-every account at once.
-
-Reads are made per batch, not per account. On FerretDB (the test database) a query by
-``account_id`` decodes every document of the collection and even an ``_id`` lookup goes
-through the whole table, so reads per account made a cycle O(n²). A scan therefore
-works in batches (``batch_size``, small enough that a batch's leases are not held long):
-it takes the leases of a batch, then reads the batch's accounts, states and
-subscription records with one ``$in`` query each (after the leases, so the read is fresh
-for every account of the batch; on MongoDB an indexed read of just the batch) and decides
-each account from that read. Before a create it looks at the connect flow's lease, then
-at a read of the records begun after that look (the batch's concurrent creates share
-one). An account whose lease was taken more than half its TTL ago is left to the next
-scan. The Graph check lists a mailbox once per batch, however many accounts share it (a
-delegated listing is the same for all of them), and confirms a stray with an ``_id``
-read before deleting it.
-
-Time: subscription expiry is Graph's clock. ``clock`` (default: real UTC) is what the
-manager compares expiries with; tests give it the simulator's clock.
+Subscription expiry is Graph's clock: ``clock`` (default: real UTC) is what expiries are
+compared with; tests give it the simulator's clock.
 """
 
 from __future__ import annotations
@@ -58,7 +35,7 @@ from typing import Any, TypeVar
 
 from pymongo.errors import PyMongoError
 
-from handlers.inbound import PAUSED_STATUSES
+from contract.statuses import PAUSED_STATUSES
 from processor.accounts import AccountStatuses
 from processor.errors import AccountUnavailable, PermanentError, ThrottledError, TransientError
 from processor.graph import GraphClient
