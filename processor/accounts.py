@@ -91,17 +91,28 @@ class AccountStatuses:
         if document is None:
             return
         try:
-            await self._publisher.publish(
-                OutgoingMessage(
-                    exchange=ONERELATION_INBOUND,
-                    routing_key="account.status",
-                    body=document,
-                    message_id=uuid.uuid4().hex,
-                ),
-                timeout_s=self._timeout_s,
-            )
+            await self._send(document)
         except PublishError as exc:
             raise TransientError(f"account.status not confirmed: {exc}") from exc
+
+    async def announce(self, document: dict[str, Any]) -> None:
+        """Publish a status document built by the caller (an erased account's last one);
+        :class:`TransientError` when the broker does not confirm it in time."""
+        try:
+            await self._send(document)
+        except (PublishError, TimeoutError) as exc:
+            raise TransientError(f"account.status not confirmed: {exc}") from exc
+
+    async def _send(self, document: dict[str, Any]) -> None:
+        await self._publisher.publish(
+            OutgoingMessage(
+                exchange=ONERELATION_INBOUND,
+                routing_key="account.status",
+                body=document,
+                message_id=uuid.uuid4().hex,
+            ),
+            timeout_s=self._timeout_s,
+        )
 
     async def document(self, account_id: str) -> dict[str, Any] | None:
         """The status document of CONTRACT §2, or None for an unknown account."""
@@ -109,13 +120,15 @@ class AccountStatuses:
         if account is None:
             return None
         sync = await self._store.db[SYNC_STATE].find_one({"_id": account_id}) or {}
-        tenant_id = await self._store.accounts.decrypt_tenant(account_id, account)
+        tenant_id = None
+        if account.bound:
+            tenant_id = (await self._store.accounts.decrypt_identity(account)).tenant_id
         expiries = await self._store.subscriptions.expiries(account_id)
         last_sync = sync.get("last_sync_at")
         return {
             "account_id": account_id,
-            "status": account.get("status", "disconnected"),
-            "status_reason": account.get("status_reason", ""),
+            "status": account.status,
+            "status_reason": account.status_reason,
             "tenant_id": tenant_id,
             "last_sync_at": isoformat_z(last_sync) if last_sync else None,
             "subscription_expires_at": isoformat_z(max(expiries)) if expiries else None,

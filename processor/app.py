@@ -51,6 +51,7 @@ from processor.interfaces import OutgoingMessage
 from processor.logs import configure_logging, get_logger
 from processor.mapping import LinkStore
 from processor.metrics import Metrics
+from processor.resync import ResyncPublisher
 from processor.settings import Settings
 from processor.store import Document, Store, wait_for_database
 from processor.timeutil import utcnow
@@ -390,7 +391,7 @@ async def _wake_parked(rt: Runtime) -> None:
     """Send a ``replay`` to the shard of each reconnected account with parked changes."""
     for account_id in await rt.links.accounts_with_parked():
         account = await rt.store.accounts.get(account_id)
-        if account is None or account.get("status") in PAUSED_STATUSES:
+        if account is None or account.status in PAUSED_STATUSES:
             continue
         await rt.publisher.publish(
             OutgoingMessage(
@@ -467,18 +468,22 @@ async def subscriptions_role(
 
     ``clock`` is what subscription expiries are compared with (tests pass the simulator's).
     """
+    settings = manager_settings or ManagerSettings(
+        public_url=rt.settings.public_url,
+        shard_count=rt.settings.shard_count,
+        resync_interval_s=rt.settings.resync_interval_s,
+        publish_timeout_s=rt.settings.publish_timeout_s,
+    )
     manager = SubscriptionManager(
         store=rt.store,
         graph=rt.graph,
-        publisher=rt.publisher,
-        statuses=rt.statuses,
-        settings=manager_settings
-        or ManagerSettings(
-            public_url=rt.settings.public_url,
-            shard_count=rt.settings.shard_count,
-            resync_interval_s=rt.settings.resync_interval_s,
-            publish_timeout_s=rt.settings.publish_timeout_s,
+        resyncs=ResyncPublisher(
+            publisher=rt.publisher,
+            shard_count=settings.shard_count,
+            timeout_s=settings.publish_timeout_s,
         ),
+        statuses=rt.statuses,
+        settings=settings,
         clock=clock,
     )
     channel = await rt.connection.channel()

@@ -13,13 +13,14 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from crypto import CipherCache, DataCipher, Hasher, KeyRing
-from processor.repositories.accounts import AccountIdentity, AccountRepository
+from processor.repositories.accounts import AccountRepository
 from processor.repositories.base import EXPIRING_COLLECTIONS, SCHEMA_VERSION, Document, aad
 from processor.repositories.keys import KeyRepository
 from processor.repositories.leases import LEASE_RELEASE_MARGIN, LeaseRepository
 from processor.repositories.renewals import RenewalStateRepository
 from processor.repositories.subscriptions import SubscriptionRepository
 from processor.repositories.token_caches import TokenCacheRepository
+from subscriptions.ports import AccountIdentity
 
 __all__ = [
     "EXPIRING_COLLECTIONS",
@@ -76,8 +77,8 @@ class Store:
         return await self.accounts.create(account_id)
 
     async def get_account(self, account_id: str) -> Document | None:
-        """:meth:`AccountRepository.get`."""
-        return await self.accounts.get(account_id)
+        """:meth:`AccountRepository.get_document`."""
+        return await self.accounts.get_document(account_id)
 
     async def identity(self, account_id: str) -> AccountIdentity:
         """:meth:`AccountRepository.identity`."""

@@ -31,19 +31,19 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
+import structlog
 from aiohttp import web
 from pymongo.asynchronous.collection import AsyncCollection
 
+from contract.timeutil import utcnow
 from crypto import DecryptionError
 from processor.accounts import AccountStatuses
 from processor.errors import TransientError
 from processor.graph import GraphClient
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
-from processor.logs import get_logger
 from processor.messages import resync_message
 from processor.settings import Settings, canonical_origin
 from processor.store import SCHEMA_VERSION, Document, Store, aad
-from processor.timeutil import utcnow
 from processor.tokens import DEFAULT_SCOPES, MsalApps, initiate_flow_async, redeem_auth_code
 from processor.topology import INBOUND_EXCHANGE, shard_routing_key
 from processor.web import json_error
@@ -68,7 +68,7 @@ __all__ = [
     "with_status",
 ]
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 CONNECT_FLOWS: Final = "connect_flows"
 CALLBACK_PATH: Final = "/auth/callback"
@@ -421,12 +421,12 @@ class _Connect:
             return self._failed(account_id, return_url, "connect_in_progress")
         try:
             account = await self._store.accounts.get(account_id)
-            bound = account.get("user_hash") if account is not None else None
+            bound = account.user_hash if account is not None else None
             if bound is not None and bound != user_hash:
                 return self._failed(account_id, return_url, "different_user")
             if await self._store.accounts.mailbox_bound_elsewhere(user_hash, account_id):
                 return self._failed(account_id, return_url, "mailbox_in_use")
-            previous = account.get("status") if account is not None else None
+            previous = account.status if account is not None else None
             await register_account(
                 self._store,
                 account_id=account_id,
@@ -526,7 +526,7 @@ class _Connect:
         account = await self._store.accounts.get(account_id)
         if account is None:
             await self._store.accounts.create(account_id)
-        elif account.get("status") in _WORKING and "user_ct" in account:
+        elif account.status in _WORKING and account.bound:
             return
         try:
             await self._statuses.set(account_id, "admin_consent_required")

@@ -21,13 +21,13 @@ from typing import Final
 from urllib.parse import quote, urlencode
 
 import requests
+import structlog
 from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
-from processor.logs import get_logger
+from contract.timeutil import utcnow
 from processor.settings import Settings
 from processor.store import SCHEMA_VERSION, Store
-from processor.timeutil import utcnow
 from processor.tokens import MsalApps
 from processor.web import json_error
 from subscriptions.connect import (
@@ -44,7 +44,7 @@ from subscriptions.links import CONSENT_AUDIENCE, LinkRejected, LinkVerifier, is
 
 __all__ = ["CONSENT_FLOWS", "TENANTS", "add_consent_routes"]
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 CONSENT_FLOWS: Final = "consent_flows"
 TENANTS: Final = "tenants"

@@ -23,17 +23,19 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
+import structlog
+
 from contract.statuses import DEFAULT_REASONS
-from processor.errors import TransientError
-from processor.graph import GraphClient
-from processor.interfaces import AccessTokens, OutgoingMessage, Publisher, PublishError
-from processor.logs import get_logger
-from processor.store import Store
-from processor.topology import ONERELATION_INBOUND
+from subscriptions.ports import (
+    AccessTokenCache,
+    AccountStatusPublisher,
+    GraphSubscriptionApi,
+    Repositories,
+)
 
 __all__ = ["Eraser", "Erasure", "disconnected_document"]
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 #: Time allowed for deleting the Graph subscriptions before giving up on them.
 GRAPH_BUDGET_S: Final = 10.0
@@ -74,19 +76,17 @@ class Eraser:
     def __init__(
         self,
         *,
-        store: Store,
-        graph: GraphClient,
-        tokens: AccessTokens,
-        publisher: Publisher,
-        publish_timeout_s: float,
+        store: Repositories,
+        graph: GraphSubscriptionApi,
+        tokens: AccessTokenCache,
+        statuses: AccountStatusPublisher,
         graph_budget_s: float = GRAPH_BUDGET_S,
         lease_wait_s: float = LEASE_WAIT_S,
     ) -> None:
         self._store = store
         self._graph = graph
         self._tokens = tokens
-        self._publisher = publisher
-        self._publish_timeout_s = publish_timeout_s
+        self._statuses = statuses
         self._graph_budget_s = graph_budget_s
         self._lease_wait_s = lease_wait_s
 
@@ -95,7 +95,7 @@ class Eraser:
         could not be told (the account document is then kept, so a repeat finishes it)."""
         store = self._store
         account = await store.accounts.get(account_id)
-        if account is not None and account.get("status") != "disconnected":
+        if account is not None and account.status != "disconnected":
             await store.accounts.set_status(
                 account_id, "disconnected", DEFAULT_REASONS["disconnected"]
             )
@@ -158,15 +158,5 @@ class Eraser:
         return deleted, left
 
     async def _publish_final(self, account_id: str) -> None:
-        try:
-            await self._publisher.publish(
-                OutgoingMessage(
-                    exchange=ONERELATION_INBOUND,
-                    routing_key="account.status",
-                    body=disconnected_document(account_id),
-                    message_id=uuid.uuid4().hex,
-                ),
-                timeout_s=self._publish_timeout_s,
-            )
-        except (PublishError, TimeoutError) as exc:
-            raise TransientError(f"account.status not confirmed: {exc}") from exc
+        """The last ``account.status``; :class:`TransientError` if it is not confirmed."""
+        await self._statuses.announce(disconnected_document(account_id))

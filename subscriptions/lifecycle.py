@@ -21,19 +21,20 @@ import json
 from collections import Counter
 from typing import Any
 
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
 
 from processor.broker import ConfirmPublisher, Outcome, settle
 from processor.errors import AccountUnavailable, PermanentError, TransientError
 from processor.interfaces import PublishError
-from processor.logs import correlation, get_logger
+from processor.logs import correlation
 from processor.messages import LIFECYCLE_SCHEMA
 from processor.store import Store
 from processor.tokens import ReauthorizationRequired
 from processor.topology import LIFECYCLE_QUEUE
 from subscriptions.manager import SubscriptionManager
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 LIFECYCLE_EVENTS = frozenset({"subscriptionRemoved", "missed", "reauthorizationRequired"})
 

@@ -27,10 +27,10 @@ import jwt
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from contract.timeutil import utcnow
 from crypto import Hasher
 from processor.settings import canonical_origin
 from processor.store import SCHEMA_VERSION, Document
-from processor.timeutil import utcnow
 
 __all__ = [
     "ACCOUNT_ID_PATTERN",

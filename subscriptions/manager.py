@@ -33,19 +33,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import structlog
 from pymongo.errors import PyMongoError
 
 from contract.statuses import PAUSED_STATUSES
-from processor.accounts import AccountStatuses
+from contract.timeutil import as_utc, isoformat_z, parse_graph_datetime, utcnow
 from processor.errors import AccountUnavailable, PermanentError, ThrottledError, TransientError
-from processor.graph import GraphClient
-from processor.interfaces import OutgoingMessage, Publisher, PublishError
-from processor.logs import get_logger
-from processor.messages import resync_message
-from processor.store import Document, Store
-from processor.timeutil import as_utc, isoformat_z, parse_graph_datetime, utcnow
+from processor.interfaces import PublishError
 from processor.tokens import ReauthorizationRequired
-from processor.topology import INBOUND_EXCHANGE, shard_routing_key
+from subscriptions.ports import (
+    Account,
+    AccountStatusPublisher,
+    GraphSubscriptionApi,
+    Record,
+    Repositories,
+    ResyncRequests,
+)
 from subscriptions.registration import (
     MAX_EVENT_SUBSCRIPTION_MINUTES,
     OPTIMISTIC_SUBSCRIPTION_MINUTES,
@@ -53,7 +56,7 @@ from subscriptions.registration import (
     create_subscription,
 )
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 #: The lease the connect flow holds while it binds an account and creates its subscription.
 CONNECT_LEASE_PREFIX = "connect:"
@@ -120,9 +123,9 @@ class _Batch:
     """
 
     account_ids: list[str]
-    accounts: dict[str, Document] = field(default_factory=dict)
-    states: dict[str, Document] = field(default_factory=dict)
-    records: dict[str, list[Document]] = field(default_factory=dict)  # account -> records
+    accounts: dict[str, Account] = field(default_factory=dict)
+    states: dict[str, Record] = field(default_factory=dict)
+    records: dict[str, list[Record]] = field(default_factory=dict)  # account -> records
     read_at: float = float("-inf")
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     listings: dict[tuple[str, str], _GraphView] = field(default_factory=dict)
@@ -164,17 +167,17 @@ class SubscriptionManager:
     def __init__(
         self,
         *,
-        store: Store,
-        graph: GraphClient,
-        publisher: Publisher,
-        statuses: AccountStatuses,
+        store: Repositories,
+        graph: GraphSubscriptionApi,
+        resyncs: ResyncRequests,
+        statuses: AccountStatusPublisher,
         settings: ManagerSettings,
         clock: Clock = utcnow,
         owner: str | None = None,
     ) -> None:
         self._store = store
         self._graph = graph
-        self._publisher = publisher
+        self._resyncs = resyncs
         self._statuses = statuses
         self._settings = settings
         self._clock = clock
@@ -233,15 +236,14 @@ class SubscriptionManager:
         resyncs: list[str] = []
         self.expiring = expiry_summary(
             (
-                records.get(str(account["_id"]), [])
-                for account in accounts
-                if account.get("status") not in PAUSED_STATUSES
+                records.get(account_id, [])
+                for account_id, status in accounts.items()
+                if status not in PAUSED_STATUSES
             ),
             now,
         )
-        for account in accounts:
-            account_id = str(account["_id"])
-            paused = account.get("status") in PAUSED_STATUSES
+        for account_id, status in accounts.items():
+            paused = status in PAUSED_STATUSES
             state = states.get(account_id, {})
             if paused:
                 if not state.get("paused"):
@@ -304,7 +306,7 @@ class SubscriptionManager:
         records = await self._store.subscriptions.renewal_view(batch.account_ids)
         batch.records, batch.read_at = records, began
 
-    async def _records_since(self, batch: _Batch, account_id: str, since: float) -> list[Document]:
+    async def _records_since(self, batch: _Batch, account_id: str, since: float) -> list[Record]:
         """The account's records from a read that began at or after ``since`` (monotonic)."""
         async with batch.lock:  # concurrent callers share one re-read
             if batch.read_at < since:
@@ -312,7 +314,7 @@ class SubscriptionManager:
         return batch.records.get(account_id, [])
 
     def _needs_work(
-        self, account_id: str, records: list[Document], state: Document, now: datetime
+        self, account_id: str, records: list[Record], state: Record, now: datetime
     ) -> bool:
         if state.get("paused") or account_id in self._repairs:
             return True
@@ -323,7 +325,7 @@ class SubscriptionManager:
             return True
         return self._check_due(account_id, now)
 
-    def _renewal_due(self, account_id: str, record: Document, now: datetime) -> bool:
+    def _renewal_due(self, account_id: str, record: Record, now: datetime) -> bool:
         expires_at = as_utc(record["expires_at"])
         granted_at = record.get("granted_at")
         lifetime_s = (
@@ -462,9 +464,9 @@ class SubscriptionManager:
         else:
             account = batch.accounts.get(account_id)
             state = batch.states.get(account_id, {})
-        if account is None or "user_ct" not in account:
+        if account is None or not account.bound:
             return
-        if account.get("status") in PAUSED_STATUSES:
+        if account.status in PAUSED_STATUSES:
             if not state.get("paused"):
                 await self._set_state(account_id, paused=True)
             return
@@ -518,11 +520,11 @@ class SubscriptionManager:
         """Whether the connect flow holds the account (it creates the subscription itself)."""
         return await self._store.leases.is_held(f"{CONNECT_LEASE_PREFIX}{account_id}")
 
-    async def _records(self, account_id: str) -> list[Document]:
+    async def _records(self, account_id: str) -> list[Record]:
         return await self._store.subscriptions.for_account(account_id)
 
     async def _made_meanwhile(
-        self, batch: _Batch, account_id: str, records: list[Document], now: datetime, since: float
+        self, batch: _Batch, account_id: str, records: list[Record], now: datetime, since: float
     ) -> bool:
         """Whether a recent read shows a live record the batch's first read did not have."""
         known = {str(r["_id"]) for r in records}
@@ -531,8 +533,8 @@ class SubscriptionManager:
             for r in await self._records_since(batch, account_id, since)
         )
 
-    async def _create(self, account_id: str, account: Document) -> None:
-        identity = await self._store.accounts.decrypt_identity(account_id, account)
+    async def _create(self, account_id: str, account: Account) -> None:
+        identity = await self._store.accounts.decrypt_identity(account)
 
         async def write(minutes: int) -> None:
             await create_subscription(
@@ -563,7 +565,7 @@ class SubscriptionManager:
                     raise
                 self._lifetime_minutes = MAX_EVENT_SUBSCRIPTION_MINUTES - 5
 
-    async def _renew(self, account_id: str, record: Document) -> Document | None:
+    async def _renew(self, account_id: str, record: Record) -> Record | None:
         """PATCH a longer expiry (this also reauthorizes); None when Graph no longer has it."""
         sub_hash = str(record["_id"])
         sub_id = await self._store.subscriptions.decrypt_graph_id(account_id, record)
@@ -596,7 +598,7 @@ class SubscriptionManager:
         )
         return {**record, "expires_at": expires_at, "granted_at": granted_at}
 
-    async def _delete(self, account_id: str, record: Document) -> None:
+    async def _delete(self, account_id: str, record: Record) -> None:
         sub_hash = str(record["_id"])
         sub_id = await self._store.subscriptions.decrypt_graph_id(account_id, record)
         if sub_id is not None:
@@ -605,8 +607,8 @@ class SubscriptionManager:
         await self._store.subscriptions.delete(sub_hash)
 
     async def _check(
-        self, account_id: str, account: Document, record: Document, batch: _Batch | None
-    ) -> Document | None:
+        self, account_id: str, account: Account, record: Record, batch: _Batch | None
+    ) -> Record | None:
         """Compare with what Graph holds; returns the record if Graph still has it."""
         self.stats["checks"] += 1
         sub_hash = str(record["_id"])
@@ -639,7 +641,7 @@ class SubscriptionManager:
         return record
 
     async def _graph_view(
-        self, account_id: str, account: Document, batch: _Batch | None
+        self, account_id: str, account: Account, batch: _Batch | None
     ) -> _GraphView:
         """What Graph lists for the account's mailbox, and of that the event subscriptions
         with our notification URL (Graph id -> record hash).
@@ -648,7 +650,7 @@ class SubscriptionManager:
         a delegated listing is the same for every account bound to that user, and so is
         the one query for which of them have records.
         """
-        key = (str(account.get("tenant_hash", "")), str(account.get("user_hash", "")))
+        key = (account.tenant_hash or "", account.user_hash or "")
         if batch is None or not all(key):
             return await self._list_mine(account_id, account)
         async with batch.listing_locks.setdefault(key, asyncio.Lock()):
@@ -657,9 +659,9 @@ class SubscriptionManager:
                 view = batch.listings[key] = await self._list_mine(account_id, account)
             return view
 
-    async def _list_mine(self, account_id: str, account: Document) -> _GraphView:
+    async def _list_mine(self, account_id: str, account: Account) -> _GraphView:
         held = await self._graph.list_subscriptions(account_id)
-        identity = await self._store.accounts.decrypt_identity(account_id, account)
+        identity = await self._store.accounts.decrypt_identity(account)
         notification_url = f"{self._settings.public_url}/graph/notifications"
         resource = f"users/{identity.user_id}/events".lower()
         mine = {
@@ -681,17 +683,7 @@ class SubscriptionManager:
 
     async def publish_resync(self, account_id: str, *, full: bool, reason: str) -> None:
         """Ask the account's shard owner for a delta pass (raises PublishError)."""
-        await self._publisher.publish(
-            OutgoingMessage(
-                exchange=INBOUND_EXCHANGE,
-                routing_key=shard_routing_key(account_id, self._settings.shard_count),
-                body=resync_message(
-                    account_id=account_id, reason=reason, full=full, requested_at=utcnow()
-                ),
-                message_id=uuid.uuid4().hex,
-            ),
-            timeout_s=self._settings.publish_timeout_s,
-        )
+        await self._resyncs.request(account_id, full=full, reason=reason)
         self.stats[f"resync_{reason}"] += 1
 
     def request_repair(self, account_id: str, actions: Iterable[str]) -> None:
@@ -737,7 +729,7 @@ class SubscriptionManager:
 EXPIRY_HORIZONS_S: dict[str, float] = {"1h": 3600.0, "6h": 21600.0, "24h": 86400.0}
 
 
-def expiry_summary(records_by_account: Iterable[list[Document]], now: datetime) -> dict[str, int]:
+def expiry_summary(records_by_account: Iterable[list[Record]], now: datetime) -> dict[str, int]:
     """Count accounts by how soon their latest subscription expires.
 
     For each account, its live subscription that expires last decides: ``within_1h``,

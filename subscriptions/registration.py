@@ -6,15 +6,15 @@ import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+import structlog
+
+from contract.timeutil import isoformat_z, parse_graph_datetime, utcnow
 from processor.errors import PermanentError
-from processor.graph import GraphClient
-from processor.logs import get_logger
-from processor.store import AccountIdentity, Store
-from processor.timeutil import isoformat_z, parse_graph_datetime, utcnow
+from subscriptions.ports import AccountIdentity, GraphSubscriptionApi, Repositories
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
-#: Graph's documented maximum lifetime of an Outlook event subscription (GRAPH-NOTES §3);
+#: Graph's documented maximum lifetime of an Outlook event subscription (docs/graph.md §3);
 #: newer documentation quotes 10,080 minutes, so that is asked first and this is the fallback.
 MAX_EVENT_SUBSCRIPTION_MINUTES = 4230
 OPTIMISTIC_SUBSCRIPTION_MINUTES = 10080
@@ -26,7 +26,7 @@ SUBSCRIPTION_LEASE_PREFIX = "subscription:"
 
 
 async def register_account(
-    store: Store, *, account_id: str, serialized_cache: str, user_id: str, tenant_id: str
+    store: Repositories, *, account_id: str, serialized_cache: str, user_id: str, tenant_id: str
 ) -> None:
     """Create (or reuse) the account, bind its Microsoft identity and store its token cache."""
     await store.accounts.create(account_id)
@@ -39,8 +39,8 @@ async def register_account(
 
 
 async def create_subscription(
-    store: Store,
-    graph: GraphClient,
+    store: Repositories,
+    graph: GraphSubscriptionApi,
     *,
     account_id: str,
     public_url: str,

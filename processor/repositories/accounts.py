@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
 
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
@@ -14,17 +13,22 @@ from processor.errors import AccountUnavailable
 from processor.repositories.base import SCHEMA_VERSION, Document, aad
 from processor.repositories.keys import KeyRepository
 from processor.timeutil import utcnow
+from subscriptions.ports import Account, AccountIdentity
 
 #: The fields the subscription manager decides an account from.
 _MANAGER_FIELDS = {"status": 1, "user_ct": 1, "tenant_ct": 1, "user_hash": 1, "tenant_hash": 1}
 
 
-@dataclass(frozen=True)
-class AccountIdentity:
-    """The Microsoft identity an account is bound to (decrypted)."""
-
-    user_id: str
-    tenant_id: str
+def _account(doc: Document) -> Account:
+    sealed = (doc["user_ct"], doc["tenant_ct"]) if "user_ct" in doc else None
+    return Account(
+        account_id=str(doc["_id"]),
+        status=str(doc.get("status", "disconnected")),
+        status_reason=str(doc.get("status_reason", "")),
+        user_hash=doc.get("user_hash"),
+        tenant_hash=doc.get("tenant_hash"),
+        sealed_identity=sealed,
+    )
 
 
 class AccountRepository:
@@ -54,27 +58,29 @@ class AccountRepository:
             )
         return cipher
 
-    async def get(self, account_id: str) -> Document | None:
+    async def get(self, account_id: str) -> Account | None:
+        """The account (its identity stays sealed)."""
+        doc = await self.get_document(account_id)
+        return None if doc is None else _account(doc)
+
+    async def get_document(self, account_id: str) -> Document | None:
         """The raw account document (ciphertext fields stay encrypted)."""
         return await self.collection.find_one({"_id": account_id})
 
-    async def bound_statuses(self) -> list[Document]:
-        """``_id`` and ``status`` of every account bound to a Microsoft identity."""
-        return [
-            doc async for doc in self.collection.find({"user_ct": {"$exists": True}}, {"status": 1})
-        ]
+    async def bound_statuses(self) -> dict[str, str]:
+        """The status of every account bound to a Microsoft identity."""
+        cursor = self.collection.find({"user_ct": {"$exists": True}}, {"status": 1})
+        return {str(doc["_id"]): str(doc.get("status", "")) async for doc in cursor}
 
-    async def get_many(self, account_ids: list[str]) -> dict[str, Document]:
+    async def get_many(self, account_ids: list[str]) -> dict[str, Account]:
         """The accounts among ``account_ids`` (status, identity ciphertext and hashes), one query.
 
         The filter names the accounts (``$in``), so on MongoDB it reads through an index
         what is asked and no more. (FerretDB, the test database, evaluates such a filter by
         going through the whole collection: one query costs about what a few lookups do.)
         """
-        return {
-            str(doc["_id"]): doc
-            async for doc in self.collection.find({"_id": {"$in": account_ids}}, _MANAGER_FIELDS)
-        }
+        cursor = self.collection.find({"_id": {"$in": account_ids}}, _MANAGER_FIELDS)
+        return {str(doc["_id"]): _account(doc) async for doc in cursor}
 
     async def mailbox_bound_elsewhere(self, user_hash: str, account_id: str) -> bool:
         """Whether another account than ``account_id`` is bound to the user ``user_hash``."""
@@ -103,25 +109,23 @@ class AccountRepository:
 
     async def identity(self, account_id: str) -> AccountIdentity:
         """The decrypted user and tenant ids; :class:`AccountUnavailable` if not bound."""
-        return await self.decrypt_identity(account_id, await self.get(account_id))
-
-    async def decrypt_identity(self, account_id: str, doc: Document | None) -> AccountIdentity:
-        """:meth:`identity` from the account document already read (with ``user_ct`` and
-        ``tenant_ct``)."""
-        if doc is None or "user_ct" not in doc:
+        account = await self.get(account_id)
+        if account is None:
             raise AccountUnavailable(account_id, "not connected")
+        return await self.decrypt_identity(account)
+
+    async def decrypt_identity(self, account: Account) -> AccountIdentity:
+        """The decrypted user and tenant ids of an account already read;
+        :class:`AccountUnavailable` if it is not bound."""
+        account_id = account.account_id
+        if account.sealed_identity is None:
+            raise AccountUnavailable(account_id, "not connected")
+        user_ct, tenant_ct = account.sealed_identity
         cipher = await self._keys.cipher_for(account_id)
         return AccountIdentity(
-            user_id=cipher.decrypt_str(doc["user_ct"], aad("accounts", account_id, "user")),
-            tenant_id=cipher.decrypt_str(doc["tenant_ct"], aad("accounts", account_id, "tenant")),
+            user_id=cipher.decrypt_str(user_ct, aad("accounts", account_id, "user")),
+            tenant_id=cipher.decrypt_str(tenant_ct, aad("accounts", account_id, "tenant")),
         )
-
-    async def decrypt_tenant(self, account_id: str, doc: Document) -> str | None:
-        """The tenant id from the account document already read; None if not bound."""
-        if "tenant_ct" not in doc:
-            return None
-        cipher = await self._keys.cipher_for(account_id)
-        return cipher.decrypt_str(doc["tenant_ct"], aad("accounts", account_id, "tenant"))
 
     async def set_status(self, account_id: str, status: str, reason: str = "") -> bool:
         """Set the account's status; returns True when it changed."""

@@ -170,7 +170,7 @@ class Stack:
     async def status(self, account_id: str) -> str | None:
         """The account's current status."""
         doc = await self.rt.store.accounts.get(account_id)
-        return None if doc is None else str(doc.get("status"))
+        return None if doc is None else doc.status
 
     async def announcements(self) -> list[dict[str, Any]]:
         """Drain ``onerelation.inbound`` (as 1Relation would) and return the bodies."""

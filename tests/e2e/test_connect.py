@@ -51,7 +51,7 @@ async def _count(stack: Stack, collection: str) -> int:
 
 async def _status(stack: Stack, account_id: str) -> str | None:
     account = await stack.rt.store.accounts.get(account_id)
-    return None if account is None else str(account.get("status"))
+    return None if account is None else account.status
 
 
 def _assert_connected(run: Any) -> None:
@@ -77,7 +77,7 @@ async def test_connect_end_to_end_through_real_msal(
         assert run.hops[1].endswith("/oauth2/v2.0/authorize")
         assert run.hops[2].endswith("/auth/callback")
 
-        account = await stack.rt.store.accounts.get("acc-c1")
+        account = await stack.rt.store.accounts.get_document("acc-c1")
         assert account is not None
         assert "user_ct" in account
         assert user_id not in json.dumps(account, default=str)

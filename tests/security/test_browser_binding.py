@@ -83,7 +83,7 @@ async def test_sign_in_url_finished_in_another_browser_binds_nothing(
         assert finished.query()["status"] == "connected"
         account = await stack.rt.store.accounts.get("acc-attacker")
         assert account is not None
-        assert account["user_hash"] == stack.rt.hasher.hash_id("user", attacker["id"].lower())
+        assert account.user_hash == stack.rt.hasher.hash_id("user", attacker["id"].lower())
         assert _query(sign_in_url)["prompt"] == "select_account"
         assert "select_account" in (await stack.control.state())["authorize_prompts"]
         [cookie] = list(attacker_jar)
@@ -108,7 +108,7 @@ async def test_one_mailbox_is_bound_to_one_account(
         second = await browse(stack, f"/connect?token={quote(mint_link(stack, 'acc-second'))}")
         assert second.query() == {"tab": "sync", "status": "error", "reason": "mailbox_in_use"}
         account = await stack.rt.store.accounts.get("acc-second")
-        assert account is None or "user_hash" not in account
+        assert account is None or account.user_hash is None
         # Reconnecting the same account with the same mailbox still works.
         again = await browse(stack, f"/connect?token={quote(mint_link(stack, 'acc-first'))}")
         assert again.query()["status"] == "connected", again
