@@ -33,15 +33,16 @@ from processor.errors import AccountUnavailable, TransientError
 from processor.event_store import EventStore
 from processor.interfaces import Publisher, PublishError
 from processor.logs import get_logger
+from processor.resync import ResyncPublisher
 from processor.settings import Settings
 from processor.store import Store
 from processor.timeutil import parse_graph_datetime, to_millis
 from processor.timezones import event_time_to_utc
-from processor.tokens import MsalApps
+from processor.tokens import MsalApps, MsalSignIn
 from processor.web import json_error
-from subscriptions.connect import publish_resync
 from subscriptions.erasure import Eraser
 from subscriptions.links import is_account_id
+from subscriptions.ports import SignInSettings
 
 if TYPE_CHECKING:
     from processor.app import Runtime
@@ -317,13 +318,11 @@ class _Api:
         if not is_account_id(account_id) or await self._store.accounts.get(account_id) is None:
             return self._not_found()
         try:
-            await publish_resync(
-                self._publisher,
-                account_id=account_id,
-                reason=OPERATOR_RESYNC_REASON,
+            await ResyncPublisher(
+                publisher=self._publisher,
                 shard_count=self._settings.shard_count,
                 timeout_s=self._settings.publish_timeout_s,
-            )
+            ).request(account_id, full=True, reason=OPERATOR_RESYNC_REASON)
         except (PublishError, TimeoutError):
             log.warning("api.resync_not_queued", account_id=account_id)
             return json_error(
@@ -421,17 +420,27 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         hasher=rt.hasher,
         require_audience=settings.link_audience_required,
     )
+    sign_in_settings = SignInSettings(
+        public_url=settings.public_url,
+        client_id=settings.client_id,
+        authority_host=settings.authority_host,
+    )
+    sign_in = MsalSignIn(apps=apps)
     add_connect_routes(
         app,
-        settings=settings,
+        settings=sign_in_settings,
         store=rt.store,
         graph=rt.graph,
-        publisher=rt.publisher,
+        resyncs=ResyncPublisher(
+            publisher=rt.publisher,
+            shard_count=settings.shard_count,
+            timeout_s=settings.publish_timeout_s,
+        ),
         statuses=rt.statuses,
-        apps=apps,
+        sign_in=sign_in,
         links=links,
     )
-    add_consent_routes(app, settings=settings, store=rt.store, links=links, apps=apps)
+    add_consent_routes(app, settings=sign_in_settings, store=rt.store, links=links, apps=sign_in)
     add_operator_page(app)
 
     async def operator_facts() -> dict[str, Any]:

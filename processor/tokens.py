@@ -480,3 +480,35 @@ def _flow_tenant(flow: Mapping[str, Any]) -> str:
         if len(path) >= 4 and path[-3:] == ["oauth2", "v2.0", "authorize"]
         else ("organizations")
     )
+
+
+class MsalSignIn:
+    """The sign-in port of :mod:`subscriptions.ports` over :class:`MsalApps`, with the
+    service's delegated scopes."""
+
+    def __init__(self, *, apps: MsalApps) -> None:
+        self._apps = apps
+
+    async def initiate(
+        self, *, redirect_uri: str, domain_hint: str | None, tenant: str, prompt: str | None
+    ) -> dict[str, Any]:
+        """:func:`initiate_flow_async` with ``response_mode=query``."""
+        return await initiate_flow_async(
+            self._apps,
+            redirect_uri=redirect_uri,
+            scopes=DEFAULT_SCOPES,
+            domain_hint=domain_hint,
+            tenant=tenant,
+            response_mode="query",
+            prompt=prompt,
+        )
+
+    async def redeem(
+        self, flow: dict[str, Any], auth_response: dict[str, Any]
+    ) -> tuple[dict[str, Any], str]:
+        """:func:`redeem_auth_code`."""
+        return await redeem_auth_code(self._apps, flow, auth_response, DEFAULT_SCOPES)
+
+    def build(self, *, tenant: str) -> msal.ConfidentialClientApplication:
+        """:meth:`MsalApps.build`."""
+        return self._apps.build(tenant=tenant)

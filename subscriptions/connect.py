@@ -35,19 +35,28 @@ import structlog
 from aiohttp import web
 from pymongo.asynchronous.collection import AsyncCollection
 
+from contract.storage import SCHEMA_VERSION, aad
 from contract.timeutil import utcnow
 from crypto import DecryptionError
-from processor.accounts import AccountStatuses
 from processor.errors import TransientError
-from processor.graph import GraphClient
-from processor.interfaces import OutgoingMessage, Publisher, PublishError
-from processor.messages import resync_message
-from processor.settings import Settings, canonical_origin
-from processor.store import SCHEMA_VERSION, Document, Store, aad
-from processor.tokens import DEFAULT_SCOPES, MsalApps, initiate_flow_async, redeem_auth_code
-from processor.topology import INBOUND_EXCHANGE, shard_routing_key
+from processor.interfaces import PublishError
 from processor.web import json_error
-from subscriptions.links import CONNECT_AUDIENCE, LinkRejected, LinkVerifier, is_guid
+from subscriptions.links import (
+    CONNECT_AUDIENCE,
+    LinkRejected,
+    LinkVerifier,
+    canonical_origin,
+    is_guid,
+)
+from subscriptions.ports import (
+    AccountStatusPublisher,
+    GraphSubscriptionApi,
+    Record,
+    Repositories,
+    ResyncRequests,
+    SignIn,
+    SignInSettings,
+)
 from subscriptions.registration import (
     SUBSCRIPTION_LEASE_PREFIX,
     create_subscription,
@@ -63,7 +72,6 @@ __all__ = [
     "browser_binding",
     "browser_mismatch_page",
     "html_page",
-    "publish_resync",
     "redirect",
     "with_status",
 ]
@@ -139,10 +147,10 @@ def browser_mismatch_page() -> web.Response:
 class FlowStore:
     """Server-side state of sign-ins in progress: encrypted, expiring, taken once."""
 
-    def __init__(self, *, store: Store, collection: str, ttl_s: float = FLOW_TTL_S) -> None:
+    def __init__(self, *, store: Repositories, collection: str, ttl_s: float = FLOW_TTL_S) -> None:
         self._store = store
         self._name = collection
-        self._collection: AsyncCollection[Document] = store.db[collection]
+        self._collection: AsyncCollection[Record] = store.db[collection]
         self._ttl_s = ttl_s
 
     def _key(self, state: str) -> str:
@@ -248,23 +256,6 @@ def html_page(title: str, text: str, *, status: int = 200) -> web.Response:
     )
 
 
-async def publish_resync(
-    publisher: Publisher, *, account_id: str, reason: str, shard_count: int, timeout_s: float
-) -> None:
-    """Ask the account's shard worker for a full delta resync; raises :class:`PublishError`."""
-    await publisher.publish(
-        OutgoingMessage(
-            exchange=INBOUND_EXCHANGE,
-            routing_key=shard_routing_key(account_id, shard_count),
-            body=resync_message(
-                account_id=account_id, reason=reason, full=True, requested_at=utcnow()
-            ),
-            message_id=uuid.uuid4().hex,
-        ),
-        timeout_s=timeout_s,
-    )
-
-
 #: What the browser is told, by reason (never Microsoft's own error text).
 _FAILURES: Final = {
     "admin_consent_required": (
@@ -294,20 +285,20 @@ class _Connect:
     def __init__(
         self,
         *,
-        settings: Settings,
-        store: Store,
-        graph: GraphClient,
-        publisher: Publisher,
-        statuses: AccountStatuses,
-        apps: MsalApps,
+        settings: SignInSettings,
+        store: Repositories,
+        graph: GraphSubscriptionApi,
+        resyncs: ResyncRequests,
+        statuses: AccountStatusPublisher,
+        sign_in: SignIn,
         links: LinkVerifier,
     ) -> None:
         self._settings = settings
         self._store = store
         self._graph = graph
-        self._publisher = publisher
+        self._resyncs = resyncs
         self._statuses = statuses
-        self._apps = apps
+        self._sign_in = sign_in
         self._links = links
         self._flows = FlowStore(store=store, collection=CONNECT_FLOWS)
         self._redirect_uri = f"{settings.public_url}{CALLBACK_PATH}"
@@ -321,13 +312,10 @@ class _Connect:
             return json_error(exc.status, exc.code, exc.message)
         log.info("connect.started", account_id=link.account_id, tenant_hint=link.tenant is not None)
         try:
-            flow = await initiate_flow_async(
-                self._apps,
+            flow = await self._sign_in.initiate(
                 redirect_uri=self._redirect_uri,
-                scopes=DEFAULT_SCOPES,
                 domain_hint=link.tenant if link.tenant and not link.tenant_is_guid else None,
                 tenant=link.tenant or "organizations",
-                response_mode="query",
                 # Microsoft shows its account picker even under single sign-on, so whoever
                 # signs in sees which mailbox is about to be connected.
                 prompt="select_account",
@@ -373,7 +361,7 @@ class _Connect:
         if "error" in query:
             return await self._sign_in_error(account_id, return_url, query["error"])
         try:
-            result, cache = await redeem_auth_code(self._apps, data["flow"], query, DEFAULT_SCOPES)
+            result, cache = await self._sign_in.redeem(data["flow"], query)
         except ValueError:  # MSAL: state mismatch or a malformed answer
             return self._failed(account_id, return_url, "sign_in_failed")
         except TransientError:
@@ -439,13 +427,7 @@ class _Connect:
             await self._announce(account_id, reconnect=bound is not None, previous=previous)
             await self._ensure_subscription(account_id)
             try:
-                await publish_resync(
-                    self._publisher,
-                    account_id=account_id,
-                    reason="connect",
-                    shard_count=self._settings.shard_count,
-                    timeout_s=self._settings.publish_timeout_s,
-                )
+                await self._resyncs.request(account_id, full=True, reason="connect")
             except (PublishError, TimeoutError) as exc:
                 # The periodic delta pass backfills it later; the connection itself stands.
                 log.warning("connect.resync_not_queued", account_id=account_id, error=str(exc))
@@ -544,12 +526,12 @@ class _Connect:
 def add_connect_routes(
     app: web.Application,
     *,
-    settings: Settings,
-    store: Store,
-    graph: GraphClient,
-    publisher: Publisher,
-    statuses: AccountStatuses,
-    apps: MsalApps,
+    settings: SignInSettings,
+    store: Repositories,
+    graph: GraphSubscriptionApi,
+    resyncs: ResyncRequests,
+    statuses: AccountStatusPublisher,
+    sign_in: SignIn,
     links: LinkVerifier,
 ) -> None:
     """Register ``GET /connect`` and ``GET /auth/callback``."""
@@ -557,9 +539,9 @@ def add_connect_routes(
         settings=settings,
         store=store,
         graph=graph,
-        publisher=publisher,
+        resyncs=resyncs,
         statuses=statuses,
-        apps=apps,
+        sign_in=sign_in,
         links=links,
     )
     app.router.add_get("/connect", routes.start, allow_head=False)

@@ -25,10 +25,8 @@ import structlog
 from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
+from contract.storage import SCHEMA_VERSION
 from contract.timeutil import utcnow
-from processor.settings import Settings
-from processor.store import SCHEMA_VERSION, Store
-from processor.tokens import MsalApps
 from processor.web import json_error
 from subscriptions.connect import (
     BrowserMismatch,
@@ -41,6 +39,7 @@ from subscriptions.connect import (
     with_status,
 )
 from subscriptions.links import CONSENT_AUDIENCE, LinkRejected, LinkVerifier, is_guid
+from subscriptions.ports import Repositories, SignIn, SignInSettings
 
 __all__ = ["CONSENT_FLOWS", "TENANTS", "add_consent_routes"]
 
@@ -55,7 +54,7 @@ CONSENT_SCOPE: Final = "https://graph.microsoft.com/.default"
 
 class _Consent:
     def __init__(
-        self, *, settings: Settings, store: Store, links: LinkVerifier, apps: MsalApps
+        self, *, settings: SignInSettings, store: Repositories, links: LinkVerifier, apps: SignIn
     ) -> None:
         self._settings = settings
         self._store = store
@@ -190,7 +189,12 @@ class _Consent:
 
 
 def add_consent_routes(
-    app: web.Application, *, settings: Settings, store: Store, links: LinkVerifier, apps: MsalApps
+    app: web.Application,
+    *,
+    settings: SignInSettings,
+    store: Repositories,
+    links: LinkVerifier,
+    apps: SignIn,
 ) -> None:
     """Register ``GET /admin-consent`` and ``GET /admin-consent/callback``."""
     routes = _Consent(settings=settings, store=store, links=links, apps=apps)

@@ -29,10 +29,10 @@ from processor.errors import AccountUnavailable, PermanentError, TransientError
 from processor.interfaces import PublishError
 from processor.logs import correlation
 from processor.messages import LIFECYCLE_SCHEMA
-from processor.store import Store
 from processor.tokens import ReauthorizationRequired
 from processor.topology import LIFECYCLE_QUEUE
 from subscriptions.manager import SubscriptionManager
+from subscriptions.ports import Repositories
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +54,7 @@ def validate_lifecycle(body: Any) -> str | None:
 class LifecycleHandler:
     """Decides what one lifecycle message needs and has the manager do it."""
 
-    def __init__(self, *, store: Store, manager: SubscriptionManager) -> None:
+    def __init__(self, *, store: Repositories, manager: SubscriptionManager) -> None:
         self._store = store
         self._manager = manager
         #: Counts by what happened (handled_<event>, unknown, unknown_event, deferred, …).

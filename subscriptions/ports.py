@@ -181,3 +181,35 @@ class AccessTokenCache(Protocol):
     """The process's cache of delegated access tokens."""
 
     def invalidate(self, account_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class SignInSettings:
+    """What the connect and consent routes need of the service's settings."""
+
+    #: The service's public base URL (redirect URIs, the browser cookie's ``Secure``).
+    public_url: str
+    #: The app registration's client id and the identity platform's host.
+    client_id: str
+    authority_host: str
+
+
+class SignIn(Protocol):
+    """Microsoft's authorization-code flow with PKCE (MSAL), and app-only apps for consent."""
+
+    async def initiate(
+        self, *, redirect_uri: str, domain_hint: str | None, tenant: str, prompt: str | None
+    ) -> dict[str, Any]:
+        """Start a flow (its ``auth_uri`` is where the browser goes); ``ValueError`` when
+        the tenant's authority cannot be discovered."""
+        ...
+
+    async def redeem(
+        self, flow: dict[str, Any], auth_response: dict[str, Any]
+    ) -> tuple[dict[str, Any], str]:
+        """Redeem the callback's code: (MSAL result, serialized token cache)."""
+        ...
+
+    def build(self, *, tenant: str) -> Any:
+        """A confidential-client app for ``tenant`` (blocking)."""
+        ...

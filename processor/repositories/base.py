@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_VERSION = 1
+from contract.storage import SCHEMA_VERSION, aad
+
+__all__ = ["EXPIRING_COLLECTIONS", "SCHEMA_VERSION", "Document", "aad"]
 
 Document = dict[str, Any]
 
@@ -31,8 +33,3 @@ EXPIRING_COLLECTIONS: list[str] = [
     # Worker heartbeats (processor/balance.py).
     "workers",
 ]
-
-
-def aad(*parts: str) -> bytes:
-    """Associated data binding a ciphertext to its place: ``collection|account|record|field``."""
-    return "|".join(parts).encode("utf-8")
