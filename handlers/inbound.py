@@ -26,10 +26,10 @@ from processor.errors import (
     ThrottledError,
     TransientError,
 )
+from processor.event_links import LinkStore
 from processor.event_store import KEPT_FIELDS, Change, EventStore
 from processor.graph import GraphClient
 from processor.logs import get_logger
-from processor.mapping import LinkStore
 from processor.messages import INBOUND_SCHEMA, unb64
 from processor.metrics import Metrics
 from processor.store import Store

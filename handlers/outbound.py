@@ -41,11 +41,11 @@ from processor.errors import (
     ThrottledError,
     TransientError,
 )
+from processor.event_links import Link, LinkStore, comparable
 from processor.event_store import EventStore, next_sequence
 from processor.graph import GraphClient
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
-from processor.mapping import Link, LinkStore, comparable
 from processor.messages import b64, event_change_body, unb64
 from processor.metrics import Metrics
 from processor.store import Store

@@ -63,7 +63,7 @@ MAX_LIMIT: Final = 1000
 #: Widest window one request may ask for (a bound on the work one call can cause).
 MAX_WINDOW: Final = timedelta(days=732)
 MAX_CURSOR_CHARS: Final = 512
-#: The outbound role's links between 1Relation's events and Graph's (processor.mapping).
+#: The outbound role's links between 1Relation's events and Graph's (processor.event_links).
 LINKS: Final = "links"
 #: The resync reason that also releases the mass-deletion brake (handlers.delta).
 OPERATOR_RESYNC_REASON: Final = "operator"

@@ -45,11 +45,11 @@ from processor.api import add_account_routes
 from processor.balance import Balancer, Registry
 from processor.broker import ConfirmPublisher
 from processor.consumer import ShardConsumer
+from processor.event_links import LinkStore
 from processor.event_store import EventStore
 from processor.graph import GraphClient, create_http_session
 from processor.interfaces import OutgoingMessage
 from processor.logs import configure_logging, get_logger
-from processor.mapping import LinkStore
 from processor.metrics import Metrics
 from processor.resync import ResyncPublisher
 from processor.settings import Settings
