@@ -395,6 +395,8 @@ class CpuMeter:
         self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self._start: dict[str, float] = {}
         self._wall = 0.0
+        #: CPU seconds per named process of the last :meth:`stop`.
+        self.spent: dict[str, float] = {}
 
     def _snapshot(self) -> dict[str, float]:
         values = {"machine": _busy_s()}
@@ -414,6 +416,7 @@ class CpuMeter:
         wall = time.monotonic() - self._wall
         spent = {k: end[k] - self._start[k] for k in end if k in self._start}
         machine_s = spent.pop("machine")
+        self.spent = dict(spent)
         other = machine_s - sum(spent.values())
         parts = ", ".join(f"{k} {v:.1f}" for k, v in spent.items())
         cores = os.cpu_count() or 1

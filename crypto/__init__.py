@@ -19,8 +19,10 @@ from crypto._keyring import (
     generate_master_key_spec,
     parse_master_keys,
 )
+from crypto._seal import SEAL_FIELD, seal_message, seal_valid
 
 __all__ = [
+    "SEAL_FIELD",
     "CipherCache",
     "CryptoError",
     "DataCipher",
@@ -35,4 +37,6 @@ __all__ = [
     "generate_master_key_spec",
     "parse_hash_key",
     "parse_master_keys",
+    "seal_message",
+    "seal_valid",
 ]

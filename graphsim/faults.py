@@ -41,6 +41,7 @@ class Faults:
     delivery_retry_cap_s: float = 60.0
     delivery_max_age_s: float = 4 * 3600.0  # sim time before queued items are dropped
     validation_timeout_s: float = 10.0
+    foreign_link_origin: str = ""      # nextLink/deltaLink under this origin (e.g. an attacker's)
     rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -494,7 +494,14 @@ class GraphApi:
     def _next_link(self, ctx: Ctx, skip: int) -> str:
         params = {k: v for k, v in ctx.request.query.items() if k.lower() != "$skip"}
         params["$skip"] = str(skip)
-        return f"{self._self_url(ctx)}?{urlencode(params)}"
+        return self._link(f"{self._self_url(ctx)}?{urlencode(params)}")
+
+    def _link(self, url: str) -> str:
+        """A nextLink/deltaLink as sent: under ``foreign_link_origin`` when that fault is on."""
+        foreign = self.faults.foreign_link_origin
+        if foreign and url.startswith(self.graph_url):
+            return foreign.rstrip("/") + url[len(self.graph_url):]
+        return url
 
     def _self_url(self, ctx: Ctx) -> str:
         path = ctx.request.path
@@ -610,10 +617,11 @@ class GraphApi:
         body: dict[str, Any] = {"@odata.context": f"{self.graph_url}/$metadata#Collection(event)",
                                 "value": value}
         if offset + size < len(pages.entries):
-            body["@odata.nextLink"] = (f"{self_url}?$skiptoken="
-                                       f"{self.delta.skiptoken(pages, offset + size)}")
+            body["@odata.nextLink"] = self._link(
+                f"{self_url}?$skiptoken={self.delta.skiptoken(pages, offset + size)}")
         else:
-            body["@odata.deltaLink"] = f"{self_url}?$deltatoken={self.delta.deltatoken(pages)}"
+            body["@odata.deltaLink"] = self._link(
+                f"{self_url}?$deltatoken={self.delta.deltatoken(pages)}")
         headers = {"Preference-Applied": f"odata.maxpagesize={size}"}
         if ctx.tz_name != "UTC":
             headers["Preference-Applied"] += f', outlook.timezone="{ctx.tz_name}"'

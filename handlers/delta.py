@@ -34,6 +34,7 @@ from crypto import DataCipher, DecryptionError
 from handlers.inbound import SELECT, SyncWindow
 from handlers.ports import LinkReader
 from processor.accounts import SYNC_STATE, AccountStatuses, record_sync
+from processor.errors import AccountUnavailable
 from processor.event_store import Change, EventStore, StoredVersion
 from processor.graph import DeltaResetRequired, GraphClient
 from processor.logs import get_logger
@@ -177,6 +178,7 @@ class DeltaRunner:
                 live=live_count,
                 full=rnd.full,
             )
+            await self._fence(account_id)
             if rnd.full:
                 await self._clear_link(account_id)
             # An incremental pass keeps the previous link: the next pass meets the same
@@ -188,6 +190,7 @@ class DeltaRunner:
         changes += await self._delete(ctx, candidates, live, rnd)
         report.upserted = sum(1 for c in changes if c.change == "upserted")
         report.deleted = sum(1 for c in changes if c.change == "deleted")
+        await self._fence(account_id)
         if rnd.delta_link is not None:
             await self._save_link(account_id, cipher, rnd.delta_link, start, end)
         await record_sync(self._store, account_id)
@@ -207,6 +210,12 @@ class DeltaRunner:
         )
         return changes
 
+    async def _fence(self, account_id: str) -> None:
+        """Stop the pass when the account was erased meanwhile (checked before each write)."""
+        if await self._store.fenced(account_id):
+            log.info("delta.fenced", account_id=account_id)
+            raise AccountUnavailable(account_id, "erased")
+
     # ---- the round --------------------------------------------------------------------------
 
     async def _round(self, ctx: _Pass, link: str | None, changes: list[Change]) -> _Round:
@@ -225,6 +234,7 @@ class DeltaRunner:
 
         async def upsert(item: Mapping[str, Any]) -> Change | None:
             async with limit:
+                await self._fence(account_id)
                 echo, relation_event_id = False, None
                 key = self._events.event_key(account_id, str(item["id"]))
                 txn = item.get("transactionId")
@@ -258,6 +268,7 @@ class DeltaRunner:
             page_size=self._settings.page_size,
         )
         async for page in pages:
+            await self._fence(account_id)
             # The same entity may appear twice in a page: keep the last (two concurrent
             # upserts of one document could race on FerretDB).
             by_id = {str(item["id"]): item for item in page.items if item.get("id")}
@@ -284,6 +295,7 @@ class DeltaRunner:
         changes: list[Change] = []
         for key, graph_id in rnd.master_ids.items():
             master = await self._graph.get_event(account_id, user_id, graph_id, select=SELECT)
+            await self._fence(account_id)
             if master is None:
                 gone = await self._events.mark_deleted(account_id, key)
                 if gone is not None:
@@ -373,14 +385,14 @@ class DeltaRunner:
         touched_series: set[str] = set()
         for key in sorted(candidates):
             doc = live[key]
-            if confirm:
-                current = await self._fetch(account_id, cipher, user_id, key, doc)
-                if current is not None:
-                    # Still there (moved out of the window, or a replayed @removed).
-                    written = await self._events.upsert_version(account_id, current, cipher=cipher)
-                    if written is not None:
-                        changes.append(written)
-                    continue
+            current = await self._fetch(account_id, cipher, user_id, key, doc) if confirm else None
+            await self._fence(account_id)
+            if current is not None:
+                # Still there (moved out of the window, or a replayed @removed).
+                written = await self._events.upsert_version(account_id, current, cipher=cipher)
+                if written is not None:
+                    changes.append(written)
+                continue
             ours = (
                 self._links is not None
                 and (rnd.linked is None or key in rnd.linked)
@@ -402,6 +414,7 @@ class DeltaRunner:
             if master_doc is None:
                 continue
             master = await self._fetch(account_id, cipher, user_id, series_key, master_doc)
+            await self._fence(account_id)
             if master is None:
                 for key in {series_key} | await self._events.series_instance_keys(
                     account_id, series_key

@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from contract.statuses import PAUSED_STATUSES
-from crypto import DataCipher, DecryptionError
+from crypto import SEAL_FIELD, DataCipher, DecryptionError, seal_valid
 from processor.accounts import AccountStatuses, record_sync
 from processor.announce import Announcer
 from processor.broker import Outcome
@@ -30,7 +30,13 @@ from processor.event_links import LinkStore
 from processor.event_store import KEPT_FIELDS, Change, EventStore
 from processor.graph import GraphClient
 from processor.logs import get_logger
-from processor.messages import INBOUND_SCHEMA, unb64
+from processor.messages import (
+    INBOUND_SCHEMA,
+    INBOUND_SEAL,
+    event_ref_aad,
+    legacy_event_ref_aad,
+    unb64,
+)
 from processor.metrics import Metrics
 from processor.store import Store
 from processor.timeutil import utcnow
@@ -155,6 +161,13 @@ class InboundHandler:
                 if delivery.outcome is None:
                     delivery.outcome = Outcome.ack()
             reauthorization = True
+        if await self._store.fenced(account_id):
+            # Erased while this batch ran: announce nothing and write no sync state (the
+            # erasure's sweeps remove what the batch wrote before it saw the fence).
+            for delivery in deliveries:
+                if delivery.outcome is None:
+                    delivery.outcome = Outcome.ack()
+            return
         sweep_outbox = False
         for delivery in deliveries:
             if delivery.body.get("kind") == "announce" and delivery.outcome is None:
@@ -183,6 +196,10 @@ class InboundHandler:
                 bool(delivery.body.get("full")),
                 str(delivery.body.get("reason", "")),
             )
+        except AccountUnavailable:
+            # Erased while the pass ran: it stopped at the fence; nothing is left to do.
+            delivery.outcome = Outcome.ack()
+            return []
         except ThrottledError as exc:
             delivery.outcome = Outcome.retry(exc.retry_after_s or 5.0)
             return []
@@ -204,15 +221,26 @@ class InboundHandler:
             if delivery.body.get("kind") != "change":
                 continue
             event_hash = str(delivery.body["event_hash"])
-            if event_hash not in event_ids:
-                try:
-                    event_ids[event_hash] = cipher.decrypt_str(
-                        unb64(str(delivery.body["event_ref"])),
-                        f"inbound|{account_id}|event_ref".encode(),
-                    )
-                except (DecryptionError, ValueError):
-                    delivery.outcome = Outcome.dead_letter("event_ref does not decrypt")
-                    continue
+            # A sealed message is authenticated as a whole (change type, hash, times), and
+            # its event_ref is bound to the event. An unsealed one is from before sealing
+            # (queued across a rolling deploy): it is only a hint to fetch, and its
+            # event_ref still has to decrypt under the account's key, so it is accepted.
+            sealed = SEAL_FIELD in delivery.body
+            if sealed and not seal_valid(cipher, delivery.body, purpose=INBOUND_SEAL):
+                delivery.outcome = Outcome.dead_letter("seal does not verify")
+                continue
+            aad = (
+                event_ref_aad(account_id, event_hash)
+                if sealed
+                else legacy_event_ref_aad(account_id)
+            )
+            try:
+                event_id = cipher.decrypt_str(unb64(str(delivery.body["event_ref"])), aad)
+            except (DecryptionError, ValueError):
+                delivery.outcome = Outcome.dead_letter("event_ref does not decrypt")
+                continue
+            if sealed or event_hash not in event_ids:
+                event_ids[event_hash] = event_id
             groups.setdefault(event_hash, []).append(delivery)
         if not groups:
             return []

@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from contract.statuses import PAUSED_STATUSES
-from crypto import DataCipher, DecryptionError
+from crypto import SEAL_FIELD, DataCipher, DecryptionError, seal_message, seal_valid
 from handlers.decisions import plan_update
 from handlers.outbound_validation import (
     FIELD_GROUPS,
@@ -37,6 +37,7 @@ from processor.broker import Outcome
 from processor.consumer import Delivery
 from processor.errors import (
     AccountUnavailable,
+    KeyUnreadable,
     PermanentError,
     ThrottledError,
     TransientError,
@@ -46,7 +47,7 @@ from processor.event_store import EventStore, next_sequence
 from processor.graph import GraphClient
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
-from processor.messages import b64, event_change_body, unb64
+from processor.messages import OUTBOUND_SEAL, b64, event_change_body, unb64
 from processor.metrics import Metrics
 from processor.store import Store
 from processor.timeutil import isoformat_z, parse_graph_datetime
@@ -71,6 +72,10 @@ _CLEARED: Mapping[str, Any] = {
     "showAs": "busy",
     "sensitivity": "normal",
 }
+
+
+class UnauthenticatedMessage(Exception):
+    """A shard message whose fields are not authenticated under the account's key."""
 
 
 def _aad(account_id: str, relation_event_id: str, revision: int) -> bytes:
@@ -208,6 +213,8 @@ class IntakeHandler:
         for delivery in deliveries:
             try:
                 delivery.outcome = await self._one(delivery)
+            except KeyUnreadable:
+                raise  # the consumer parks the batch: every message waits for the key
             except TransientError as exc:
                 delivery.outcome = Outcome.requeue(str(exc))
 
@@ -298,7 +305,24 @@ class OutboundHandler:
             "outbound_writes_total", "Graph writes made for 1Relation, by kind.", ("kind",)
         )
 
-    def _decode(self, body: Mapping[str, Any], cipher: DataCipher) -> OutboundChange:
+    def _decode(
+        self, body: Mapping[str, Any], cipher: DataCipher, *, from_queue: bool = True
+    ) -> OutboundChange:
+        """The change a shard message carries; raises :class:`UnauthenticatedMessage`.
+
+        A message from the queue must be sealed, or (queued before sealing, across a
+        rolling deploy) be an upsert whose ``event_ct`` authenticates account, event and
+        revision; an unsealed delete proves nothing and is refused. Parked bodies come
+        from our own database and are trusted as they are.
+        """
+        if from_queue:
+            if SEAL_FIELD in body:
+                if not seal_valid(cipher, body, purpose=OUTBOUND_SEAL):
+                    raise UnauthenticatedMessage("seal does not verify")
+            elif body.get("op") != "upsert" or not body.get("event_ct"):
+                raise UnauthenticatedMessage(
+                    "unsealed delete (queued before an upgrade): 1Relation must send it again"
+                )
         event = None
         if body.get("event_ct"):
             event = cipher.decrypt_json(
@@ -332,6 +356,8 @@ class OutboundHandler:
                 continue
             try:
                 todo.append(_Pending(delivery, self._decode(delivery.body, cipher)))
+            except UnauthenticatedMessage as exc:
+                delivery.outcome = Outcome.dead_letter(str(exc))
             except (DecryptionError, ValueError, KeyError) as exc:
                 delivery.outcome = Outcome.dead_letter(
                     f"undecodable shard message: {type(exc).__name__}"
@@ -345,7 +371,11 @@ class OutboundHandler:
             return
         await self._drop_expired(account_id)
         parked = [
-            _Pending(None, self._decode(doc["body"], cipher), parked_id=str(doc["_id"]))
+            _Pending(
+                None,
+                self._decode(doc["body"], cipher, from_queue=False),
+                parked_id=str(doc["_id"]),
+            )
             for doc in await self._links.parked_for(account_id)
         ]
         ordered = sorted(
@@ -583,7 +613,7 @@ def _shard_body(change: OutboundChange, cipher: DataCipher) -> dict[str, Any]:
         if change.event is not None
         else None
     )
-    return {
+    body = {
         "schema": OUTBOUND_SCHEMA,
         "kind": "change",
         "account_id": change.account_id,
@@ -593,3 +623,5 @@ def _shard_body(change: OutboundChange, cipher: DataCipher) -> dict[str, Any]:
         "occurred_at": isoformat_z(change.occurred_at),
         "event_ct": b64(event_ct) if event_ct is not None else None,
     }
+    # Sealed as a whole: op, revision and occurred_at are authenticated, deletes too.
+    return seal_message(cipher, body, purpose=OUTBOUND_SEAL)

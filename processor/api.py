@@ -29,7 +29,7 @@ from aiohttp import web
 from contract import openapi_document
 from crypto import DecryptionError
 from processor.accounts import AccountStatuses
-from processor.errors import AccountUnavailable, TransientError
+from processor.errors import AccountUnavailable, KeyUnreadable, TransientError
 from processor.event_store import EventStore
 from processor.interfaces import Publisher, PublishError
 from processor.logs import get_logger
@@ -239,6 +239,8 @@ class _Api:
             document = await self._statuses.document(account_id)
         except AccountUnavailable:  # erased between the two reads
             document = None
+        except KeyUnreadable:
+            return _key_unreadable()
         if document is None:
             return self._not_found()
         return web.json_response(document)
@@ -258,6 +260,8 @@ class _Api:
             cipher = await self._store.keys.cipher_for(account_id)
         except AccountUnavailable:
             return self._not_found()
+        except KeyUnreadable:
+            return _key_unreadable()
         query: dict[str, Any] = {
             "account_id": account_id,
             "deleted": False,
@@ -464,3 +468,13 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         extra_gets=[(STATUS_PATH, status_handler(operator_facts))],
     )
     return apps.close
+
+
+def _key_unreadable() -> web.Response:
+    """The account exists but its data key is wrapped by a master key this process lacks."""
+    return json_error(
+        503,
+        "temporarily_unavailable",
+        "the account's data cannot be read right now",
+        headers={"Retry-After": "30"},
+    )

@@ -50,9 +50,10 @@ from processor.event_store import EventStore
 from processor.graph import GraphClient, create_http_session
 from processor.interfaces import OutgoingMessage
 from processor.logs import configure_logging, get_logger
+from processor.messages import MAX_CHANGES_ITEMS, split_changes
 from processor.metrics import Metrics
 from processor.resync import ResyncPublisher
-from processor.settings import Settings
+from processor.settings import Settings, SettingsError
 from processor.store import Document, Store, wait_for_database
 from processor.timeutil import utcnow
 from processor.tokens import MsalApps, MsalTokenProvider
@@ -126,8 +127,19 @@ async def build_runtime(
     await wait_for_database(db, timeout_s=30)
     keyring = KeyRing(settings.master_keys)
     hasher = Hasher(settings.hash_key)
-    store = Store(db=db, keyring=keyring, hasher=hasher, cipher_cache=CipherCache())
+    store = Store(
+        db=db,
+        keyring=keyring,
+        hasher=hasher,
+        cipher_cache=CipherCache(),
+        on_key_unreadable=metrics.data_key_unreadable.inc,
+    )
     await store.ensure_indexes()
+    missing = await store.keys.missing_master_keys()
+    if missing:
+        # Fail fast: a process without these keys would leave those accounts unsynced.
+        named = ", ".join(f"{kid!r} ({n} data keys)" for kid, n in sorted(missing.items()))
+        raise SettingsError(f"M365SYNC_MASTER_KEYS lacks master key ids in use: {named}")
     events = EventStore(db=db, hasher=hasher, tombstone_ttl_s=settings.tombstone_ttl_days * 86400)
 
     connection = await broker_mod.connect(settings.amqp_urls, name=f"m365sync:{os.getpid()}")
@@ -305,6 +317,8 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         metrics=rt.metrics,
         validate=validate_inbound,
         prefetch=rt.settings.prefetch,
+        split=split_changes,
+        max_message_bytes=INBOUND_MAX_MESSAGE_BYTES,
     )
     await consumer.start()
     balancer = Balancer(registry=Registry(rt.store.db), consumer=consumer, role="inbound")
@@ -325,6 +339,12 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         await balancer.stop()
         await consumer.stop(grace_s=rt.settings.shutdown_grace_s)
         log.info("worker.stopped")
+
+
+#: Largest inbound shard message parsed: a receiver's group of at most MAX_CHANGES_ITEMS
+#: notifications, each well under 4 kB (the outbound consumers keep the default 4 MiB,
+#: room for a 1 MiB 1Relation event encrypted and base64-encoded).
+INBOUND_MAX_MESSAGE_BYTES = MAX_CHANGES_ITEMS * 4 * 1024
 
 
 @contextlib.asynccontextmanager
@@ -407,6 +427,7 @@ async def _wake_parked(rt: Runtime) -> None:
 async def _relay_and_sweep(rt: Runtime, relay: OutboxRelay) -> None:
     await relay.run_once(older_than_s=60.0, now=utcnow())
     await rt.store.leases.sweep_expired()
+    await rt.store.erasures.resweep_due()
 
 
 async def _every(interval_s: float, job: Callable[[], Awaitable[Any]]) -> None:

@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -50,6 +50,11 @@ ORIGIN_QUEUE_HEADER = "x-m365sync-origin-queue"
 RETRIES_HEADER = "x-m365sync-retries"
 #: Milliseconds since the epoch at which the service dead-lettered the message.
 DEAD_LETTERED_HEADER = "x-m365sync-dead-lettered-ms"
+#: How often an item split out of a multi-item message went back to its queue.
+REQUEUES_HEADER = "x-m365sync-requeues"
+#: Past this many requeues a split-out item is dead-lettered (the quorum queues' delivery
+#: limit does the same for whole messages).
+MAX_PART_REQUEUES = 5
 
 
 async def connect(
@@ -336,6 +341,124 @@ async def settle(
         await _safe_nack(message, requeue=True)
         return "requeue"
     return action
+
+
+class _Part:
+    """One item of a multi-item message, seen by :func:`settle` as a message of its own.
+
+    It carries the item as its body and the original's headers and routing; acking or
+    nacking it does nothing, since only the original message is settled with the broker.
+    """
+
+    def __init__(self, message: AbstractIncomingMessage, body: bytes, index: int) -> None:
+        self.body = body
+        self.headers = dict(message.headers or {})
+        self.content_type = message.content_type
+        self.message_id = f"{message.message_id}.{index}"
+        self.correlation_id = message.correlation_id
+        self.timestamp = message.timestamp
+        self.exchange = message.exchange
+        self.routing_key = message.routing_key
+        self.nacked = False
+
+    async def ack(self) -> None:
+        """Nothing to do: the original is acked once every item is settled."""
+
+    async def nack(self, requeue: bool = True) -> None:
+        """Remember that :func:`settle` could not move the item (its publish failed)."""
+        self.nacked = True
+
+
+async def settle_parts(
+    message: AbstractIncomingMessage,
+    parts: Sequence[tuple[object, Outcome]],
+    *,
+    publisher: ConfirmPublisher,
+    retry_target: str,
+    queue_name: str,
+    timeout_s: float = 5.0,
+) -> list[str]:
+    """Settle a message that carried several items, each with its own outcome.
+
+    When every item is acked, or every item wants a requeue, the message is settled whole.
+    Otherwise each item that is not acked is published alone, as the one-item message it
+    would have been, with its own outcome (retry queue and dead-letter queue exactly as
+    :func:`settle` does; a requeue goes back to this queue at most
+    :data:`MAX_PART_REQUEUES` times), and only then is the message acked: one bad item does
+    not sink the others. If any of those publishes fails the whole message is requeued
+    (every effect is idempotent). Returns the action taken for each item.
+    """
+    actions = [outcome.action for _, outcome in parts]
+    if all(a == "ack" for a in actions) or all(a == "requeue" for a in actions):
+        whole = Outcome.ack() if actions[0] == "ack" else parts[0][1]
+        action = await settle(
+            message,
+            whole,
+            publisher=publisher,
+            retry_target=retry_target,
+            queue_name=queue_name,
+            timeout_s=timeout_s,
+        )
+        return [action] * len(parts)
+    taken: list[str] = []
+    for index, (item, outcome) in enumerate(parts):
+        item_action = await _settle_item(
+            message,
+            index,
+            item,
+            outcome,
+            publisher=publisher,
+            retry_target=retry_target,
+            queue_name=queue_name,
+            timeout_s=timeout_s,
+        )
+        if item_action is None:
+            log.warning("message.settle_failed", queue=queue_name, action="split")
+            await _safe_nack(message, requeue=True)
+            return ["requeue"] * len(parts)
+        taken.append(item_action)
+    await _safe_ack(message)
+    return taken
+
+
+async def _settle_item(
+    message: AbstractIncomingMessage,
+    index: int,
+    item: object,
+    outcome: Outcome,
+    *,
+    publisher: ConfirmPublisher,
+    retry_target: str,
+    queue_name: str,
+    timeout_s: float,
+) -> str | None:
+    """Carry out one item's outcome; None when the publish that moves it failed."""
+    if outcome.action == "ack":
+        return "ack"
+    part = _Part(message, json.dumps(item, separators=(",", ":")).encode("utf-8"), index)
+    # settle() reads only what _Part has; cast rather than build a real incoming message.
+    as_message = cast(AbstractIncomingMessage, part)
+    if outcome.action == "requeue":
+        requeues = _int_header(message, REQUEUES_HEADER) + 1
+        if requeues <= MAX_PART_REQUEUES:
+            copy = _copy(as_message, {REQUEUES_HEADER: requeues})
+            try:
+                await publisher.publish_raw(
+                    message.exchange or "", message.routing_key or "", copy, timeout_s=timeout_s
+                )
+            except PublishError:
+                return None
+            return "requeue"
+        outcome = Outcome.dead_letter(f"requeued {requeues - 1} times: {outcome.reason}")
+    action = await settle(
+        as_message,
+        outcome,
+        publisher=publisher,
+        retry_target=retry_target,
+        queue_name=queue_name,
+        timeout_s=timeout_s,
+    )
+    return None if part.nacked else action
 
 
 def _int_header(message: AbstractIncomingMessage, name: str) -> int:

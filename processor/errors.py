@@ -38,3 +38,20 @@ class AccountUnavailable(SyncError):
         super().__init__(f"account {account_id} is {status}")
         self.account_id = account_id
         self.status = status
+
+
+class KeyUnreadable(TransientError):
+    """The account's data key is wrapped by a master key the key ring lacks.
+
+    Not an erased account: the data is intact and reads again once the master key is back
+    (a key removed before ``keys rotate`` finished, or a rolling deploy). Work waits and an
+    operator is alerted; nothing is acked away.
+    """
+
+    def __init__(self, account_id: str, key_id: str) -> None:
+        super().__init__(
+            f"data key of account {account_id} is wrapped by master key {key_id!r}, "
+            "which is not in the key ring"
+        )
+        self.account_id = account_id
+        self.key_id = key_id

@@ -58,6 +58,13 @@ class ResourceNotFound(PermanentError):
     """Graph answered 404 where the method has no "gone" answer of its own (e.g. the mailbox)."""
 
 
+class ForeignLinkError(PermanentError):
+    """A ``@odata.nextLink``/``deltaLink`` points outside the configured Graph URL.
+
+    Following it would send the account's bearer token to whoever named the URL.
+    """
+
+
 @dataclass(frozen=True)
 class DeltaPage:
     """One page of a calendarView delta round; the last page carries the next ``delta_link``."""
@@ -127,13 +134,35 @@ def create_http_session(*, ca_bundle: str | None, timeout_s: float) -> aiohttp.C
     )
 
 
-def _error_of(body: Any) -> tuple[str, str]:
-    """Graph's ``error.code`` and ``error.message`` (empty strings when absent)."""
+#: Longest Graph error code passed on; Graph's are short camelCase words.
+_MAX_CODE_CHARS: Final = 64
+
+
+def _error_code_of(body: Any) -> str:
+    """Graph's ``error.code`` (empty when absent or not a short word).
+
+    Graph's ``error.message`` is never read: it is free text from outside (it may quote
+    the request back) and must not reach logs, dead-letter headers or ``event.rejected``.
+    """
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict):
-            return str(error.get("code") or ""), str(error.get("message") or "")
-    return "", ""
+            code = error.get("code")
+            if isinstance(code, str) and len(code) <= _MAX_CODE_CHARS and code.isprintable():
+                return code
+    return ""
+
+
+def same_origin(link: URL, base: URL) -> bool:
+    """Whether ``link`` has ``base``'s scheme, host and port and lies under its path."""
+    prefix = base.path.rstrip("/") + "/"
+    return (
+        link.scheme.lower() == base.scheme.lower()
+        and (link.host or "").lower() == (base.host or "").lower()
+        and link.port == base.port
+        and not link.user
+        and (link.path == prefix.rstrip("/") or link.path.startswith(prefix))
+    )
 
 
 class GraphClient:
@@ -159,6 +188,7 @@ class GraphClient:
             raise ValueError("max_concurrency_per_mailbox and max_attempts must be at least 1")
         self._session = session
         self._graph_url = graph_url.rstrip("/")
+        self._base = URL(self._graph_url)
         self._tokens = tokens
         self._limit = max_concurrency_per_mailbox
         self._inline_max_s = inline_retry_max_wait_s
@@ -234,6 +264,11 @@ class GraphClient:
         """
         if delta_link:
             url = URL(delta_link, encoded=True)
+            if not same_origin(url, self._base):
+                # Stored under another Graph URL setting: start over rather than follow it.
+                self.stats["delta_resets"] += 1
+                log.warning("graph.link.refused", account_id=account_id, kind="stored_delta_link")
+                raise DeltaResetRequired("the stored delta link is not under the Graph URL")
         else:
             url = self._url(
                 f"/users/{_q(user_id)}/calendarView/delta",
@@ -264,13 +299,15 @@ class GraphClient:
                     items.append(entry)
             next_link = body.get("@odata.nextLink")
             if next_link:
+                next_url = self._own_link(next_link, account_id=account_id, kind="nextLink")
                 yield DeltaPage(items=items, removed_ids=removed, delta_link=None)
-                url = URL(str(next_link), encoded=True)
+                url = next_url
                 continue
             new_delta = body.get("@odata.deltaLink")
             if not new_delta:
                 self.stats["errors"] += 1
                 raise TransientError("Graph delta page carried neither nextLink nor deltaLink")
+            self._own_link(new_delta, account_id=account_id, kind="deltaLink")
             yield DeltaPage(items=items, removed_ids=removed, delta_link=str(new_delta))
             return
 
@@ -403,6 +440,20 @@ class GraphClient:
 
     # ---- plumbing ---------------------------------------------------------------------------
 
+    def _own_link(self, link: Any, *, account_id: str, kind: str) -> URL:
+        """``link`` as a URL if it lies under the configured Graph URL, else refuse it."""
+        try:
+            url = URL(str(link), encoded=True)
+        except ValueError:
+            url = None
+        if url is None or not same_origin(url, self._base):
+            self.stats["errors"] += 1
+            # The host only: the rest of a link may carry tokens.
+            host = None if url is None else url.host
+            log.warning("graph.link.refused", account_id=account_id, kind=kind, host=host)
+            raise ForeignLinkError(f"Graph answered a {kind} outside the configured Graph URL")
+        return url
+
     def _url(self, path: str, params: Mapping[str, str] | None = None) -> URL:
         query = f"?{urlencode(params, quote_via=quote)}" if params else ""
         return URL(f"{self._graph_url}{path}{query}", encoded=True)
@@ -420,7 +471,9 @@ class GraphClient:
             body = _as_dict(answer.body)
             items.extend(v for v in body.get("value") or [] if isinstance(v, dict))
             link = body.get("@odata.nextLink")
-            next_url = URL(str(link), encoded=True) if link else None
+            next_url = (
+                self._own_link(link, account_id=account_id, kind="nextLink") if link else None
+            )
         return items
 
     def _backoff_s(self, attempt: int) -> float:
@@ -572,7 +625,7 @@ class GraphClient:
                 raise TransientError(f"Graph {method} {template}: {reason}") from exc
 
             status = answer.status
-            code, message = _error_of(answer.body)
+            code = _error_code_of(answer.body)
             graph_request_id = answer.headers.get("request-id", "")
             if 200 <= status < 300:
                 self.stats["succeeded"] += 1
@@ -643,7 +696,7 @@ class GraphClient:
             log.warning(
                 "graph.request.failed", **ctx, status=status, code=code, request_id=graph_request_id
             )
-            reason = f"Graph {method} {template}: {status} {code}: {message}".strip(": ")
+            reason = f"Graph {method} {template}: {status} {code}".rstrip()
             if status == 404:
                 raise ResourceNotFound(reason)
             raise PermanentError(reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -12,7 +13,22 @@ INBOUND_SCHEMA = "m365sync.inbound.v1"
 LIFECYCLE_SCHEMA = "m365sync.lifecycle.v1"
 EVENT_CHANGE_SCHEMA = "m365sync.event-change.v1"
 
-InboundKind = Literal["change", "resync"]
+InboundKind = Literal["change", "changes", "resync"]
+#: The most items a ``changes`` message may carry; more is not from our receiver.
+MAX_CHANGES_ITEMS = 1000
+#: Seal purposes (crypto.seal_message): a message of one queue never passes as another's.
+INBOUND_SEAL = "m365sync.inbound"
+OUTBOUND_SEAL = "m365sync.outbound"
+
+
+def event_ref_aad(account_id: str, event_hash: str) -> bytes:
+    """Associated data of a sealed change message's ``event_ref``: account and event."""
+    return f"inbound|{account_id}|{event_hash}|event_ref".encode()
+
+
+def legacy_event_ref_aad(account_id: str) -> bytes:
+    """``event_ref``'s associated data in unsealed messages from before sealing."""
+    return f"inbound|{account_id}|event_ref".encode()
 
 
 def b64(data: bytes) -> str:
@@ -53,6 +69,30 @@ def change_message(
     if etag_hash is not None:
         body["etag_hash"] = etag_hash
     return body
+
+
+def changes_message(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several change messages in one (the receiver's group commit, one per shard queue).
+
+    Each item is a whole :func:`change_message` body, so that the worker handles it exactly
+    as it handles a change message of its own.
+    """
+    return {"schema": INBOUND_SCHEMA, "kind": "changes", "items": list(items)}
+
+
+def split_changes(body: Mapping[str, Any]) -> list[Any] | None:
+    """The items of a ``changes`` message; None for any other message.
+
+    Raises ``ValueError`` when it is a ``changes`` message without a usable item list.
+    The items are returned unchecked: each is validated on its own, so one bad item does
+    not cost the others.
+    """
+    if body.get("kind") != "changes":
+        return None
+    items = body.get("items")
+    if not isinstance(items, list) or not items or len(items) > MAX_CHANGES_ITEMS:
+        raise ValueError("changes without a list of 1 to 1000 items")
+    return items
 
 
 def resync_message(

@@ -89,6 +89,11 @@ class Metrics:
         self.events_reconciled = self.counter(
             "events_reconciled_total", "Events reconciled into the store, by change.", ("change",)
         )
+        self.data_key_unreadable = self.counter(
+            "data_key_unreadable_total",
+            "Reads of an account's data key that no master key in the key ring unwraps "
+            "(alert on any: a master key is missing; the work waits, nothing is dropped).",
+        )
         self.echoes_suppressed = self.counter(
             "echoes_suppressed_total",
             "Notifications of the service's own writes recognised and not echoed to 1Relation.",

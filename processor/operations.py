@@ -29,7 +29,11 @@ MAX_DEAD_LETTERS = 10_000
 
 
 async def rotate_keys(settings: Settings, *, out: TextIO = sys.stdout) -> int:
-    """Rewrap every account's data key under the active master key (no data re-encrypted)."""
+    """Rewrap every account's data key under the active master key (no data re-encrypted).
+
+    Prints what it covered; exits 1 when some data keys are wrapped by a master key the
+    key ring lacks (they are skipped, never the end of the run).
+    """
     mongo = mongo_client(settings.mongodb_url)
     try:
         store = Store(
@@ -37,15 +41,25 @@ async def rotate_keys(settings: Settings, *, out: TextIO = sys.stdout) -> int:
             keyring=KeyRing(settings.master_keys),
             hasher=Hasher(settings.hash_key),
         )
-        rewrapped, total = await store.keys.rotate()
+        report = await store.keys.rotate()
     finally:
         await mongo.close()
     active = settings.master_keys[0].key_id
     print(
-        json.dumps({"active_master_key": active, "accounts": total, "rewrapped": rewrapped}),
+        json.dumps(
+            {
+                "active_master_key": active,
+                "accounts": report.total,
+                "rewrapped": report.rewrapped,
+                "already_current": report.current,
+                "unreadable": sum(report.unreadable.values()),
+                "unreadable_by_master_key": report.unreadable,
+            }
+        ),
         file=out,
     )
-    return 0
+    # Not done while any key is unreadable: the missing master key must come back first.
+    return 1 if report.unreadable else 0
 
 
 def describe_dead_letter(message: AbstractIncomingMessage) -> dict[str, Any]:

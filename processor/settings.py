@@ -81,6 +81,8 @@ class Settings:
     burst_min_events: int = 16
     delivery_limit: int = 5
     publish_timeout_s: float = 2.5
+    receiver_group_window_ms: float = 1.0
+    receiver_group_max_items: int = 100
     max_body_bytes: int = 1_048_576
     graph_timeout_s: float = 30.0
     graph_max_concurrency_per_mailbox: int = 4
@@ -408,6 +410,12 @@ def load_settings(
         delivery_limit=r.parse("M365SYNC_DELIVERY_LIMIT", _positive_int, defaults.delivery_limit),
         publish_timeout_s=r.parse(
             "M365SYNC_PUBLISH_TIMEOUT_S", _positive_float, defaults.publish_timeout_s
+        ),
+        receiver_group_window_ms=r.parse(
+            "M365SYNC_RECEIVER_GROUP_WINDOW_MS", _positive_float, defaults.receiver_group_window_ms
+        ),
+        receiver_group_max_items=r.parse(
+            "M365SYNC_RECEIVER_GROUP_MAX_ITEMS", _positive_int, defaults.receiver_group_max_items
         ),
         max_body_bytes=r.parse("M365SYNC_MAX_BODY_BYTES", _positive_int, defaults.max_body_bytes),
         graph_timeout_s=r.parse(

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from crypto import CipherCache, DataCipher, Hasher, KeyRing
 from processor.repositories.accounts import AccountRepository
-from processor.repositories.base import EXPIRING_COLLECTIONS, SCHEMA_VERSION, Document, aad
+from processor.repositories.base import (
+    ERASURE_RESWEEPS,
+    EXPIRING_COLLECTIONS,
+    SCHEMA_VERSION,
+    Document,
+    aad,
+)
+from processor.repositories.erasures import ErasureResweeps
 from processor.repositories.keys import KeyRepository
 from processor.repositories.leases import LEASE_RELEASE_MARGIN, LeaseRepository
 from processor.repositories.renewals import RenewalStateRepository
@@ -23,6 +31,7 @@ from processor.repositories.token_caches import TokenCacheRepository
 from subscriptions.ports import AccountIdentity
 
 __all__ = [
+    "ERASURE_RESWEEPS",
     "EXPIRING_COLLECTIONS",
     "LEASE_RELEASE_MARGIN",
     "SCHEMA_VERSION",
@@ -35,8 +44,8 @@ __all__ = [
 
 
 class Store:
-    """The repositories of one database: keys, accounts, token caches, subscriptions,
-    the manager's renewal state and leases."""
+    """The repositories of one database: keys, accounts, erasure resweeps, token caches,
+    subscriptions, the manager's renewal state and leases."""
 
     def __init__(
         self,
@@ -46,11 +55,18 @@ class Store:
         hasher: Hasher,
         cipher_cache: CipherCache | None = None,
         subscription_cache_ttl_s: float = 2.0,
+        on_key_unreadable: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.hasher = hasher
-        self.keys = KeyRepository(db=db, keyring=keyring, cipher_cache=cipher_cache)
+        self.keys = KeyRepository(
+            db=db,
+            keyring=keyring,
+            cipher_cache=cipher_cache,
+            on_key_unreadable=on_key_unreadable,
+        )
         self.accounts = AccountRepository(db=db, keys=self.keys, hasher=hasher)
+        self.erasures = ErasureResweeps(db=db, keys=self.keys, accounts=self.accounts)
         self.token_caches = TokenCacheRepository(db=db, keys=self.keys)
         self.subscriptions = SubscriptionRepository(
             db=db, keys=self.keys, hasher=hasher, cache_ttl_s=subscription_cache_ttl_s
@@ -72,10 +88,6 @@ class Store:
     # Transitional: handlers/ still calls these on the composition; it moves to its own
     # ports (issue 13), after which they go.
 
-    async def create_account(self, account_id: str) -> DataCipher:
-        """:meth:`AccountRepository.create`."""
-        return await self.accounts.create(account_id)
-
     async def get_account(self, account_id: str) -> Document | None:
         """:meth:`AccountRepository.get_document`."""
         return await self.accounts.get_document(account_id)
@@ -84,13 +96,13 @@ class Store:
         """:meth:`AccountRepository.identity`."""
         return await self.accounts.identity(account_id)
 
-    async def bind_identity(self, account_id: str, *, user_id: str, tenant_id: str) -> None:
-        """:meth:`AccountRepository.bind_identity`."""
-        await self.accounts.bind_identity(account_id, user_id=user_id, tenant_id=tenant_id)
-
     async def cipher_for(self, account_id: str) -> DataCipher:
         """:meth:`KeyRepository.cipher_for`."""
         return await self.keys.cipher_for(account_id)
+
+    async def fenced(self, account_id: str) -> bool:
+        """:meth:`AccountRepository.fenced`."""
+        return await self.accounts.fenced(account_id)
 
 
 async def wait_for_database(db: AsyncDatabase[Document], *, timeout_s: float) -> None:

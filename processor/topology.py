@@ -155,6 +155,9 @@ async def declare_topology(channel: AbstractChannel, config: TopologyConfig) -> 
     intake = await channel.declare_queue(OUTBOUND_INTAKE_QUEUE, durable=True, arguments=intake_args)
     for key in ("event.upsert", "event.delete"):
         await intake.bind(ONERELATION_OUTBOUND, key)
+        # A parked intake message (its retry queue dead-letters to the outbound exchange
+        # with its own routing key) comes back here; shard messages use ``shard.N`` keys.
+        await intake.bind(OUTBOUND_EXCHANGE, key)
 
     lifecycle = await channel.declare_exchange(
         LIFECYCLE_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True

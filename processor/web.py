@@ -24,7 +24,7 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from crypto import DataCipher, Hasher
+from crypto import DataCipher, Hasher, seal_message
 from handlers.notifications import (
     DEFAULT_MAX_ITEMS,
     AcceptedLifecycle,
@@ -35,6 +35,7 @@ from handlers.notifications import (
     parse_collection,
 )
 from processor.errors import AccountUnavailable
+from processor.group_commit import GroupCommitter
 from processor.interfaces import (
     CipherSource,
     OutgoingMessage,
@@ -44,7 +45,7 @@ from processor.interfaces import (
     SubscriptionRecord,
 )
 from processor.logs import correlation, get_logger
-from processor.messages import change_message, lifecycle_message
+from processor.messages import INBOUND_SEAL, change_message, event_ref_aad, lifecycle_message
 from processor.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from processor.metrics import Metrics
 from processor.settings import Settings
@@ -75,6 +76,8 @@ LIFECYCLE_PATH: Final = "/graph/lifecycle"
 LIFECYCLE_ROUTING_KEY: Final = "lifecycle"
 #: Longest validation token echoed; Graph's are about 100 characters.
 MAX_VALIDATION_TOKEN_CHARS: Final = 4096
+#: Distinct unknown subscription ids one POST may make us look up (see _RequestLookups).
+MAX_UNKNOWN_SUBSCRIPTIONS_PER_REQUEST: Final = 8
 #: How long a client may take to send its body before it gets 408.
 BODY_READ_TIMEOUT_S: Final = 2.0
 READINESS_TIMEOUT_S: Final = 2.0
@@ -248,19 +251,31 @@ async def _read_body(request: web.Request, *, limit: int, timeout_s: float) -> b
 
 
 class _RequestLookups:
-    """Per-request memo: the items of one POST mostly share a subscription and an account."""
+    """Per-request memo: the items of one POST mostly share a subscription and an account.
+
+    Graph's own POSTs name our live subscriptions; one that names more than
+    :data:`MAX_UNKNOWN_SUBSCRIPTIONS_PER_REQUEST` distinct unknown ones is forged (or
+    hopelessly stale), so its remaining unseen ids are answered "unknown" without a lookup:
+    an unauthenticated request costs a bounded number of database reads.
+    """
 
     def __init__(self, lookup: SubscriptionLookup, ciphers: CipherSource) -> None:
         self._lookup = lookup
         self._ciphers = ciphers
         self._records: dict[str, SubscriptionRecord | None] = {}
         self._account_ciphers: dict[str, DataCipher | None] = {}
+        self._unknown = 0
+        #: Items answered "unknown" without a lookup once the budget was spent.
+        self.unchecked = 0
 
     async def find_subscription(self, subscription_hash: str) -> SubscriptionRecord | None:
         if subscription_hash not in self._records:
-            self._records[subscription_hash] = await self._lookup.find_subscription(
-                subscription_hash
-            )
+            if self._unknown >= MAX_UNKNOWN_SUBSCRIPTIONS_PER_REQUEST:
+                self.unchecked += 1
+                return None
+            record = await self._lookup.find_subscription(subscription_hash)
+            self._unknown += record is None
+            self._records[subscription_hash] = record
         return self._records[subscription_hash]
 
     async def cipher_for(self, account_id: str) -> DataCipher | None:
@@ -281,6 +296,7 @@ class _Batch:
     messages: list[OutgoingMessage] = field(default_factory=list)
     accepted: int = 0
     rejected: Counter[tuple[str, str | None]] = field(default_factory=Counter)
+    unchecked: int = 0
 
 
 class _GraphWebhook:
@@ -393,7 +409,8 @@ class _GraphWebhook:
                 return self._publish_failed(exc, len(batch.messages), traceback=True)
 
         self._metrics.notifications_accepted.inc(batch.accepted)
-        log.info(
+        # Per-POST detail is for debugging only; the counters above are what operators watch.
+        log.debug(
             "webhook.accepted",
             route=self._route,
             items=len(items),
@@ -449,19 +466,23 @@ class _GraphWebhook:
                     result.change_key or "",
                 )
                 if key not in seen:
-                    body = change_message(
-                        account_id=result.account_id,
-                        change_type=result.change_type,
-                        event_hash=event_hash,
-                        event_ref_ct=cipher.encrypt_str(
-                            result.event_id, aad=f"inbound|{result.account_id}|event_ref".encode()
+                    body = seal_message(
+                        cipher,
+                        change_message(
+                            account_id=result.account_id,
+                            change_type=result.change_type,
+                            event_hash=event_hash,
+                            event_ref_ct=cipher.encrypt_str(
+                                result.event_id, aad=event_ref_aad(result.account_id, event_hash)
+                            ),
+                            received_at=received_at,
+                            etag_hash=None
+                            if result.change_key is None
+                            else self._hasher.hash_id(
+                                "change_key", result.account_id, result.change_key
+                            ),
                         ),
-                        received_at=received_at,
-                        etag_hash=None
-                        if result.change_key is None
-                        else self._hasher.hash_id(
-                            "change_key", result.account_id, result.change_key
-                        ),
+                        purpose=INBOUND_SEAL,
                     )
                     routing_key = shard_routing_key(result.account_id, self._settings.shard_count)
                     batch.messages.append(
@@ -469,6 +490,7 @@ class _GraphWebhook:
                     )
             seen.add(key)
             batch.accepted += 1
+        batch.unchecked = lookups.unchecked
         return batch
 
     @staticmethod
@@ -499,16 +521,24 @@ class _GraphWebhook:
         log.info("webhook.malformed", route=self._route, reason=reason)
 
     def _count_rejections(self, batch: _Batch) -> None:
-        # One log event per (reason, subscription) rather than per item: a forged flood of
-        # a thousand items costs one line, not a thousand.
+        # One log event per reason rather than per item or per subscription: a forged flood
+        # of a thousand distinct ids costs one line, not a thousand. A reason that concerns a
+        # single subscription names it; otherwise the line says how many there were.
+        by_reason: dict[str, list[tuple[str | None, int]]] = {}
         for (reason, subscription_hash), count in batch.rejected.items():
+            by_reason.setdefault(reason, []).append((subscription_hash, count))
+        for reason, entries in by_reason.items():
+            count = sum(n for _, n in entries)
             self._metrics.notifications_rejected.labels(reason=reason).inc(count)
+            hashes = {h for h, _ in entries}
             log.warning(
                 "webhook.rejected",
                 route=self._route,
                 reason=reason,
-                subscription_hash=subscription_hash,
+                subscription_hash=next(iter(hashes)) if len(hashes) == 1 else None,
+                subscriptions=len(hashes),
                 count=count,
+                unchecked=batch.unchecked if reason == "unknown_subscription" else 0,
             )
 
 
@@ -624,11 +654,22 @@ def build_app(
     )
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = metrics
+    # Concurrent POSTs share confirmed publishes, one message per shard queue per flush.
+    group = GroupCommitter(
+        publisher=publisher,
+        window_s=settings.receiver_group_window_ms / 1000,
+        max_items=settings.receiver_group_max_items,
+    )
+
+    async def drain_group(_: web.Application) -> None:
+        await group.drain(timeout_s=settings.publish_timeout_s + _PUBLISH_GRACE_S)
+
+    app.on_shutdown.append(drain_group)
     add_graph_routes(
         app,
         settings=settings,
         lookup=lookup,
-        publisher=publisher,
+        publisher=group,
         hasher=hasher,
         ciphers=ciphers,
         metrics=metrics,

@@ -43,6 +43,9 @@ GRAPH_BUDGET_S: Final = 10.0
 #: manager's (subscriptions/manager.py) and the connect callback's (subscriptions/connect.py).
 BARRIER_LEASES: Final = ("subscription:{account_id}", "connect:{account_id}")
 LEASE_WAIT_S: Final = 10.0
+#: When the second sweep runs: after the longest a delta pass can hold its message (the
+#: broker closes a consumer that keeps a delivery unacknowledged for 30 minutes).
+RESWEEP_AFTER_S: Final = 40 * 60.0
 LEASE_TTL_S: Final = 60.0
 
 
@@ -82,7 +85,9 @@ class Eraser:
         statuses: AccountStatusPublisher,
         graph_budget_s: float = GRAPH_BUDGET_S,
         lease_wait_s: float = LEASE_WAIT_S,
+        resweep_after_s: float = RESWEEP_AFTER_S,
     ) -> None:
+        self._resweep_after_s = resweep_after_s
         self._store = store
         self._graph = graph
         self._tokens = tokens
@@ -109,6 +114,9 @@ class Eraser:
         await store.keys.destroy(account_id)
         self._tokens.invalidate(account_id)
         documents = await store.accounts.delete_other_documents(account_id)
+        # A delta pass in another process checks the fence before each write, but one
+        # write may land between its check and the sweep above: sweep again later.
+        await store.erasures.schedule_resweep(account_id, after_s=self._resweep_after_s)
         if account is not None:
             await self._publish_final(account_id)
             documents += await store.accounts.delete(account_id)

@@ -39,6 +39,21 @@ log = structlog.get_logger(__name__)
 LIFECYCLE_EVENTS = frozenset({"subscriptionRemoved", "missed", "reauthorizationRequired"})
 
 
+#: Largest lifecycle message parsed: ours are a few hundred bytes.
+MAX_LIFECYCLE_MESSAGE_BYTES = 64 * 1024
+
+
+def _parse(raw: bytes) -> tuple[Any, str | None]:
+    """The JSON body, or why it cannot be read: the size first, then every parse failure
+    (a deeply nested document raises ``RecursionError``, which must not escape the callback)."""
+    if len(raw) > MAX_LIFECYCLE_MESSAGE_BYTES:
+        return None, f"message is larger than {MAX_LIFECYCLE_MESSAGE_BYTES} bytes"
+    try:
+        return json.loads(raw), None
+    except (ValueError, RecursionError):
+        return None, "body is not JSON"
+
+
 def validate_lifecycle(body: Any) -> str | None:
     """Why a lifecycle message is malformed, or None."""
     if not isinstance(body, dict):
@@ -149,11 +164,9 @@ class LifecycleConsumer:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         with correlation(message.correlation_id):
-            try:
-                body = json.loads(message.body)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                body = None
-            problem = validate_lifecycle(body)
+            body, problem = _parse(message.body)
+            if problem is None:
+                problem = validate_lifecycle(body)
             if problem is not None:
                 outcome = Outcome.dead_letter(problem)
             else:

@@ -121,6 +121,12 @@ class Leases(Protocol):
     async def is_held(self, name: str) -> bool: ...
 
 
+class ErasureResweeps(Protocol):
+    """A second sweep of an erased account's documents, later."""
+
+    async def schedule_resweep(self, account_id: str, *, after_s: float) -> None: ...
+
+
 class TokenCaches(Protocol):
     """Each account's MSAL token cache, replaced by compare-and-swap."""
 
@@ -148,6 +154,8 @@ class Repositories(Protocol):
     def leases(self) -> Leases: ...
     @property
     def token_caches(self) -> TokenCaches: ...
+    @property
+    def erasures(self) -> ErasureResweeps: ...
 
 
 class GraphSubscriptionApi(Protocol):

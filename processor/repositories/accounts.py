@@ -10,7 +10,7 @@ from pymongo.errors import DuplicateKeyError
 
 from crypto import DataCipher, Hasher
 from processor.errors import AccountUnavailable
-from processor.repositories.base import SCHEMA_VERSION, Document, aad
+from processor.repositories.base import ERASURE_RESWEEPS, SCHEMA_VERSION, Document, aad
 from processor.repositories.keys import KeyRepository
 from processor.timeutil import utcnow
 from subscriptions.ports import Account, AccountIdentity
@@ -139,18 +139,28 @@ class AccountRepository:
         )
         return changed
 
+    async def fenced(self, account_id: str) -> bool:
+        """Whether writes for the account must stop: it is erased or being erased.
+
+        Erasure marks the account ``disconnected`` before anything else and removes the
+        document last, so a pass that began earlier sees one of the two before each write.
+        """
+        account = await self.collection.find_one({"_id": account_id}, {"status": 1})
+        return account is None or account.get("status") == "disconnected"
+
     async def delete(self, account_id: str) -> int:
         """Remove the account document; returns how many were removed (0 or 1)."""
         return (await self.collection.delete_one({"_id": account_id})).deleted_count
 
     async def delete_other_documents(self, account_id: str) -> int:
-        """Every document of the account in every collection except the account document."""
+        """Every document of the account except the account document itself, with its
+        leases (``<purpose>:<id>``, slots, takeover claims); returns how many."""
         total = 0
         # "subscription:<id>", "connect:<id>", "resync:<id>:<slot>", and the takeover
         # claims of expired ones, "<lease>@<expiry>".
         lease_names = re.compile(f"^[^:]+:{re.escape(account_id)}([:@]|$)")
         for name in sorted(await self._db.list_collection_names()):
-            if name.startswith("system."):
+            if name.startswith("system.") or name == ERASURE_RESWEEPS:
                 continue
             collection = self._db[name]
             total += (await collection.delete_many({"account_id": account_id})).deleted_count

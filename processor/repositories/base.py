@@ -16,7 +16,10 @@ from typing import Any
 
 from contract.storage import SCHEMA_VERSION, aad
 
-__all__ = ["EXPIRING_COLLECTIONS", "SCHEMA_VERSION", "Document", "aad"]
+__all__ = ["ERASURE_RESWEEPS", "EXPIRING_COLLECTIONS", "SCHEMA_VERSION", "Document", "aad"]
+
+#: Erased accounts waiting for their second sweep (``ErasureResweeps.resweep_due``).
+ERASURE_RESWEEPS = "erasure_resweeps"
 
 Document = dict[str, Any]
 

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from crypto import CipherCache, DataCipher, DecryptionError, KeyRing, WrappedKey
-from processor.errors import AccountUnavailable
+from processor.errors import AccountUnavailable, KeyUnreadable
 from processor.repositories.base import SCHEMA_VERSION, Document
 from processor.timeutil import utcnow
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RotationReport:
+    """What ``keys rotate`` covered: every data key is in exactly one of the three counts."""
+
+    total: int = 0
+    rewrapped: int = 0
+    current: int = 0  # already under the active master key
+    #: Data keys whose master key is not in the key ring, by master key id.
+    unreadable: dict[str, int] = field(default_factory=dict)
 
 
 class KeyRepository:
@@ -25,8 +42,10 @@ class KeyRepository:
         db: AsyncDatabase[Document],
         keyring: KeyRing,
         cipher_cache: CipherCache | None = None,
+        on_key_unreadable: Callable[[], None] | None = None,
     ) -> None:
         self.keyring = keyring
+        self._on_key_unreadable = on_key_unreadable
         self._ciphers = cipher_cache or CipherCache()
         self.collection = db["data_keys"]
 
@@ -56,33 +75,59 @@ class KeyRepository:
         if doc is None:
             raise AccountUnavailable(account_id, "erased")
         try:
-            cipher = self.keyring.unwrap(account_id, WrappedKey.from_doc(doc))
-        except DecryptionError as exc:
-            raise AccountUnavailable(account_id, "key unreadable") from exc
+            cipher: DataCipher | None = self.keyring.unwrap(account_id, WrappedKey.from_doc(doc))
+        except DecryptionError:
+            cipher = None
+        if cipher is None:
+            key_id = str(doc.get("kid", ""))[:64]
+            log.error("keys.unreadable", account_id=account_id, key_id=key_id)
+            if self._on_key_unreadable is not None:
+                self._on_key_unreadable()
+            raise KeyUnreadable(account_id, key_id)
         self._ciphers.put(account_id, cipher)
         return cipher
 
-    async def rotate(self) -> tuple[int, int]:
-        """Rewrap every data key not under the active master key; returns (rewrapped, total).
+    async def missing_master_keys(self) -> dict[str, int]:
+        """Master key ids that wrap data keys but are not in the key ring, with counts."""
+        missing: dict[str, int] = {}
+        known = set(self.keyring.key_ids)
+        async for doc in self.collection.find({}, {"kid": 1}):
+            key_id = str(doc.get("kid", ""))
+            if key_id not in known:
+                missing[key_id] = missing.get(key_id, 0) + 1
+        return missing
+
+    async def rotate(self) -> RotationReport:
+        """Rewrap every data key not under the active master key; says what it covered.
 
         Data ciphertext is untouched (envelope encryption), so this runs beside live
         traffic: a process holding an old wrapped key in its cache still has the same data
-        key, and one that reads the new wrapping unwraps it with the new master key.
+        key, and one that reads the new wrapping unwraps it with the new master key. A key
+        that cannot be unwrapped is counted and skipped, never the end of the run.
         """
-        rewrapped = total = 0
+        report = RotationReport()
         async for doc in self.collection.find({}):
-            total += 1
-            wrapped = WrappedKey.from_doc(doc)
-            if not self.keyring.needs_rewrap(wrapped):
-                continue
+            report.total += 1
             account_id = str(doc["_id"])
-            fresh = self.keyring.rewrap(account_id, wrapped)
+            try:
+                wrapped = WrappedKey.from_doc(doc)
+                if not self.keyring.needs_rewrap(wrapped):
+                    report.current += 1
+                    continue
+                fresh: WrappedKey | None = self.keyring.rewrap(account_id, wrapped)
+            except DecryptionError:
+                fresh = None
+            if fresh is None:
+                key_id = str(doc.get("kid", ""))[:64]
+                report.unreadable[key_id] = report.unreadable.get(key_id, 0) + 1
+                log.error("keys.unreadable", account_id=account_id, key_id=key_id)
+                continue
             await self.collection.update_one(
                 {"_id": account_id, "kid": wrapped.master_key_id},
                 {"$set": {**fresh.to_doc(), "rotated_at": utcnow()}},
             )
-            rewrapped += 1
-        return rewrapped, total
+            report.rewrapped += 1
+        return report
 
     async def destroy(self, account_id: str) -> None:
         """Crypto-shred the account: without its data key none of its ciphertext reads."""

@@ -60,8 +60,10 @@ async def active_owners(broker: Broker, role: str) -> dict[str, str]:
     owners = {}
     for consumer in consumers:
         queue = consumer["queue"]["name"]
-        if _is_shard(queue, role) and consumer.get("active", True):
-            peer = consumer["channel_details"]["connection_name"]
+        details = consumer.get("channel_details")
+        # The management API gives `[]` for a channel that is closing: not an owner yet.
+        if _is_shard(queue, role) and consumer.get("active", True) and isinstance(details, dict):
+            peer = details["connection_name"]
             owners[queue] = given.get(peer, peer)
     return owners
 

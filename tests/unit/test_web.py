@@ -16,10 +16,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
-from crypto import DataCipher, Hasher
+from crypto import DataCipher, Hasher, seal_valid
 from processor.errors import AccountUnavailable
 from processor.interfaces import OutgoingMessage, PublishError, SubscriptionRecord
-from processor.messages import unb64
+from processor.messages import INBOUND_SEAL, event_ref_aad, unb64
 from processor.metrics import Metrics
 from processor.settings import Settings
 from processor.topology import INBOUND_EXCHANGE, LIFECYCLE_EXCHANGE, shard_routing_key
@@ -121,6 +121,17 @@ def change_item(event_id: str = EVENT_ONE, **overrides: Any) -> dict[str, Any]:
     }
     item.update(overrides)
     return item
+
+
+def items_of(published: list[OutgoingMessage]) -> list[Mapping[str, Any]]:
+    """The change bodies of published messages, one-item and group-committed alike."""
+    bodies: list[Mapping[str, Any]] = []
+    for message in published:
+        if message.body.get("kind") == "changes":
+            bodies += message.body["items"]
+        else:
+            bodies.append(message.body)
+    return bodies
 
 
 def collection(*items: Mapping[str, Any]) -> bytes:
@@ -261,26 +272,31 @@ async def test_valid_notifications_are_published_then_202(receiver: Receiver) ->
     body = collection(change_item(EVENT_ONE), change_item(EVENT_TWO, changeType="deleted"))
     response = await receiver.client.post("/graph/notifications", data=body)
     assert response.status == 202
-    assert [len(batch) for batch, _ in receiver.publisher.calls] == [2]
+    # Both items share the account's shard: one confirmed message carries them.
+    [message] = receiver.publisher.published
     assert receiver.publisher.calls[0][1] <= PUBLISH_TIMEOUT_S
+    assert message.exchange == INBOUND_EXCHANGE
+    assert message.routing_key == shard_routing_key(ACCOUNT, 4)
+    assert message.correlation_id == response.headers["X-Correlation-Id"]
+    assert len(message.message_id) == 32
+    assert message.body["schema"] == "m365sync.inbound.v1"
+    assert message.body["kind"] == "changes"
     cipher = receiver.ciphers.ciphers[ACCOUNT]
-    correlation_id = response.headers["X-Correlation-Id"]
-    for message, event_id, change_type in zip(
-        receiver.publisher.published,
+    for item, event_id, change_type in zip(
+        items_of(receiver.publisher.published),
         (EVENT_ONE, EVENT_TWO),
         ("updated", "deleted"),
         strict=True,
     ):
-        assert message.exchange == INBOUND_EXCHANGE
-        assert message.routing_key == shard_routing_key(ACCOUNT, 4)
-        assert message.correlation_id == correlation_id
-        assert len(message.message_id) == 32
-        assert message.body["account_id"] == ACCOUNT
-        assert message.body["change_type"] == change_type
-        assert message.body["event_hash"] == HASHER.hash_id("event", ACCOUNT, event_id)
-        assert message.body["received_at"] == "2031-05-14T09:00:00Z"
-        aad = f"inbound|{ACCOUNT}|event_ref".encode()
-        assert cipher.decrypt_str(unb64(message.body["event_ref"]), aad) == event_id
+        assert item["kind"] == "change"
+        assert item["account_id"] == ACCOUNT
+        assert item["change_type"] == change_type
+        assert item["event_hash"] == HASHER.hash_id("event", ACCOUNT, event_id)
+        assert item["received_at"] == "2031-05-14T09:00:00Z"
+        aad = event_ref_aad(ACCOUNT, item["event_hash"])
+        assert cipher.decrypt_str(unb64(item["event_ref"]), aad) == event_id
+        assert seal_valid(cipher, item, purpose=INBOUND_SEAL)
+        assert not seal_valid(cipher, {**item, "change_type": "x"}, purpose=INBOUND_SEAL)
         assert event_id not in json.dumps(message.body)
     assert receiver.sample("m365sync_notifications_received_total") == 2
     assert receiver.sample("m365sync_notifications_accepted_total") == 2
@@ -302,6 +318,49 @@ async def test_202_only_after_publish_returns(receiver: Receiver) -> None:
     response = await pending
     assert response.status == 202
     assert len(receiver.publisher.published) == 1
+
+
+async def test_concurrent_posts_are_grouped_and_all_answered_after_the_confirm(
+    make_receiver: ReceiverFactory,
+) -> None:
+    """Concurrent POSTs share one message per shard; none is answered before its confirm."""
+    receiver = await make_receiver(receiver_group_window_ms=5000, receiver_group_max_items=5)
+    receiver.publisher.gate = asyncio.Event()
+    events = [f"AAMkAGI2THVSAAA{n}=" for n in range(5)]
+    pending = [
+        asyncio.create_task(
+            receiver.client.post("/graph/notifications", data=collection(change_item(event)))
+        )
+        for event in events
+    ]
+    await asyncio.wait_for(receiver.publisher.entered.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert not any(task.done() for task in pending)
+    receiver.publisher.gate.set()
+    responses = await asyncio.gather(*pending)
+    assert [r.status for r in responses] == [202] * 5
+    [message] = receiver.publisher.published
+    assert message.routing_key == shard_routing_key(ACCOUNT, 4)
+    expected = {HASHER.hash_id("event", ACCOUNT, event) for event in events}
+    assert {item["event_hash"] for item in items_of([message])} == expected
+
+
+async def test_every_post_of_a_failed_group_gets_503(make_receiver: ReceiverFactory) -> None:
+    """When the group's publish fails, every POST that had an item in it is answered 503."""
+    receiver = await make_receiver(receiver_group_window_ms=5000, receiver_group_max_items=3)
+    receiver.publisher.mode = "fail"
+    responses = await asyncio.gather(
+        *(
+            receiver.client.post(
+                "/graph/notifications", data=collection(change_item(f"AAMkAGI2THVSAAA{n}="))
+            )
+            for n in range(3)
+        )
+    )
+    for response in responses:
+        await assert_error(response, 503, "unavailable")
+    assert len(receiver.publisher.calls) == 1
+    assert receiver.sample("m365sync_notifications_accepted_total") == 0
 
 
 @pytest.mark.parametrize("mode", ["fail", "hang"])
@@ -367,7 +426,7 @@ async def test_duplicates_in_one_request_are_published_once(receiver: Receiver) 
     body = collection(change_item(), change_item(), change_item(changeType="created"))
     response = await receiver.client.post("/graph/notifications", data=body)
     assert response.status == 202
-    assert [m.body["change_type"] for m in receiver.publisher.published] == [
+    assert [m["change_type"] for m in items_of(receiver.publisher.published)] == [
         "updated",
         "created",
     ]
