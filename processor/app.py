@@ -69,7 +69,8 @@ from processor.topology import (
 )
 from processor.web import build_app, build_internal_app
 from subscriptions.lifecycle import LifecycleConsumer, LifecycleHandler
-from subscriptions.manager import ManagerSettings, SubscriptionManager
+from subscriptions.manager import SubscriptionManager
+from subscriptions.schedule import ManagerSettings
 
 log = get_logger(__name__)
 

@@ -37,8 +37,9 @@ from processor.timeutil import isoformat_z, utcnow
 from processor.tokens import MsalApps
 from processor.topology import INBOUND_EXCHANGE, ONERELATION_INBOUND_QUEUE, shard_routing_key
 from processor.verify import diff_account, expected_events
-from subscriptions.manager import ManagerSettings, SubscriptionManager
+from subscriptions.manager import SubscriptionManager
 from subscriptions.registration import create_subscription, register_account
+from subscriptions.schedule import ManagerSettings
 
 
 def service_env(
