@@ -35,12 +35,12 @@ import structlog
 from aiohttp import web
 from pymongo.asynchronous.collection import AsyncCollection
 
+from contract.problems import json_error
 from contract.storage import SCHEMA_VERSION, aad
 from contract.timeutil import utcnow
 from crypto import DecryptionError
 from processor.errors import TransientError
 from processor.interfaces import PublishError
-from processor.web import json_error
 from subscriptions.links import (
     CONNECT_AUDIENCE,
     LinkRejected,

@@ -25,9 +25,9 @@ import structlog
 from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
+from contract.problems import json_error
 from contract.storage import SCHEMA_VERSION
 from contract.timeutil import utcnow
-from processor.web import json_error
 from subscriptions.connect import (
     BrowserMismatch,
     FlowStore,
