@@ -30,6 +30,7 @@ from contract import openapi_document
 from crypto import DecryptionError
 from processor.accounts import AccountStatuses
 from processor.errors import AccountUnavailable, KeyUnreadable, TransientError
+from processor.event_links import LinkStore
 from processor.event_store import EventStore
 from processor.interfaces import Publisher, PublishError
 from processor.logs import get_logger
@@ -63,8 +64,6 @@ MAX_LIMIT: Final = 1000
 #: Widest window one request may ask for (a bound on the work one call can cause).
 MAX_WINDOW: Final = timedelta(days=732)
 MAX_CURSOR_CHARS: Final = 512
-#: The outbound role's links between 1Relation's events and Graph's (processor.event_links).
-LINKS: Final = "links"
 #: The resync reason that also releases the mass-deletion brake (handlers.delta).
 OPERATOR_RESYNC_REASON: Final = "operator"
 #: The event fields the API returns (CONTRACT §3), besides ``event_key`` and
@@ -185,6 +184,7 @@ class _Api:
         settings: Settings,
         store: Store,
         events: EventStore,
+        links: LinkStore,
         statuses: AccountStatuses,
         publisher: Publisher,
         eraser: Eraser,
@@ -192,6 +192,7 @@ class _Api:
         self._settings = settings
         self._store = store
         self._events = events
+        self._links = links
         self._statuses = statuses
         self._publisher = publisher
         self._eraser = eraser
@@ -262,25 +263,11 @@ class _Api:
             return self._not_found()
         except KeyUnreadable:
             return _key_unreadable()
-        query: dict[str, Any] = {
-            "account_id": account_id,
-            "deleted": False,
-            "start": {"$lt": end},
-            "end": {"$gt": start},
-        }
-        if after is not None:
-            query["$or"] = [
-                {"start": {"$gt": after[0]}},
-                {"start": after[0], "_id": {"$gt": after[1]}},
-            ]
-        docs = (
-            await self._events.collection.find(query)
-            .sort([("start", 1), ("_id", 1)])
-            .limit(limit + 1)
-            .to_list()
+        docs = await self._events.page_in_window(
+            account_id, start, end, after=after, limit=limit + 1
         )
         page, more = docs[:limit], len(docs) > limit
-        relation_ids = await self._relation_ids(account_id, [str(doc["_id"]) for doc in page])
+        relation_ids = await self._links.relation_ids(account_id, [str(doc["_id"]) for doc in page])
         items = []
         for doc in page:
             try:
@@ -302,20 +289,6 @@ class _Api:
                 f"{API_PREFIX}/accounts/{quote(account_id, safe='')}/events?{urlencode(params)}"
             )
         return web.json_response({"events": items, "next": next_url})
-
-    async def _relation_ids(self, account_id: str, event_keys: list[str]) -> dict[str, str]:
-        """The 1Relation event linked to each of ``event_keys`` (written by the outbound role)."""
-        if not event_keys:
-            return {}
-        cursor = self._store.db[LINKS].find(
-            {"account_id": account_id, "event_key": {"$in": event_keys}, "deleted": {"$ne": True}},
-            {"event_key": 1, "relation_event_id": 1},
-        )
-        return {
-            str(doc["event_key"]): str(doc["relation_event_id"])
-            async for doc in cursor
-            if doc.get("relation_event_id") is not None
-        }
 
     async def resync(self, request: web.Request) -> web.StreamResponse:
         account_id = request.match_info["account_id"]
@@ -362,6 +335,7 @@ def add_api_routes(
     settings: Settings,
     store: Store,
     events: EventStore,
+    links: LinkStore,
     statuses: AccountStatuses,
     publisher: Any,
     eraser: Eraser,
@@ -373,6 +347,7 @@ def add_api_routes(
         settings=settings,
         store=store,
         events=events,
+        links=links,
         statuses=statuses,
         publisher=publisher,
         eraser=eraser,
@@ -457,6 +432,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         settings=settings,
         store=rt.store,
         events=rt.events,
+        links=rt.links,
         statuses=rt.statuses,
         publisher=rt.publisher,
         eraser=Eraser(
