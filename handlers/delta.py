@@ -30,18 +30,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from crypto import DataCipher, DecryptionError
-from handlers.inbound import SELECT, SyncWindow
-from handlers.ports import LinkReader
-from processor.accounts import SYNC_STATE, AccountStatuses, record_sync
-from processor.errors import AccountUnavailable
-from processor.event_store import Change, EventStore, StoredVersion
-from processor.graph import DeltaResetRequired, GraphClient
-from processor.logs import get_logger
-from processor.store import Document, Store, aad
-from processor.timeutil import utcnow
+import structlog
 
-log = get_logger(__name__)
+from crypto import DataCipher, DecryptionError
+from handlers.errors import AccountUnavailable, DeltaResetRequired
+from handlers.inbound import SELECT, SyncWindow
+from handlers.ports import (
+    Accounts,
+    AccountStatus,
+    CalendarGraph,
+    DeltaLinks,
+    Document,
+    Events,
+    LinkReader,
+)
+from handlers.records import Change, StoredVersion
+from handlers.timeutil import utcnow
+
+log = structlog.get_logger(__name__)
 
 #: The reason an operator's resync carries (``POST /api/v1/accounts/{id}/resync``).
 OPERATOR_REASON = "operator"
@@ -110,10 +116,11 @@ class DeltaRunner:
     def __init__(
         self,
         *,
-        store: Store,
-        events: EventStore,
-        graph: GraphClient,
-        statuses: AccountStatuses,
+        store: Accounts,
+        delta_links: DeltaLinks,
+        events: Events,
+        graph: CalendarGraph,
+        statuses: AccountStatus,
         window: SyncWindow,
         settings: DeltaSettings | None = None,
         now: Callable[[], datetime] = utcnow,
@@ -127,7 +134,7 @@ class DeltaRunner:
         self._window = window
         self._settings = settings or DeltaSettings()
         self._now = now
-        self._state = store.db[SYNC_STATE]
+        self._delta_links = delta_links
         self.last_report: DeltaReport | None = None
 
     async def __call__(
@@ -184,7 +191,7 @@ class DeltaRunner:
             # An incremental pass keeps the previous link: the next pass meets the same
             # deletions again, so the brake holds until an operator's resync.
             await self._statuses.set(account_id, "deletions_paused", brake)
-            await record_sync(self._store, account_id, error=brake)
+            await self._statuses.record_sync(account_id, error=brake)
             return changes
 
         changes += await self._delete(ctx, candidates, live, rnd)
@@ -193,9 +200,9 @@ class DeltaRunner:
         await self._fence(account_id)
         if rnd.delta_link is not None:
             await self._save_link(account_id, cipher, rnd.delta_link, start, end)
-        await record_sync(self._store, account_id)
-        account = await self._store.get_account(account_id)
-        if account is not None and account.get("status") in ("backfilling", "deletions_paused"):
+        await self._statuses.record_sync(account_id)
+        account = await self._store.account(account_id)
+        if account is not None and account.status in ("backfilling", "deletions_paused"):
             await self._statuses.set(account_id, "connected")
         self.last_report = report
         log.info(
@@ -313,20 +320,9 @@ class DeltaRunner:
         self, account_id: str, keys: Iterable[str] | None = None
     ) -> dict[str, Document]:
         """The account's live events (only those of ``keys`` when given)."""
-        fields = {"start": 1, "end": 1, "series": 1, "type": 1, "gid_ct": 1}
-        if keys is None:
-            cursor = self._events.collection.find(
-                {"account_id": account_id, "deleted": False}, fields
-            )
-            return {str(doc["_id"]): doc async for doc in cursor}
-        found: dict[str, Document] = {}
-        for key in sorted(keys):  # by _id each: served by the primary key everywhere
-            doc = await self._events.collection.find_one(
-                {"_id": key, "account_id": account_id, "deleted": False}, fields
-            )
-            if doc is not None:
-                found[key] = doc
-        return found
+        return dict(
+            await self._events.live_docs(account_id, None if keys is None else sorted(keys))
+        )
 
     @staticmethod
     def _in_window(doc: Mapping[str, Any], start: datetime, end: datetime) -> bool:
@@ -427,49 +423,34 @@ class DeltaRunner:
     async def _fetch(
         self, account_id: str, cipher: DataCipher, user_id: str, key: str, doc: Mapping[str, Any]
     ) -> dict[str, Any] | None:
-        graph_id = cipher.decrypt_str(doc["gid_ct"], aad("events", account_id, key, "gid"))
+        graph_id = self._events.graph_id_of(account_id, doc, cipher)
         return await self._graph.get_event(account_id, user_id, graph_id, select=SELECT)
 
     # ---- the stored delta link ----------------------------------------------------------------
 
     async def _load_link(self, account_id: str, cipher: DataCipher, start: datetime) -> str | None:
-        doc = await self._state.find_one({"_id": account_id})
-        if doc is None or "delta_ct" not in doc:
+        try:
+            stored = await self._delta_links.load(account_id, cipher)
+        except DecryptionError:
+            log.warning("delta.link_unreadable", account_id=account_id)
             return None
-        window_start = doc.get("delta_window_start")
-        if isinstance(window_start, datetime) and start - _aware(window_start) > timedelta(
+        if stored is None:
+            return None
+        link, window_start = stored
+        if window_start is not None and start - _aware(window_start) > timedelta(
             seconds=self._settings.window_refresh_s
         ):
             log.info("delta.window_moved", account_id=account_id)
             return None
-        try:
-            return cipher.decrypt_str(doc["delta_ct"], aad(SYNC_STATE, account_id, "delta_link"))
-        except DecryptionError:
-            log.warning("delta.link_unreadable", account_id=account_id)
-            return None
+        return link
 
     async def _save_link(
         self, account_id: str, cipher: DataCipher, link: str, start: datetime, end: datetime
     ) -> None:
-        await self._state.update_one(
-            {"_id": account_id},
-            {
-                "$set": {
-                    "delta_ct": cipher.encrypt_str(link, aad(SYNC_STATE, account_id, "delta_link")),
-                    "delta_window_start": start,
-                    "delta_window_end": end,
-                    "delta_at": self._now(),
-                    "updated_at": utcnow(),
-                }
-            },
-            upsert=True,
-        )
+        await self._delta_links.save(account_id, cipher, link, start=start, end=end, at=self._now())
 
     async def _clear_link(self, account_id: str) -> None:
-        await self._state.update_one(
-            {"_id": account_id},
-            {"$unset": {"delta_ct": "", "delta_window_start": "", "delta_window_end": ""}},
-        )
+        await self._delta_links.clear(account_id)
 
 
 def _aware(value: datetime) -> datetime:

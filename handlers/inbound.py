@@ -14,35 +14,37 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from contract.statuses import PAUSED_STATUSES
+import structlog
+
 from crypto import SEAL_FIELD, DataCipher, DecryptionError, seal_valid
-from processor.accounts import AccountStatuses, record_sync
-from processor.announce import Announcer
-from processor.broker import Outcome
-from processor.consumer import Delivery
-from processor.errors import (
+from handlers.errors import (
     AccountUnavailable,
     PermanentError,
-    ThrottledError,
+    ReauthorizationRequired,
     TransientError,
 )
-from processor.event_links import LinkStore
-from processor.event_store import KEPT_FIELDS, Change, EventStore
-from processor.graph import GraphClient
-from processor.logs import get_logger
-from processor.messages import (
+from handlers.messages import (
     INBOUND_SCHEMA,
     INBOUND_SEAL,
     event_ref_aad,
     legacy_event_ref_aad,
     unb64,
 )
-from processor.metrics import Metrics
-from processor.store import Store
-from processor.timeutil import utcnow
-from processor.tokens import ReauthorizationRequired
+from handlers.outcome import Action, Outcome, outcome_for
+from handlers.ports import (
+    Accounts,
+    AccountStatus,
+    Announcer,
+    CalendarGraph,
+    Delivery,
+    Events,
+    LinkReader,
+    SyncMetrics,
+)
+from handlers.records import KEPT_FIELDS, Change
+from handlers.timeutil import utcnow
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 #: ``transactionId`` names the create a new event came from (how an echo of the service's
 #: own create is recognised before Graph's answer to it has been recorded).
@@ -53,7 +55,6 @@ BURST_MIN_EVENTS = 16
 #: Events (and versions per event) whose notified versions the handler remembers.
 SETTLED_EVENTS = 10_000
 SETTLED_PER_EVENT = 4
-#: Account statuses in which the service makes no Graph calls for the account.
 
 
 def validate_inbound(body: dict[str, Any]) -> str | None:
@@ -96,14 +97,14 @@ class InboundHandler:
     def __init__(
         self,
         *,
-        store: Store,
-        events: EventStore,
-        graph: GraphClient,
+        store: Accounts,
+        events: Events,
+        graph: CalendarGraph,
         announcer: Announcer,
-        statuses: AccountStatuses,
-        metrics: Metrics,
+        statuses: AccountStatus,
+        metrics: SyncMetrics,
         window: SyncWindow,
-        links: LinkStore | None = None,
+        links: LinkReader | None = None,
         run_delta: DeltaRunner | None = None,
         burst_min_events: int = BURST_MIN_EVENTS,
     ) -> None:
@@ -125,13 +126,13 @@ class InboundHandler:
         """Reconcile every change of the batch, then announce what really changed."""
         try:
             cipher = await self._store.cipher_for(account_id)
-            account = await self._store.get_account(account_id)
+            account = await self._store.account(account_id)
         except AccountUnavailable:
             # Erased: its messages still queued are dropped when reached (CONTRACT §4).
             for delivery in deliveries:
                 delivery.outcome = Outcome.ack()
             return
-        if account is None or account.get("status") in PAUSED_STATUSES or "user_ct" not in account:
+        if account is None or account.paused:
             # No Graph calls while paused; the resync that follows a reconnect repairs it.
             # Announcing what is already stored needs no Graph call, so the outbox still goes.
             sweep = any(d.body.get("kind") == "announce" for d in deliveries)
@@ -155,11 +156,11 @@ class InboundHandler:
                 await self._statuses.set(account_id, "reauthorization_required", exc.reason)
             except TransientError as publish_failure:
                 for delivery in deliveries:
-                    delivery.outcome = Outcome.requeue(str(publish_failure))
+                    delivery.outcome = outcome_for(publish_failure)
                 return
             for delivery in deliveries:
                 if delivery.outcome is None:
-                    delivery.outcome = Outcome.ack()
+                    delivery.outcome = outcome_for(exc)
             reauthorization = True
         if await self._store.fenced(account_id):
             # Erased while this batch ran: announce nothing and write no sync state (the
@@ -178,9 +179,9 @@ class InboundHandler:
         await self._announcer.flush(account_id, changes, sweep_outbox=sweep_outbox)
         # Acked because the account stopped is no sync: last_error keeps what failed.
         if not reauthorization and any(
-            d.outcome is not None and d.outcome.action == "ack" for d in deliveries
+            d.outcome is not None and d.outcome.action is Action.ACK for d in deliveries
         ):
-            await record_sync(self._store, account_id)
+            await self._statuses.record_sync(account_id)
 
     async def _resync(
         self, account_id: str, user_id: str, cipher: DataCipher, delivery: Delivery
@@ -196,18 +197,9 @@ class InboundHandler:
                 bool(delivery.body.get("full")),
                 str(delivery.body.get("reason", "")),
             )
-        except AccountUnavailable:
-            # Erased while the pass ran: it stopped at the fence; nothing is left to do.
-            delivery.outcome = Outcome.ack()
-            return []
-        except ThrottledError as exc:
-            delivery.outcome = Outcome.retry(exc.retry_after_s or 5.0)
-            return []
-        except TransientError as exc:
-            delivery.outcome = Outcome.requeue(str(exc))
-            return []
-        except PermanentError as exc:
-            delivery.outcome = Outcome.dead_letter(exc.reason)
+        except (AccountUnavailable, TransientError, PermanentError) as exc:
+            # AccountUnavailable: erased while the pass ran; it stopped at the fence.
+            delivery.outcome = outcome_for(exc)
             return []
         delivery.outcome = Outcome.ack()
         return changes
@@ -268,7 +260,7 @@ class InboundHandler:
                 changes += await self._run_delta(account_id, cipher, user_id, False, "burst")
                 outcome = Outcome.ack()
             except (TransientError, PermanentError) as exc:
-                outcome = _outcome_for(exc)
+                outcome = outcome_for(exc)
             for group in to_fetch.values():
                 for delivery in group:
                     delivery.outcome = outcome
@@ -287,7 +279,7 @@ class InboundHandler:
             if isinstance(result, ReauthorizationRequired):
                 raise result
             if isinstance(result, BaseException):
-                outcome = _outcome_for(result)
+                outcome = outcome_for(result)
             else:
                 try:
                     changes += await self._reconcile(
@@ -302,9 +294,9 @@ class InboundHandler:
                             {str(d.body["etag_hash"]) for d in group if d.body.get("etag_hash")},
                         )
                 except (TransientError, PermanentError) as exc:
-                    if isinstance(exc, ReauthorizationRequired):
-                        raise
-                    outcome = _outcome_for(exc)
+                    # ReauthorizationRequired is neither: it leaves the loop, and the batch
+                    # sets the account's status.
+                    outcome = outcome_for(exc)
             for delivery in group:
                 delivery.outcome = outcome
         return changes
@@ -444,13 +436,3 @@ class InboundHandler:
     def _count(self, changes: list[Change]) -> None:
         for change in changes:
             self._metrics.events_reconciled.labels(change=change.change).inc()
-
-
-def _outcome_for(exc: BaseException) -> Outcome:
-    if isinstance(exc, ThrottledError):
-        return Outcome.retry(exc.retry_after_s or 5.0)
-    if isinstance(exc, TransientError):
-        return Outcome.requeue(str(exc)[:200])
-    if isinstance(exc, PermanentError):
-        return Outcome.dead_letter(exc.reason)
-    return Outcome.requeue(type(exc).__name__)

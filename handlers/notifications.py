@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from crypto import Hasher, constant_time_equal
-from processor.interfaces import SubscriptionLookup, SubscriptionRecord
+from handlers.ports import SubscriptionLookup, SubscriptionRecord
 
 __all__ = [
     "CHANGE_TYPES",

@@ -22,9 +22,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from contract.statuses import PAUSED_STATUSES
+import structlog
+
 from crypto import SEAL_FIELD, DataCipher, DecryptionError, seal_message, seal_valid
 from handlers.decisions import plan_update
+from handlers.errors import (
+    AccountUnavailable,
+    KeyUnreadable,
+    PermanentError,
+    PublishError,
+    ReauthorizationRequired,
+    TransientError,
+)
+from handlers.messages import OUTBOUND_SEAL, b64, event_change_body, unb64
 from handlers.outbound_validation import (
     FIELD_GROUPS,
     MAX_MESSAGE_BYTES,
@@ -32,29 +42,23 @@ from handlers.outbound_validation import (
     OutboundChange,
     validate_message,
 )
-from processor.accounts import AccountStatuses
-from processor.broker import Outcome
-from processor.consumer import Delivery
-from processor.errors import (
-    AccountUnavailable,
-    KeyUnreadable,
-    PermanentError,
-    ThrottledError,
-    TransientError,
+from handlers.outcome import Outcome, outcome_for
+from handlers.ports import (
+    Accounts,
+    AccountStatus,
+    CalendarGraph,
+    Delivery,
+    Events,
+    Links,
+    OutgoingMessage,
+    Publisher,
+    SyncMetrics,
 )
-from processor.event_links import Link, LinkStore, comparable
-from processor.event_store import EventStore, next_sequence
-from processor.graph import GraphClient
-from processor.interfaces import OutgoingMessage, Publisher, PublishError
-from processor.logs import get_logger
-from processor.messages import OUTBOUND_SEAL, b64, event_change_body, unb64
-from processor.metrics import Metrics
-from processor.store import Store
-from processor.timeutil import isoformat_z, parse_graph_datetime
-from processor.tokens import ReauthorizationRequired
-from processor.topology import ONERELATION_INBOUND, OUTBOUND_EXCHANGE, shard_routing_key
+from handlers.records import Link, comparable, next_sequence
+from handlers.routing import ONERELATION_INBOUND, OUTBOUND_EXCHANGE, shard_routing_key
+from handlers.timeutil import isoformat_z, parse_graph_datetime
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 OUTBOUND_SCHEMA = "m365sync.outbound.v1"
 #: Marks events the service created in Outlook (a single-value extended property).
@@ -99,7 +103,7 @@ def to_graph(fields: Mapping[str, Any]) -> dict[str, Any]:
 class Reporter:
     """Publishes ``event.rejected``, ``event.conflict`` and ``event.deleted`` to 1Relation."""
 
-    def __init__(self, *, publisher: Publisher, metrics: Metrics, timeout_s: float) -> None:
+    def __init__(self, *, publisher: Publisher, metrics: SyncMetrics, timeout_s: float) -> None:
         self._publisher = publisher
         self._metrics = metrics
         self._timeout_s = timeout_s
@@ -196,7 +200,7 @@ class IntakeHandler:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Accounts,
         publisher: Publisher,
         reporter: Reporter,
         shard_count: int,
@@ -216,7 +220,7 @@ class IntakeHandler:
             except KeyUnreadable:
                 raise  # the consumer parks the batch: every message waits for the key
             except TransientError as exc:
-                delivery.outcome = Outcome.requeue(str(exc))
+                delivery.outcome = outcome_for(exc)
 
     async def _one(self, delivery: Delivery) -> Outcome:
         body = delivery.body
@@ -252,7 +256,7 @@ class IntakeHandler:
                 timeout_s=self._timeout_s,
             )
         except PublishError as exc:
-            return Outcome.requeue(f"shard publish not confirmed: {exc}")
+            return outcome_for(exc)
         return Outcome.ack()
 
     async def _reject(self, body: Mapping[str, Any], reason: str, kind: str) -> Outcome:
@@ -280,13 +284,13 @@ class OutboundHandler:
     def __init__(
         self,
         *,
-        store: Store,
-        events: EventStore,
-        links: LinkStore,
-        graph: GraphClient,
-        statuses: AccountStatuses,
+        store: Accounts,
+        events: Events,
+        links: Links,
+        graph: CalendarGraph,
+        statuses: AccountStatus,
         reporter: Reporter,
-        metrics: Metrics,
+        metrics: SyncMetrics,
         tombstone_ttl_s: float,
         parked_ttl_s: float = 14 * 86400.0,
         parked_max: int = 10_000,
@@ -348,7 +352,7 @@ class OutboundHandler:
             for delivery in deliveries:  # erased: queued messages are dropped when reached
                 delivery.outcome = Outcome.ack()
             return
-        account = await self._store.get_account(account_id)
+        account = await self._store.account(account_id)
         todo: list[_Pending] = []
         for delivery in deliveries:
             if delivery.body.get("kind") != "change":
@@ -362,10 +366,7 @@ class OutboundHandler:
                 delivery.outcome = Outcome.dead_letter(
                     f"undecodable shard message: {type(exc).__name__}"
                 )
-        paused = (
-            account is None or account.get("status") in PAUSED_STATUSES or "user_ct" not in account
-        )
-        if paused:
+        if account is None or account.paused:
             for item in todo:
                 await self._park(item, cipher)
             return
@@ -390,11 +391,8 @@ class OutboundHandler:
                 for rest in ordered[index:]:
                     await self._park(rest, cipher)
                 return
-            except ThrottledError as exc:
-                self._settle(item, Outcome.retry(exc.retry_after_s or 5.0))
-                continue
             except TransientError as exc:
-                self._settle(item, Outcome.requeue(str(exc)[:200]))
+                self._settle(item, outcome_for(exc))
                 continue
             except PermanentError as exc:
                 await self._reporter.rejected_change(
@@ -404,7 +402,7 @@ class OutboundHandler:
                     exc.reason,
                     "graph",
                 )
-                self._settle(item, Outcome.dead_letter(exc.reason))
+                self._settle(item, outcome_for(exc))
             else:
                 self._settle(item, Outcome.ack())
             if item.parked_id is not None:
@@ -527,13 +525,13 @@ class OutboundHandler:
         assert change.event is not None
         assert link.graph_id is not None
         assert link.event_key is not None
-        seen = await self._events.collection.find_one({"_id": link.event_key, "deleted": False})
+        seen = await self._events.live_state(link.event_key, cipher)
         outlook: dict[str, Any] = dict(link.state)
         outlook_lm = link.base_lm
         if seen is not None:
             # Fields the store does not keep (categories) are as the service last wrote them.
-            outlook = {**link.state, **self._events.decrypt(seen, cipher)[1]}
-            outlook_lm = seen.get("lm")
+            outlook = {**link.state, **seen[0]}
+            outlook_lm = seen[1]
             if outlook.get("isOrganizer") is False:
                 raise PermanentError(
                     "the account does not organise this meeting, so the change is not written "

@@ -18,8 +18,8 @@ from typing import Any
 from jsonschema import ValidationError
 
 from contract import load_schema, validator_for
-from processor.timeutil import parse_graph_datetime
-from processor.timezones import windows_name, zone_for
+from handlers.timeutil import parse_graph_datetime
+from handlers.timezones import event_time_to_utc, windows_name, zone_for
 
 SCHEMA = "onerelation.event.v1"
 MAX_MESSAGE_BYTES = 1_048_576
@@ -134,8 +134,6 @@ def _time(name: str, value: Mapping[str, str]) -> dict[str, str]:
 
 
 def _check_times(start: Mapping[str, str], end: Mapping[str, str], all_day: bool) -> None:
-    from processor.timezones import event_time_to_utc  # noqa: PLC0415  avoids a cycle
-
     start_utc = event_time_to_utc(start)
     end_utc = event_time_to_utc(end)
     if start_utc is None or end_utc is None:

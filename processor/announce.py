@@ -12,7 +12,8 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from processor.event_store import Change, EventStore
+from handlers.records import Change
+from processor.event_store import EventStore
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
 from processor.messages import event_change_body, resync_message

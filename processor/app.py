@@ -39,7 +39,7 @@ from handlers.outbound import (
     validate_shard,
 )
 from processor import broker as broker_mod
-from processor.accounts import AccountStatuses
+from processor.accounts import AccountStatuses, DeltaLinkStore
 from processor.announce import Announcer, OutboxRelay
 from processor.api import add_account_routes
 from processor.balance import Balancer, Registry
@@ -68,7 +68,11 @@ from processor.topology import (
     shard_routing_key,
 )
 from processor.web import build_app, build_internal_app
-from subscriptions.lifecycle import LifecycleConsumer, LifecycleHandler
+from subscriptions.lifecycle import (
+    MAX_LIFECYCLE_MESSAGE_BYTES,
+    LifecycleHandler,
+    validate_lifecycle,
+)
 from subscriptions.manager import SubscriptionManager
 from subscriptions.schedule import ManagerSettings
 
@@ -299,6 +303,7 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         run_delta=DeltaRunner(
             links=rt.links,
             store=rt.store,
+            delta_links=DeltaLinkStore(store=rt.store),
             events=rt.events,
             graph=rt.graph,
             statuses=rt.statuses,
@@ -442,6 +447,8 @@ async def _every(interval_s: float, job: Callable[[], Awaitable[Any]]) -> None:
 
 
 QUEUE_DEPTH_INTERVAL_S = 30.0
+#: Lifecycle messages one subscriptions process works on at once.
+LIFECYCLE_PREFETCH = 8
 
 
 def queue_names(shard_count: int) -> list[str]:
@@ -508,11 +515,16 @@ async def subscriptions_role(
         settings=settings,
         clock=clock,
     )
-    channel = await rt.connection.channel()
-    lifecycle = LifecycleConsumer(
-        channel=channel,
+    lifecycle = ShardConsumer(
+        connection=rt.connection,
+        queue_names=[LIFECYCLE_QUEUE],
         handler=LifecycleHandler(store=rt.store, manager=manager),
         publisher=rt.publisher,
+        retry_target=None,
+        metrics=rt.metrics,
+        validate=validate_lifecycle,
+        prefetch=LIFECYCLE_PREFETCH,
+        max_message_bytes=MAX_LIFECYCLE_MESSAGE_BYTES,
     )
     await lifecycle.start()
     await manager.start()
@@ -541,10 +553,8 @@ async def subscriptions_role(
         poller.cancel()
         await asyncio.gather(sweeper, poller, return_exceptions=True)
         await depths.close()
-        await lifecycle.stop()
+        await lifecycle.stop(grace_s=rt.settings.shutdown_grace_s)
         await manager.stop()
-        if not channel.is_closed:
-            await channel.close()
         log.info("subscriptions.stopped")
 
 

@@ -1,8 +1,9 @@
 """RabbitMQ: one robust connection per process, a confirming publisher, the delivery policy.
 
-The ack decision lives here and nowhere else (STYLE 5): handlers return an
-:class:`Outcome`; :func:`settle` turns it into ack, delay (retry queue), requeue (bounded by
-the quorum queue's delivery limit) or dead-letter with a reason.
+Handlers decide what happens to a message with an :class:`~handlers.outcome.Outcome`
+(:func:`handlers.outcome.outcome_for` maps their errors to one); :func:`settle` carries it
+out: ack, delay (retry queue), requeue (bounded by the quorum queue's delivery limit) or
+dead-letter with a reason.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import aio_pika
@@ -26,6 +26,7 @@ from aio_pika.abc import (
 from aio_pika.robust_connection import RobustConnection
 from yarl import URL
 
+from handlers.outcome import Action, Outcome
 from processor import lag
 from processor.interfaces import OutgoingMessage, PublishError
 from processor.logs import get_logger
@@ -198,35 +199,6 @@ class ConfirmPublisher:
             raise PublishError(f"{len(failures)} of {len(messages)} messages not confirmed")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What to do with a delivery once its handler is done."""
-
-    action: str  # "ack" | "retry" | "requeue" | "dead_letter"
-    delay_s: float = 0.0
-    reason: str = ""
-
-    @classmethod
-    def ack(cls) -> Outcome:
-        """The effect is durable (or was a no-op): remove the message."""
-        return cls("ack")
-
-    @classmethod
-    def retry(cls, delay_s: float) -> Outcome:
-        """Throttled: park the message in a retry queue for ``delay_s``, then try again."""
-        return cls("retry", delay_s=delay_s)
-
-    @classmethod
-    def requeue(cls, reason: str) -> Outcome:
-        """A transient failure: back to the queue now (counts against the delivery limit)."""
-        return cls("requeue", reason=reason)
-
-    @classmethod
-    def dead_letter(cls, reason: str) -> Outcome:
-        """Retrying cannot help: move it to the dead-letter queue with the reason."""
-        return cls("dead_letter", reason=reason)
-
-
 #: Throttle retries never count against the delivery limit, but they are not endless:
 #: past this many, or once the message has been parked again and again for longer than
 #: MAX_PARKED_S since its first parking, it is dead-lettered so an operator can see it.
@@ -273,7 +245,7 @@ async def settle(
     retry_target: str,
     queue_name: str,
     timeout_s: float = 5.0,
-) -> str:
+) -> Action:
     """Carry out ``outcome`` for ``message``; returns the action actually taken.
 
     A retry or dead-letter first publishes the copy with confirms and only then acks the
@@ -282,7 +254,7 @@ async def settle(
     """
     action = outcome.action
     try:
-        if action == "retry":
+        if action is Action.RETRY:
             retries = _int_header(message, RETRIES_HEADER) + 1
             now_ms = int(time.time() * 1000)
             since_ms = _int_header(message, PARKED_SINCE_HEADER) or now_ms
@@ -291,7 +263,7 @@ async def settle(
                     f"still throttled after {retries - 1} retries"
                     f" over {(now_ms - since_ms) // 1000} s"
                 )
-                action = "dead_letter"
+                action = Action.DEAD_LETTER
             else:
                 delay_s = park_delay_s(outcome.delay_s)
                 bucket = retry_delay_bucket(delay_s)
@@ -312,7 +284,7 @@ async def settle(
                 )
                 await _safe_ack(message)
                 return action
-        if action == "dead_letter":
+        if action is Action.DEAD_LETTER:
             copy = _copy(
                 message,
                 {
@@ -332,14 +304,14 @@ async def settle(
             )
             await _safe_ack(message)
             return action
-        if action == "requeue":
+        if action is Action.REQUEUE:
             await _safe_nack(message, requeue=True)
             return action
         await _safe_ack(message)
     except PublishError:
         log.warning("message.settle_failed", queue=queue_name, action=action)
         await _safe_nack(message, requeue=True)
-        return "requeue"
+        return Action.REQUEUE
     return action
 
 
@@ -377,7 +349,7 @@ async def settle_parts(
     retry_target: str,
     queue_name: str,
     timeout_s: float = 5.0,
-) -> list[str]:
+) -> list[Action]:
     """Settle a message that carried several items, each with its own outcome.
 
     When every item is acked, or every item wants a requeue, the message is settled whole.
@@ -389,8 +361,8 @@ async def settle_parts(
     (every effect is idempotent). Returns the action taken for each item.
     """
     actions = [outcome.action for _, outcome in parts]
-    if all(a == "ack" for a in actions) or all(a == "requeue" for a in actions):
-        whole = Outcome.ack() if actions[0] == "ack" else parts[0][1]
+    if all(a is Action.ACK for a in actions) or all(a is Action.REQUEUE for a in actions):
+        whole = Outcome.ack() if actions[0] is Action.ACK else parts[0][1]
         action = await settle(
             message,
             whole,
@@ -400,7 +372,7 @@ async def settle_parts(
             timeout_s=timeout_s,
         )
         return [action] * len(parts)
-    taken: list[str] = []
+    taken: list[Action] = []
     for index, (item, outcome) in enumerate(parts):
         item_action = await _settle_item(
             message,
@@ -415,7 +387,7 @@ async def settle_parts(
         if item_action is None:
             log.warning("message.settle_failed", queue=queue_name, action="split")
             await _safe_nack(message, requeue=True)
-            return ["requeue"] * len(parts)
+            return [Action.REQUEUE] * len(parts)
         taken.append(item_action)
     await _safe_ack(message)
     return taken
@@ -431,14 +403,14 @@ async def _settle_item(
     retry_target: str,
     queue_name: str,
     timeout_s: float,
-) -> str | None:
+) -> Action | None:
     """Carry out one item's outcome; None when the publish that moves it failed."""
-    if outcome.action == "ack":
-        return "ack"
+    if outcome.action is Action.ACK:
+        return Action.ACK
     part = _Part(message, json.dumps(item, separators=(",", ":")).encode("utf-8"), index)
     # settle() reads only what _Part has; cast rather than build a real incoming message.
     as_message = cast(AbstractIncomingMessage, part)
-    if outcome.action == "requeue":
+    if outcome.action is Action.REQUEUE:
         requeues = _int_header(message, REQUEUES_HEADER) + 1
         if requeues <= MAX_PART_REQUEUES:
             copy = _copy(as_message, {REQUEUES_HEADER: requeues})
@@ -448,7 +420,7 @@ async def _settle_item(
                 )
             except PublishError:
                 return None
-            return "requeue"
+            return Action.REQUEUE
         outcome = Outcome.dead_letter(f"requeued {requeues - 1} times: {outcome.reason}")
     action = await settle(
         as_message,

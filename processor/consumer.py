@@ -26,8 +26,9 @@ from aio_pika.abc import (
 )
 from pymongo.errors import ConnectionFailure
 
-from processor.broker import ConfirmPublisher, Outcome, settle, settle_parts
-from processor.errors import KeyUnreadable
+from handlers.errors import KeyUnreadable
+from handlers.outcome import Action, Outcome, outcome_for
+from processor.broker import ConfirmPublisher, settle, settle_parts
 from processor.lag import LagTracker
 from processor.logs import correlation, get_logger
 from processor.messages import INBOUND_SCHEMA
@@ -38,10 +39,6 @@ log = get_logger(__name__)
 
 #: How long a batch waits when the database is unreachable before it is tried again.
 DATABASE_RETRY_S = 5.0
-#: How long a batch waits when its account's data key cannot be unwrapped (a master key
-#: missing from this process's key ring): parked, not counted against the delivery limit,
-#: so the work survives until an operator puts the key back.
-KEY_UNREADABLE_RETRY_S = 30.0
 #: How long :meth:`ShardConsumer.release` waits for a queue's running batches.
 RELEASE_WAIT_S = 30.0
 #: Largest message body parsed (a consumer may be given its own limit): bigger ones are
@@ -123,6 +120,9 @@ Splitter = Callable[[dict[str, Any]], list[Any] | None]
 class ShardConsumer:
     """Consumes a set of queues and feeds per-account batches to a :class:`BatchHandler`.
 
+    ``retry_target`` names the retry-delay queues a "retry" outcome parks in; None for queues
+    that have none (lifecycle), whose "retry" outcomes are requeued instead.
+
     Each queue has a channel of its own. On a single-active-consumer queue that lets the
     process hand one queue to another process (:meth:`release`) while it keeps the rest.
     """
@@ -134,7 +134,7 @@ class ShardConsumer:
         queue_names: Sequence[str],
         handler: BatchHandler,
         publisher: ConfirmPublisher,
-        retry_target: str,
+        retry_target: str | None,
         metrics: Metrics,
         validate: Validator,
         prefetch: int,
@@ -324,7 +324,7 @@ class ShardConsumer:
             except KeyUnreadable as exc:
                 # Never "erased": the data is intact and reads again once the key is back.
                 log.warning("batch.key_unreadable", key_id=exc.key_id, size=len(batch))
-                fallback = Outcome.retry(KEY_UNREADABLE_RETRY_S)
+                fallback = outcome_for(exc)
             except ConnectionFailure as exc:
                 # The database is away: wait in the retry queue, which does not count
                 # against the delivery limit (requeues would dead-letter the batch
@@ -353,14 +353,18 @@ class ShardConsumer:
 
     async def _settle(self, delivery: Delivery) -> None:
         assert delivery.outcome is not None
+        outcome = delivery.outcome
+        if outcome.action is Action.RETRY and self._retry_target is None:
+            # Queues without retry-delay queues (lifecycle): the wait becomes a requeue.
+            outcome = Outcome.requeue(f"no retry queue for a {outcome.delay_s:g} s wait")
         if delivery.part_of is not None:
-            await self._settle_part(delivery.part_of, delivery.body, delivery.outcome)
+            await self._settle_part(delivery.part_of, delivery.body, outcome)
             return
         action = await settle(
             delivery.message,
-            delivery.outcome,
+            outcome,
             publisher=self._publisher,
-            retry_target=self._retry_target,
+            retry_target=self._retry_target or "",
             queue_name=delivery.queue_name,
         )
         self._metrics.messages_processed.labels(queue=delivery.queue_name, outcome=action).inc()
@@ -378,7 +382,7 @@ class ShardConsumer:
             parts.message,
             parts.settled,
             publisher=self._publisher,
-            retry_target=self._retry_target,
+            retry_target=self._retry_target or "",
             queue_name=parts.queue_name,
         )
         for action in actions:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,78 +18,14 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from crypto import DataCipher, DecryptionError, Hasher
+from handlers.records import Link, comparable
+from handlers.timeutil import utcnow
 from processor.store import SCHEMA_VERSION, Document, aad
-from processor.timeutil import utcnow
-from processor.timezones import event_time_to_utc
 
 #: How long a write in flight makes a matching notification count as our echo.
 PENDING_ECHO_WINDOW_S = 120.0
 #: How many of our own change keys a link remembers.
 ECHO_MEMORY = 10
-
-
-@dataclass
-class Link:
-    """A decrypted view of one link."""
-
-    link_id: str
-    account_id: str
-    relation_event_id: str
-    applied_revision: int
-    graph_id: str | None
-    event_key: str | None
-    state: dict[str, Any]
-    base_lm: datetime | None
-    deleted: bool
-    deleted_revision: int
-    generation: int
-
-
-def comparable(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Field values normalised so that what we sent equals what Graph returns for it."""
-    out: dict[str, Any] = {}
-    for name, value in fields.items():
-        if name in ("start", "end"):
-            out[name] = event_time_to_utc(value) if value is not None else None
-        elif name == "body":
-            out[name] = (value or {}).get("content", "").strip() if value else None
-        elif name == "attendees":
-            out[name] = sorted(
-                ((a.get("emailAddress") or {}).get("address", "").lower(), a.get("type"))
-                for a in value or []
-            )
-        elif name == "location":
-            out[name] = (value or {}).get("displayName", "") if value else ""
-        elif name == "categories":
-            out[name] = sorted(value or [])
-        elif name == "recurrence":
-            out[name] = _recurrence(value)
-        else:
-            out[name] = value
-    return out
-
-
-def _recurrence(value: Any) -> tuple[Any, ...] | None:
-    """A recurrence as a comparable tuple: Graph answers with every default filled in
-    (``firstDayOfWeek``, ``index``, ``endDate`` ``0001-01-01`` for other range types, ...)."""
-    if not isinstance(value, Mapping):
-        return None
-    pattern = value.get("pattern") or {}
-    rng = value.get("range") or {}
-    rtype = rng.get("type")
-    return (
-        pattern.get("type"),
-        pattern.get("interval") or 1,
-        pattern.get("month") or 0,
-        pattern.get("dayOfMonth") or 0,
-        tuple(sorted(str(d).lower() for d in pattern.get("daysOfWeek") or [])),
-        str(pattern.get("firstDayOfWeek") or "sunday").lower(),
-        str(pattern.get("index") or "first").lower(),
-        rtype,
-        rng.get("startDate"),
-        rng.get("endDate") if rtype == "endDate" else None,
-        rng.get("numberOfOccurrences") if rtype == "numbered" else None,
-    )
 
 
 class LinkStore:

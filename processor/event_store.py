@@ -9,8 +9,7 @@ second line of defence that holds on MongoDB even if two writers ever overlap.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,58 +18,10 @@ from pymongo.errors import DuplicateKeyError
 
 from crypto import DataCipher, Hasher
 from handlers.decisions import Version, is_newer
+from handlers.records import KEPT_FIELDS, Change, StoredVersion, next_sequence
+from handlers.timeutil import parse_graph_datetime, utcnow
+from handlers.timezones import event_time_to_utc
 from processor.store import SCHEMA_VERSION, Document, aad
-from processor.timeutil import parse_graph_datetime, utcnow
-from processor.timezones import event_time_to_utc
-
-#: The event fields the service keeps (and asks Graph for with ``$select``).
-KEPT_FIELDS: tuple[str, ...] = (
-    "subject",
-    "body",
-    "start",
-    "end",
-    "isAllDay",
-    "location",
-    "attendees",
-    "organizer",
-    "showAs",
-    "sensitivity",
-    "recurrence",
-    "type",
-    "seriesMasterId",
-    "iCalUId",
-    "lastModifiedDateTime",
-    "changeKey",
-    "webLink",
-    "isCancelled",
-    "isOrganizer",
-)
-
-
-#: A stored event's version: (``lm``, keyed hash of the changeKey, sequence of its last
-#: announcement), as read back.
-StoredVersion = tuple[datetime | None, str | None, int]
-
-
-@dataclass(frozen=True)
-class Change:
-    """A real change written to the database, waiting to be announced to 1Relation."""
-
-    account_id: str
-    event_key: str
-    change: str  # "upserted" | "deleted"
-    last_modified: datetime | None
-    seq: int
-    relation_event_id: str | None = None
-    #: ``lastModifiedDateTime`` as Graph wrote it (full precision; BSON keeps milliseconds).
-    last_modified_text: str | None = None
-
-
-def next_sequence(previous: Any) -> int:
-    """An announcement sequence above ``previous`` (time-based, so that announcements made
-    by different processes for one event still order by when they were made)."""
-    last = previous if isinstance(previous, int) else 0
-    return max(time.time_ns(), last + 1)
 
 
 class EventStore:
@@ -364,6 +315,38 @@ class EventStore:
             ]
         cursor = self.collection.find(query).sort([("start", 1), ("_id", 1)]).limit(limit)
         return await cursor.to_list()
+
+    async def live_docs(
+        self, account_id: str, keys: Sequence[str] | None = None
+    ) -> dict[str, Document]:
+        """The account's live events (only those of ``keys`` when given): their extent,
+        series and encrypted Graph id."""
+        fields = {"start": 1, "end": 1, "series": 1, "type": 1, "gid_ct": 1}
+        if keys is None:
+            cursor = self.collection.find({"account_id": account_id, "deleted": False}, fields)
+            return {str(doc["_id"]): doc async for doc in cursor}
+        found: dict[str, Document] = {}
+        for key in sorted(keys):  # by _id each: served by the primary key everywhere
+            doc = await self.collection.find_one(
+                {"_id": key, "account_id": account_id, "deleted": False}, fields
+            )
+            if doc is not None:
+                found[key] = doc
+        return found
+
+    def graph_id_of(self, account_id: str, doc: Mapping[str, Any], cipher: DataCipher) -> str:
+        """Graph's id of a stored event of the account (a document of :meth:`live_docs`)."""
+        key = str(doc["_id"])
+        return cipher.decrypt_str(doc["gid_ct"], aad("events", account_id, key, "gid"))
+
+    async def live_state(
+        self, event_key: str, cipher: DataCipher
+    ) -> tuple[dict[str, Any], datetime | None] | None:
+        """The kept fields and stored ``lastModified`` of a live event; None if absent."""
+        doc = await self.collection.find_one({"_id": event_key, "deleted": False})
+        if doc is None:
+            return None
+        return self.decrypt(doc, cipher)[1], doc.get("lm")
 
     def decrypt(self, doc: Mapping[str, Any], cipher: DataCipher) -> tuple[str, dict[str, Any]]:
         """Graph's id and the kept fields of a stored event."""

@@ -33,10 +33,12 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from handlers.errors import DeltaResetRequired as DeltaResetRequired  # noqa: PLC0414
+from handlers.records import DeltaPage as DeltaPage  # noqa: PLC0414
+from handlers.timeutil import isoformat_z
 from processor.errors import PermanentError, ThrottledError, TransientError
 from processor.interfaces import AccessTokens
 from processor.logs import get_logger
-from processor.timeutil import isoformat_z
 
 log = get_logger(__name__)
 
@@ -46,12 +48,9 @@ PREFER_UTC: Final = 'outlook.timezone="UTC"'
 THROTTLE_STATUSES: Final = frozenset({429, 503, 504})
 #: Error codes Graph uses (with 400 or 404) when a delta token can no longer be used.
 DELTA_RESET_CODES: Final = frozenset({"syncstatenotfound", "resyncrequired"})
-#: Exceptions that mean "the request may not have reached Graph or its answer was lost".
-CONNECTION_EXCEPTIONS: Final = (aiohttp.ClientError, TimeoutError, ConnectionError)
-
-
-class DeltaResetRequired(TransientError):
-    """The delta link is no longer usable: discard it and run a full initial round."""
+#: Exceptions that mean "the request may not have reached Graph or its answer was lost"
+#: (the HTTP transport's; the broker's are :data:`processor.broker.CONNECTION_EXCEPTIONS`).
+HTTP_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, ConnectionError)
 
 
 class ResourceNotFound(PermanentError):
@@ -63,15 +62,6 @@ class ForeignLinkError(PermanentError):
 
     Following it would send the account's bearer token to whoever named the URL.
     """
-
-
-@dataclass(frozen=True)
-class DeltaPage:
-    """One page of a calendarView delta round; the last page carries the next ``delta_link``."""
-
-    items: list[dict[str, Any]]
-    removed_ids: list[str]
-    delta_link: str | None
 
 
 @dataclass(frozen=True)
@@ -611,7 +601,7 @@ class GraphClient:
                 answer = await self._send(
                     method, url, gate=gate, template=template, headers=headers, json_body=json_body
                 )
-            except CONNECTION_EXCEPTIONS as exc:
+            except HTTP_TRANSPORT_ERRORS as exc:
                 reason = type(exc).__name__
                 if await self._retry_inline(
                     attempt,

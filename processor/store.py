@@ -14,6 +14,7 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from crypto import CipherCache, DataCipher, Hasher, KeyRing
+from handlers.records import Account
 from processor.repositories.accounts import AccountRepository
 from processor.repositories.base import (
     ERASURE_RESWEEPS,
@@ -91,6 +92,10 @@ class Store:
     async def get_account(self, account_id: str) -> Document | None:
         """:meth:`AccountRepository.get_document`."""
         return await self.accounts.get_document(account_id)
+
+    async def account(self, account_id: str) -> Account | None:
+        """:meth:`AccountRepository.get` (the account's record, its identity sealed)."""
+        return await self.accounts.get(account_id)
 
     async def identity(self, account_id: str) -> AccountIdentity:
         """:meth:`AccountRepository.identity`."""

@@ -21,7 +21,8 @@ import msal
 import requests
 from requests.adapters import HTTPAdapter
 
-from processor.errors import SyncError, TransientError
+from processor.errors import ReauthorizationRequired as ReauthorizationRequired  # noqa: PLC0414
+from processor.errors import TransientError
 from processor.graph import build_ssl_context
 from processor.logs import get_logger
 from processor.settings import ClientCertificate
@@ -51,15 +52,6 @@ _REAUTH_ERRORS: Final = frozenset(
 )
 _MSAL_TIMEOUT_S: Final = 30.0
 _RESERVED_SCOPES: Final = frozenset({"openid", "profile", "offline_access"})
-
-
-class ReauthorizationRequired(SyncError):
-    """The stored sign-in cannot produce tokens any more; a person must connect again."""
-
-    def __init__(self, account_id: str, reason: str) -> None:
-        super().__init__(f"account {account_id} needs reauthorization: {reason}")
-        self.account_id = account_id
-        self.reason = reason
 
 
 class TokenCacheStore(Protocol):

@@ -9,23 +9,26 @@ worker processes, and the per-mailbox Graph budget holds across any number of wo
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
+# The domain owns these names; the runtime's topology declares what they address.
+from handlers.routing import ONERELATION_INBOUND as ONERELATION_INBOUND  # noqa: PLC0414
+from handlers.routing import OUTBOUND_EXCHANGE as OUTBOUND_EXCHANGE  # noqa: PLC0414
+from handlers.routing import shard_of as shard_of  # noqa: PLC0414
+from handlers.routing import shard_routing_key as shard_routing_key  # noqa: PLC0414
+
 # Contract names (CONTRACT §3).
 ONERELATION_OUTBOUND = "onerelation.outbound"
-ONERELATION_INBOUND = "onerelation.inbound"
 ONERELATION_INBOUND_QUEUE = "onerelation.inbound"
 
 # The service's own names.
 INBOUND_EXCHANGE = "m365sync.inbound"  # notifications and resync jobs, by shard
 INBOUND_QUEUE = "m365sync.inbound.{shard}"
 OUTBOUND_INTAKE_QUEUE = "m365sync.outbound.intake"  # bound to onerelation.outbound
-OUTBOUND_EXCHANGE = "m365sync.outbound"  # validated outbound messages, by shard
 OUTBOUND_QUEUE = "m365sync.outbound.{shard}"
 LIFECYCLE_EXCHANGE = "m365sync.lifecycle"
 LIFECYCLE_QUEUE = "m365sync.lifecycle"
@@ -52,17 +55,6 @@ class TopologyConfig:
     shard_count: int = 8
     delivery_limit: int = 5
     dead_letter_ttl_days: int = 14
-
-
-def shard_of(account_id: str, shard_count: int) -> int:
-    """The shard an account's messages go to: stable across processes and restarts."""
-    digest = hashlib.blake2b(account_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shard_count
-
-
-def shard_routing_key(account_id: str, shard_count: int) -> str:
-    """Routing key of an account's shard (``shard.N``)."""
-    return f"shard.{shard_of(account_id, shard_count)}"
 
 
 def retry_delay_bucket(wait_s: float) -> int:

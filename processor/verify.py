@@ -14,7 +14,8 @@ from typing import Any
 
 from bson import Binary
 
-from processor.event_store import KEPT_FIELDS, EventStore
+from handlers.records import KEPT_FIELDS
+from processor.event_store import EventStore
 from processor.store import Store
 
 

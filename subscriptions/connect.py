@@ -37,10 +37,9 @@ from pymongo.asynchronous.collection import AsyncCollection
 
 from contract.problems import json_error
 from contract.storage import SCHEMA_VERSION, aad
-from contract.timeutil import utcnow
 from crypto import DecryptionError
-from processor.errors import TransientError
-from processor.interfaces import PublishError
+from handlers.errors import PublishError, TransientError
+from handlers.timeutil import utcnow
 from subscriptions.links import (
     CONNECT_AUDIENCE,
     LinkRejected,

@@ -27,7 +27,7 @@ from pymongo.errors import DuplicateKeyError
 
 from contract.problems import json_error
 from contract.storage import SCHEMA_VERSION
-from contract.timeutil import utcnow
+from handlers.timeutil import utcnow
 from subscriptions.connect import (
     BrowserMismatch,
     FlowStore,

@@ -12,25 +12,29 @@ the account's lease) is handed to the manager's next scan and the message is ack
 lifecycle queues have no retry-delay queues, and waiting is never done by holding a
 message. If this process dies before that scan, the periodic Graph check (a missing
 subscription is recreated and resynced) and Graph's repeated ``reauthorizationRequired``
-cover it. Acks go through :func:`processor.broker.settle` like every consumer's.
+cover it. The messages come through the same consumer as every queue's
+(:class:`processor.consumer.ShardConsumer`), which settles what :meth:`LifecycleHandler.handle`
+decides.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
 
-from processor.broker import ConfirmPublisher, Outcome, settle
-from processor.errors import AccountUnavailable, PermanentError, TransientError
-from processor.interfaces import PublishError
-from processor.logs import correlation
+from handlers.errors import (
+    AccountUnavailable,
+    PermanentError,
+    PublishError,
+    ReauthorizationRequired,
+    TransientError,
+)
+from handlers.outcome import Outcome, outcome_for
+from handlers.ports import Delivery
 from processor.messages import LIFECYCLE_SCHEMA
-from processor.tokens import ReauthorizationRequired
-from processor.topology import LIFECYCLE_QUEUE
 from subscriptions.manager import SubscriptionManager
 from subscriptions.ports import Repositories
 
@@ -39,19 +43,8 @@ log = structlog.get_logger(__name__)
 LIFECYCLE_EVENTS = frozenset({"subscriptionRemoved", "missed", "reauthorizationRequired"})
 
 
-#: Largest lifecycle message parsed: ours are a few hundred bytes.
+#: Largest lifecycle message the consumer parses: ours are a few hundred bytes.
 MAX_LIFECYCLE_MESSAGE_BYTES = 64 * 1024
-
-
-def _parse(raw: bytes) -> tuple[Any, str | None]:
-    """The JSON body, or why it cannot be read: the size first, then every parse failure
-    (a deeply nested document raises ``RecursionError``, which must not escape the callback)."""
-    if len(raw) > MAX_LIFECYCLE_MESSAGE_BYTES:
-        return None, f"message is larger than {MAX_LIFECYCLE_MESSAGE_BYTES} bytes"
-    try:
-        return json.loads(raw), None
-    except (ValueError, RecursionError):
-        return None, "body is not JSON"
 
 
 def validate_lifecycle(body: Any) -> str | None:
@@ -74,6 +67,15 @@ class LifecycleHandler:
         self._manager = manager
         #: Counts by what happened (handled_<event>, unknown, unknown_event, deferred, …).
         self.stats: Counter[str] = Counter()
+
+    async def handle_batch(self, account_id: str, deliveries: Sequence[Delivery]) -> None:
+        """Handle one account's lifecycle messages one after another."""
+        for delivery in deliveries:
+            try:
+                delivery.outcome = await self.handle(delivery.body)
+            except Exception as exc:  # a bug must not decide for the rest of the batch
+                log.exception("lifecycle.failed")
+                delivery.outcome = outcome_for(exc)
 
     async def handle(self, body: dict[str, Any]) -> Outcome:
         """Handle one validated message; returns what to do with it."""
@@ -103,13 +105,13 @@ class LifecycleHandler:
             try:
                 await self._manager.report_reauthorization(account_id, exc.reason)
             except TransientError as publish_failure:
-                return Outcome.requeue(str(publish_failure))
-            return Outcome.ack()
+                return outcome_for(publish_failure)
+            return outcome_for(exc)
         except PublishError as exc:
-            return Outcome.requeue(f"resync not confirmed: {exc}")
-        except AccountUnavailable:
+            return outcome_for(exc)
+        except AccountUnavailable as exc:
             self.stats["unknown"] += 1
-            return Outcome.ack()
+            return outcome_for(exc)
         except (TransientError, PermanentError) as exc:
             log.warning("lifecycle.deferred", account_id=account_id, error=str(exc)[:200])
             done = False
@@ -127,58 +129,3 @@ class LifecycleHandler:
         if event == "subscriptionRemoved":
             return await self._manager.recreate(account_id, sub_hash)
         return await self._manager.reauthorize(account_id, sub_hash)
-
-
-class LifecycleConsumer:
-    """Consumes ``m365sync.lifecycle`` (any number of consumers; no per-account order needed)."""
-
-    def __init__(
-        self,
-        *,
-        channel: AbstractChannel,
-        handler: LifecycleHandler,
-        publisher: ConfirmPublisher,
-        prefetch: int = 8,
-    ) -> None:
-        self._channel = channel
-        self._handler = handler
-        self._publisher = publisher
-        self._prefetch = prefetch
-        self._queue: AbstractQueue | None = None
-        self._tag: ConsumerTag | None = None
-
-    async def start(self) -> None:
-        """Start consuming."""
-        await self._channel.set_qos(prefetch_count=self._prefetch)
-        self._queue = await self._channel.get_queue(LIFECYCLE_QUEUE, ensure=False)
-        self._tag = await self._queue.consume(self._on_message)
-
-    async def stop(self) -> None:
-        """Stop intake (messages in flight finish or are requeued by the channel's close)."""
-        if self._queue is not None and self._tag is not None:
-            try:
-                await self._queue.cancel(self._tag)
-            except Exception as exc:  # the channel may already be gone
-                log.info("lifecycle.cancel_failed", error=type(exc).__name__)
-            self._tag = None
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        with correlation(message.correlation_id):
-            body, problem = _parse(message.body)
-            if problem is None:
-                problem = validate_lifecycle(body)
-            if problem is not None:
-                outcome = Outcome.dead_letter(problem)
-            else:
-                try:
-                    outcome = await self._handler.handle(body)
-                except Exception:  # a bug must not strand the message unsettled
-                    log.exception("lifecycle.failed")
-                    outcome = Outcome.requeue("handler failed")
-            await settle(
-                message,
-                outcome,
-                publisher=self._publisher,
-                retry_target="inbound",  # never used: lifecycle outcomes are never "retry"
-                queue_name=LIFECYCLE_QUEUE,
-            )

@@ -28,8 +28,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from contract.storage import SCHEMA_VERSION
-from contract.timeutil import utcnow
 from crypto import Hasher
+from handlers.timeutil import utcnow
 from subscriptions.ports import Record
 
 __all__ = [

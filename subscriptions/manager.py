@@ -36,12 +36,17 @@ import structlog
 from pymongo.errors import PyMongoError
 
 from contract.statuses import PAUSED_STATUSES
-from contract.timeutil import as_utc, isoformat_z, parse_graph_datetime, utcnow
-from processor.errors import AccountUnavailable, PermanentError, ThrottledError, TransientError
-from processor.interfaces import PublishError
-from processor.tokens import ReauthorizationRequired
+from handlers.errors import (
+    AccountUnavailable,
+    PermanentError,
+    PublishError,
+    ReauthorizationRequired,
+    ThrottledError,
+    TransientError,
+)
+from handlers.records import Account
+from handlers.timeutil import as_utc, isoformat_z, parse_graph_datetime, utcnow
 from subscriptions.ports import (
-    Account,
     AccountStatusPublisher,
     GraphSubscriptionApi,
     Record,

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from pymongo.asynchronous.database import AsyncDatabase
 
 from crypto import DataCipher, Hasher
+from handlers.records import Account
 
 #: A stored document: subscription records and the manager's per-account state.
 Record = dict[str, Any]
@@ -25,24 +26,6 @@ class AccountIdentity:
 
     user_id: str
     tenant_id: str
-
-
-@dataclass(frozen=True)
-class Account:
-    """An account as stored; its Microsoft identity stays sealed until asked for."""
-
-    account_id: str
-    status: str
-    status_reason: str = ""
-    user_hash: str | None = None
-    tenant_hash: str | None = None
-    #: The identity's ciphertext, opened only by :meth:`Accounts.decrypt_identity`.
-    sealed_identity: tuple[Any, Any] | None = None
-
-    @property
-    def bound(self) -> bool:
-        """Whether the account is bound to a Microsoft user (it connected at least once)."""
-        return self.sealed_identity is not None
 
 
 class Keys(Protocol):

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from contract.timeutil import isoformat_z, parse_graph_datetime, utcnow
-from processor.errors import PermanentError
+from handlers.errors import PermanentError
+from handlers.timeutil import isoformat_z, parse_graph_datetime, utcnow
 from subscriptions.ports import AccountIdentity, GraphSubscriptionApi, Repositories
 
 log = structlog.get_logger(__name__)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from contract.timeutil import as_utc
+from handlers.timeutil import as_utc
 from subscriptions.ports import Record
 from subscriptions.registration import MAX_EVENT_SUBSCRIPTION_MINUTES
 

@@ -9,11 +9,12 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from crypto import DataCipher, Hasher
+from handlers.records import Account
 from processor.errors import AccountUnavailable
 from processor.repositories.base import ERASURE_RESWEEPS, SCHEMA_VERSION, Document, aad
 from processor.repositories.keys import KeyRepository
 from processor.timeutil import utcnow
-from subscriptions.ports import Account, AccountIdentity
+from subscriptions.ports import AccountIdentity
 
 #: The fields the subscription manager decides an account from.
 _MANAGER_FIELDS = {"status": 1, "user_ct": 1, "tenant_ct": 1, "user_hash": 1, "tenant_hash": 1}

@@ -72,7 +72,8 @@ async def test_status_reports_accounts_subscriptions_queues_dead_letters_and_lag
         assert all(q["exists"] and q["consumers"] == 1 for q in shards)
         worker = facts["lag"]["worker"]
         assert worker["processes"] == 1
-        assert worker["samples"] >= 6
+        # One sample per broker message: the receiver may group the 6 notifications.
+        assert worker["samples"] >= 1
         assert 0 <= worker["lag_p99_s"] < 60
         assert facts["lag"]["outbound"]["processes"] == 0
         assert facts["dead_letters"] == {"count": 0, "oldest_age_s": None}
