@@ -100,8 +100,8 @@ async def _seed(
         window=window,
         settings=DeltaSettings(page_size=500, upsert_concurrency=8),
     )
-    cipher = await rt.store.cipher_for(account_id)
-    identity = await rt.store.identity(account_id)
+    cipher = await rt.store.keys.cipher_for(account_id)
+    identity = await rt.store.accounts.identity(account_id)
     await runner(account_id, cipher, identity.user_id, True, "connect")
     await _drain_announcements(rt, {})
 

@@ -105,9 +105,11 @@ async def seed(env: dict[str, str], accounts: int) -> list[Mailbox]:
         for n in range(accounts):
             account_id = f"bench-acc-{n:03d}"
             mailbox = Mailbox(subscription_id=str(uuid.uuid4()), user_id=str(uuid.uuid4()))
-            await store.create_account(account_id)
-            await store.bind_identity(account_id, user_id=mailbox.user_id, tenant_id=TENANT_ID)
-            await store.save_subscription(
+            await store.accounts.create(account_id)
+            await store.accounts.bind_identity(
+                account_id, user_id=mailbox.user_id, tenant_id=TENANT_ID
+            )
+            await store.subscriptions.save(
                 account_id,
                 subscription_id=mailbox.subscription_id,
                 client_state=CLIENT_STATE,

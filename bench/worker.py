@@ -124,7 +124,7 @@ async def inbound_messages(rt: Runtime, events: dict[str, list[str]]) -> list[Ou
     shard_count = rt.settings.shard_count
     per_account: list[list[OutgoingMessage]] = []
     for account_id, ids in events.items():
-        cipher = await rt.store.cipher_for(account_id)
+        cipher = await rt.store.keys.cipher_for(account_id)
         aad = f"inbound|{account_id}|event_ref".encode()
         per_account.append(
             [

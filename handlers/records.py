@@ -8,20 +8,27 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from contract.statuses import PAUSED_STATUSES
 from handlers.timezones import event_time_to_utc
-
-#: Account statuses in which the service makes no Graph calls for the account.
-PAUSED_STATUSES = frozenset({"reauthorization_required", "admin_consent_required", "disconnected"})
 
 
 @dataclass(frozen=True)
 class Account:
-    """What the handlers need to know of an account (no secrets, nothing decrypted)."""
+    """An account as stored: what the handlers and the subscription manager decide from
+    (nothing decrypted; its Microsoft identity stays sealed until asked for)."""
 
     account_id: str
     status: str | None
-    #: Whether a Microsoft 365 user is bound to the account (it finished connecting).
-    bound: bool
+    status_reason: str = ""
+    user_hash: str | None = None
+    tenant_hash: str | None = None
+    #: The identity's ciphertext (user, tenant), opened only by the accounts' store.
+    sealed_identity: tuple[Any, Any] | None = None
+
+    @property
+    def bound(self) -> bool:
+        """Whether a Microsoft 365 user is bound to the account (it finished connecting)."""
+        return self.sealed_identity is not None
 
     @property
     def paused(self) -> bool:

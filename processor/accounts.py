@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Final
 
+from contract.statuses import DEFAULT_REASONS, STATUSES
 from crypto import DataCipher
 from processor.errors import TransientError
 from processor.event_store import EventStore
@@ -17,36 +18,6 @@ from processor.timeutil import isoformat_z, utcnow
 from processor.topology import ONERELATION_INBOUND
 
 log = get_logger(__name__)
-
-STATUSES: Final = frozenset(
-    {
-        "connected",
-        "backfilling",
-        "reauthorization_required",
-        "admin_consent_required",
-        "deletions_paused",
-        "disconnected",
-    }
-)
-
-#: What a person can do about each status (the default ``status_reason``).
-DEFAULT_REASONS: Final = {
-    "connected": "",
-    "backfilling": "The calendar is being copied for the first time; this takes a few minutes.",
-    "reauthorization_required": (
-        "Microsoft no longer accepts the stored sign-in: the user must click "
-        "'Connect to Microsoft' again."
-    ),
-    "admin_consent_required": (
-        "An administrator of the user's Microsoft 365 organisation must approve the app "
-        "before the user can connect."
-    ),
-    "deletions_paused": (
-        "Microsoft reported far more deletions than usual, so deleting was paused to protect "
-        "the data; an operator or a resync releases it."
-    ),
-    "disconnected": "The account is not connected to Microsoft 365.",
-}
 
 #: What failed, and what a person can do, when an account enters a status that stops it.
 FAILURES: Final = {
@@ -112,7 +83,7 @@ class AccountStatuses:
             await record_sync(
                 self._store, account_id, error=describe_failure(status, text, at=utcnow())
             )
-        changed = await self._store.set_status(account_id, status, text)
+        changed = await self._store.accounts.set_status(account_id, status, text)
         if changed:
             self._metrics.account_status_changes.labels(status=status).inc()
             log.info("account.status_changed", account_id=account_id, status=status)
@@ -125,41 +96,44 @@ class AccountStatuses:
         if document is None:
             return
         try:
-            await self._publisher.publish(
-                OutgoingMessage(
-                    exchange=ONERELATION_INBOUND,
-                    routing_key="account.status",
-                    body=document,
-                    message_id=uuid.uuid4().hex,
-                ),
-                timeout_s=self._timeout_s,
-            )
+            await self._send(document)
         except PublishError as exc:
             raise TransientError(f"account.status not confirmed: {exc}") from exc
 
+    async def announce(self, document: dict[str, Any]) -> None:
+        """Publish a status document built by the caller (an erased account's last one);
+        :class:`TransientError` when the broker does not confirm it in time."""
+        try:
+            await self._send(document)
+        except (PublishError, TimeoutError) as exc:
+            raise TransientError(f"account.status not confirmed: {exc}") from exc
+
+    async def _send(self, document: dict[str, Any]) -> None:
+        await self._publisher.publish(
+            OutgoingMessage(
+                exchange=ONERELATION_INBOUND,
+                routing_key="account.status",
+                body=document,
+                message_id=uuid.uuid4().hex,
+            ),
+            timeout_s=self._timeout_s,
+        )
+
     async def document(self, account_id: str) -> dict[str, Any] | None:
         """The status document of CONTRACT §2, or None for an unknown account."""
-        account = await self._store.get_account(account_id)
+        account = await self._store.accounts.get(account_id)
         if account is None:
             return None
         sync = await self._store.db[SYNC_STATE].find_one({"_id": account_id}) or {}
         tenant_id = None
-        if "tenant_ct" in account:
-            cipher = await self._store.cipher_for(account_id)
-            tenant_id = cipher.decrypt_str(
-                account["tenant_ct"], aad("accounts", account_id, "tenant")
-            )
-        expiries = [
-            doc["expires_at"]
-            async for doc in self._store.subscriptions.find(
-                {"account_id": account_id}, {"expires_at": 1}
-            )
-        ]
+        if account.bound:
+            tenant_id = (await self._store.accounts.decrypt_identity(account)).tenant_id
+        expiries = await self._store.subscriptions.expiries(account_id)
         last_sync = sync.get("last_sync_at")
         return {
             "account_id": account_id,
-            "status": account.get("status", "disconnected"),
-            "status_reason": account.get("status_reason", ""),
+            "status": account.status,
+            "status_reason": account.status_reason,
             "tenant_id": tenant_id,
             "last_sync_at": isoformat_z(last_sync) if last_sync else None,
             "subscription_expires_at": isoformat_z(max(expiries)) if expiries else None,

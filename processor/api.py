@@ -30,18 +30,20 @@ from contract import openapi_document
 from crypto import DecryptionError
 from processor.accounts import AccountStatuses
 from processor.errors import AccountUnavailable, KeyUnreadable, TransientError
+from processor.event_links import LinkStore
 from processor.event_store import EventStore
 from processor.interfaces import Publisher, PublishError
 from processor.logs import get_logger
+from processor.resync import ResyncPublisher
 from processor.settings import Settings
 from processor.store import Store
 from processor.timeutil import parse_graph_datetime, to_millis
 from processor.timezones import event_time_to_utc
-from processor.tokens import MsalApps
+from processor.tokens import MsalApps, MsalSignIn
 from processor.web import json_error
-from subscriptions.connect import publish_resync
 from subscriptions.erasure import Eraser
 from subscriptions.links import is_account_id
+from subscriptions.ports import SignInSettings
 
 if TYPE_CHECKING:
     from processor.app import Runtime
@@ -62,8 +64,6 @@ MAX_LIMIT: Final = 1000
 #: Widest window one request may ask for (a bound on the work one call can cause).
 MAX_WINDOW: Final = timedelta(days=732)
 MAX_CURSOR_CHARS: Final = 512
-#: The outbound role's links between 1Relation's events and Graph's (processor.mapping).
-LINKS: Final = "links"
 #: The resync reason that also releases the mass-deletion brake (handlers.delta).
 OPERATOR_RESYNC_REASON: Final = "operator"
 #: The event fields the API returns (CONTRACT §3), besides ``event_key`` and
@@ -184,6 +184,7 @@ class _Api:
         settings: Settings,
         store: Store,
         events: EventStore,
+        links: LinkStore,
         statuses: AccountStatuses,
         publisher: Publisher,
         eraser: Eraser,
@@ -191,6 +192,7 @@ class _Api:
         self._settings = settings
         self._store = store
         self._events = events
+        self._links = links
         self._statuses = statuses
         self._publisher = publisher
         self._eraser = eraser
@@ -253,33 +255,19 @@ class _Api:
             after = _decode_cursor(cursor) if cursor is not None else None
         except _BadRequest as exc:
             return json_error(400, "bad_request", exc.message)
-        if not is_account_id(account_id) or await self._store.get_account(account_id) is None:
+        if not is_account_id(account_id) or await self._store.accounts.get(account_id) is None:
             return self._not_found()
         try:
-            cipher = await self._store.cipher_for(account_id)
+            cipher = await self._store.keys.cipher_for(account_id)
         except AccountUnavailable:
             return self._not_found()
         except KeyUnreadable:
             return _key_unreadable()
-        query: dict[str, Any] = {
-            "account_id": account_id,
-            "deleted": False,
-            "start": {"$lt": end},
-            "end": {"$gt": start},
-        }
-        if after is not None:
-            query["$or"] = [
-                {"start": {"$gt": after[0]}},
-                {"start": after[0], "_id": {"$gt": after[1]}},
-            ]
-        docs = (
-            await self._events.collection.find(query)
-            .sort([("start", 1), ("_id", 1)])
-            .limit(limit + 1)
-            .to_list()
+        docs = await self._events.page_in_window(
+            account_id, start, end, after=after, limit=limit + 1
         )
         page, more = docs[:limit], len(docs) > limit
-        relation_ids = await self._relation_ids(account_id, [str(doc["_id"]) for doc in page])
+        relation_ids = await self._links.relation_ids(account_id, [str(doc["_id"]) for doc in page])
         items = []
         for doc in page:
             try:
@@ -302,32 +290,16 @@ class _Api:
             )
         return web.json_response({"events": items, "next": next_url})
 
-    async def _relation_ids(self, account_id: str, event_keys: list[str]) -> dict[str, str]:
-        """The 1Relation event linked to each of ``event_keys`` (written by the outbound role)."""
-        if not event_keys:
-            return {}
-        cursor = self._store.db[LINKS].find(
-            {"account_id": account_id, "event_key": {"$in": event_keys}, "deleted": {"$ne": True}},
-            {"event_key": 1, "relation_event_id": 1},
-        )
-        return {
-            str(doc["event_key"]): str(doc["relation_event_id"])
-            async for doc in cursor
-            if doc.get("relation_event_id") is not None
-        }
-
     async def resync(self, request: web.Request) -> web.StreamResponse:
         account_id = request.match_info["account_id"]
-        if not is_account_id(account_id) or await self._store.get_account(account_id) is None:
+        if not is_account_id(account_id) or await self._store.accounts.get(account_id) is None:
             return self._not_found()
         try:
-            await publish_resync(
-                self._publisher,
-                account_id=account_id,
-                reason=OPERATOR_RESYNC_REASON,
+            await ResyncPublisher(
+                publisher=self._publisher,
                 shard_count=self._settings.shard_count,
                 timeout_s=self._settings.publish_timeout_s,
-            )
+            ).request(account_id, full=True, reason=OPERATOR_RESYNC_REASON)
         except (PublishError, TimeoutError):
             log.warning("api.resync_not_queued", account_id=account_id)
             return json_error(
@@ -363,6 +335,7 @@ def add_api_routes(
     settings: Settings,
     store: Store,
     events: EventStore,
+    links: LinkStore,
     statuses: AccountStatuses,
     publisher: Any,
     eraser: Eraser,
@@ -374,6 +347,7 @@ def add_api_routes(
         settings=settings,
         store=store,
         events=events,
+        links=links,
         statuses=statuses,
         publisher=publisher,
         eraser=eraser,
@@ -425,17 +399,27 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         hasher=rt.hasher,
         require_audience=settings.link_audience_required,
     )
+    sign_in_settings = SignInSettings(
+        public_url=settings.public_url,
+        client_id=settings.client_id,
+        authority_host=settings.authority_host,
+    )
+    sign_in = MsalSignIn(apps=apps)
     add_connect_routes(
         app,
-        settings=settings,
+        settings=sign_in_settings,
         store=rt.store,
         graph=rt.graph,
-        publisher=rt.publisher,
+        resyncs=ResyncPublisher(
+            publisher=rt.publisher,
+            shard_count=settings.shard_count,
+            timeout_s=settings.publish_timeout_s,
+        ),
         statuses=rt.statuses,
-        apps=apps,
+        sign_in=sign_in,
         links=links,
     )
-    add_consent_routes(app, settings=settings, store=rt.store, links=links, apps=apps)
+    add_consent_routes(app, settings=sign_in_settings, store=rt.store, links=links, apps=sign_in)
     add_operator_page(app)
 
     async def operator_facts() -> dict[str, Any]:
@@ -448,14 +432,14 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         settings=settings,
         store=rt.store,
         events=rt.events,
+        links=rt.links,
         statuses=rt.statuses,
         publisher=rt.publisher,
         eraser=Eraser(
             store=rt.store,
             graph=rt.graph,
             tokens=rt.tokens,
-            publisher=rt.publisher,
-            publish_timeout_s=settings.publish_timeout_s,
+            statuses=rt.statuses,
         ),
         extra_gets=[(STATUS_PATH, status_handler(operator_facts))],
     )

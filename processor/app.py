@@ -26,6 +26,7 @@ from aiohttp import web
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from contract.statuses import PAUSED_STATUSES
 from crypto import CipherCache, Hasher, KeyRing
 from handlers.delta import DeltaRunner, DeltaSettings
 from handlers.inbound import InboundHandler, SyncWindow, validate_inbound
@@ -37,7 +38,6 @@ from handlers.outbound import (
     validate_intake,
     validate_shard,
 )
-from handlers.records import PAUSED_STATUSES
 from processor import broker as broker_mod
 from processor.accounts import AccountStatuses, DeltaLinkStore
 from processor.announce import Announcer, OutboxRelay
@@ -45,13 +45,14 @@ from processor.api import add_account_routes
 from processor.balance import Balancer, Registry
 from processor.broker import ConfirmPublisher
 from processor.consumer import ShardConsumer
+from processor.event_links import LinkStore
 from processor.event_store import EventStore
 from processor.graph import GraphClient, create_http_session
 from processor.interfaces import OutgoingMessage
 from processor.logs import configure_logging, get_logger
-from processor.mapping import LinkStore
 from processor.messages import MAX_CHANGES_ITEMS, split_changes
 from processor.metrics import Metrics
+from processor.resync import ResyncPublisher
 from processor.settings import Settings, SettingsError
 from processor.store import Document, Store, wait_for_database
 from processor.timeutil import utcnow
@@ -72,7 +73,8 @@ from subscriptions.lifecycle import (
     LifecycleHandler,
     validate_lifecycle,
 )
-from subscriptions.manager import ManagerSettings, SubscriptionManager
+from subscriptions.manager import SubscriptionManager
+from subscriptions.schedule import ManagerSettings
 
 log = get_logger(__name__)
 
@@ -138,7 +140,7 @@ async def build_runtime(
         on_key_unreadable=metrics.data_key_unreadable.inc,
     )
     await store.ensure_indexes()
-    missing = await store.missing_master_keys()
+    missing = await store.keys.missing_master_keys()
     if missing:
         # Fail fast: a process without these keys would leave those accounts unsynced.
         named = ", ".join(f"{kid!r} ({n} data keys)" for kid, n in sorted(missing.items()))
@@ -170,7 +172,7 @@ async def build_runtime(
             authority_host=settings.authority_host,
             ca_bundle=settings.ca_bundle,
         ),
-        store=store,
+        store=store.token_caches,
     )
     graph = GraphClient(
         session=http,
@@ -223,10 +225,10 @@ async def receiver_role(rt: Runtime, *, sock: socket.socket | None = None) -> As
     """Serve the HTTP app; yields the bound port. Stops accepting on exit."""
     app = build_app(
         settings=rt.settings,
-        lookup=rt.store,
+        lookup=rt.store.subscriptions,
         publisher=rt.publisher,
         hasher=rt.hasher,
-        ciphers=rt.store,
+        ciphers=rt.store.keys,
         readiness=rt.readiness,
         metrics=rt.metrics,
     )
@@ -414,8 +416,8 @@ async def outbound_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
 async def _wake_parked(rt: Runtime) -> None:
     """Send a ``replay`` to the shard of each reconnected account with parked changes."""
     for account_id in await rt.links.accounts_with_parked():
-        account = await rt.store.get_account(account_id)
-        if account is None or account.get("status") in PAUSED_STATUSES:
+        account = await rt.store.accounts.get(account_id)
+        if account is None or account.status in PAUSED_STATUSES:
             continue
         await rt.publisher.publish(
             OutgoingMessage(
@@ -430,8 +432,8 @@ async def _wake_parked(rt: Runtime) -> None:
 
 async def _relay_and_sweep(rt: Runtime, relay: OutboxRelay) -> None:
     await relay.run_once(older_than_s=60.0, now=utcnow())
-    await rt.store.sweep_expired()
-    await rt.store.resweep_due()
+    await rt.store.leases.sweep_expired()
+    await rt.store.erasures.resweep_due()
 
 
 async def _every(interval_s: float, job: Callable[[], Awaitable[Any]]) -> None:
@@ -495,18 +497,22 @@ async def subscriptions_role(
 
     ``clock`` is what subscription expiries are compared with (tests pass the simulator's).
     """
+    settings = manager_settings or ManagerSettings(
+        public_url=rt.settings.public_url,
+        shard_count=rt.settings.shard_count,
+        resync_interval_s=rt.settings.resync_interval_s,
+        publish_timeout_s=rt.settings.publish_timeout_s,
+    )
     manager = SubscriptionManager(
         store=rt.store,
         graph=rt.graph,
-        publisher=rt.publisher,
-        statuses=rt.statuses,
-        settings=manager_settings
-        or ManagerSettings(
-            public_url=rt.settings.public_url,
-            shard_count=rt.settings.shard_count,
-            resync_interval_s=rt.settings.resync_interval_s,
-            publish_timeout_s=rt.settings.publish_timeout_s,
+        resyncs=ResyncPublisher(
+            publisher=rt.publisher,
+            shard_count=settings.shard_count,
+            timeout_s=settings.publish_timeout_s,
         ),
+        statuses=rt.statuses,
+        settings=settings,
         clock=clock,
     )
     lifecycle = ShardConsumer(
@@ -522,7 +528,7 @@ async def subscriptions_role(
     )
     await lifecycle.start()
     await manager.start()
-    sweeper = asyncio.create_task(_every(60.0, rt.store.sweep_expired))
+    sweeper = asyncio.create_task(_every(60.0, rt.store.leases.sweep_expired))
     rt.metrics.gauges(
         "subscriptions_expiring",
         "Accounts (not paused) by how soon their subscription expires, at the last scan: "

@@ -77,17 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(lambda: run_roles(settings, chosen))
         if args.command == "keys":
             settings = _load(OPERATOR_REQUIRED)
-            from processor.operator import rotate_keys  # noqa: PLC0415
+            from processor.operations import rotate_keys  # noqa: PLC0415
 
             return _run(lambda: rotate_keys(settings))
         if args.command == "status":
             settings = _load(frozenset())
-            from processor.operator import status  # noqa: PLC0415
+            from processor.operations import status  # noqa: PLC0415
 
             return _run(lambda: status(settings, as_json=args.json))
         if args.command == "dlq":
             settings = _load(OPERATOR_REQUIRED)
-            from processor.operator import dlq_list, dlq_replay  # noqa: PLC0415
+            from processor.operations import dlq_list, dlq_replay  # noqa: PLC0415
 
             if args.dlq_command == "list":
                 return _run(lambda: dlq_list(settings))

@@ -291,6 +291,31 @@ class EventStore:
         )
         return [doc async for doc in cursor]
 
+    async def page_in_window(
+        self,
+        account_id: str,
+        start: datetime,
+        end: datetime,
+        *,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[Document]:
+        """Up to ``limit`` live events overlapping ``[start, end)`` in (start, key) order,
+        those after the cursor ``after`` (the last page's start and key) only."""
+        query: dict[str, Any] = {
+            "account_id": account_id,
+            "deleted": False,
+            "start": {"$lt": end},
+            "end": {"$gt": start},
+        }
+        if after is not None:
+            query["$or"] = [
+                {"start": {"$gt": after[0]}},
+                {"start": after[0], "_id": {"$gt": after[1]}},
+            ]
+        cursor = self.collection.find(query).sort([("start", 1), ("_id", 1)]).limit(limit)
+        return await cursor.to_list()
+
     async def live_docs(
         self, account_id: str, keys: Sequence[str] | None = None
     ) -> dict[str, Document]:

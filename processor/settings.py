@@ -12,6 +12,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from crypto import KeyConfigError, MasterKey, parse_hash_key, parse_master_keys
+from subscriptions.links import canonical_origin
 
 T = TypeVar("T")
 
@@ -142,18 +143,6 @@ def _origin(name: str, value: str) -> str:
     if parts.query or parts.fragment or parts.username:
         raise SettingsError(f"{name}: {value!r} is not an origin (scheme://host[:port])")
     return canonical_origin(value)
-
-
-def canonical_origin(url: str) -> str:
-    """Return ``scheme://host[:port]`` of a URL, lower-cased, default ports dropped."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if ":" in host:
-        host = f"[{host}]"
-    port = parts.port
-    default = {"http": 80, "https": 443}.get(parts.scheme)
-    suffix = f":{port}" if port is not None and port != default else ""
-    return f"{parts.scheme.lower()}://{host}{suffix}"
 
 
 def _csv(value: str) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from typing import Any
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from pymongo.asynchronous.database import AsyncDatabase
 
-from processor.accounts import STATUSES
+from contract.statuses import STATUSES
 from processor.balance import Registry
 from processor.broker import DEAD_LETTERED_HEADER
 from processor.lag import merge_reports, published_ms

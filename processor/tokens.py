@@ -57,12 +57,10 @@ _RESERVED_SCOPES: Final = frozenset({"openid", "profile", "offline_access"})
 class TokenCacheStore(Protocol):
     """Where an account's serialized MSAL cache lives (encrypted at rest by the store)."""
 
-    async def load_token_cache(self, account_id: str) -> tuple[str, int] | None:
+    async def load(self, account_id: str) -> tuple[str, int] | None:
         """The decrypted serialized cache and its version, or None when there is none."""
 
-    async def save_token_cache(
-        self, account_id: str, serialized: str, expected_version: int
-    ) -> bool:
+    async def save(self, account_id: str, serialized: str, expected_version: int) -> bool:
         """Store a new cache if the version is still ``expected_version``; False otherwise."""
 
 
@@ -233,7 +231,7 @@ class MsalTokenProvider:
     async def _acquire(self, account_id: str, stale: str | None) -> tuple[str, float]:
         ours: tuple[str, float] | None = None  # a token we got but lost the race to save
         while True:
-            loaded = await self._store.load_token_cache(account_id)
+            loaded = await self._store.load(account_id)
             if loaded is None:
                 self._count("reauthorization_required")
                 raise ReauthorizationRequired(
@@ -256,7 +254,7 @@ class MsalTokenProvider:
                 if silent.cache is None:
                     return token, expires_in_s
             if silent.cache is not None:
-                saved = await self._store.save_token_cache(account_id, silent.cache, version)
+                saved = await self._store.save(account_id, silent.cache, version)
                 if not saved:
                     self._count("cas_conflicts")
                     log.info("tokens.cache.conflict", account_id=account_id, retried=ours is None)
@@ -474,3 +472,35 @@ def _flow_tenant(flow: Mapping[str, Any]) -> str:
         if len(path) >= 4 and path[-3:] == ["oauth2", "v2.0", "authorize"]
         else ("organizations")
     )
+
+
+class MsalSignIn:
+    """The sign-in port of :mod:`subscriptions.ports` over :class:`MsalApps`, with the
+    service's delegated scopes."""
+
+    def __init__(self, *, apps: MsalApps) -> None:
+        self._apps = apps
+
+    async def initiate(
+        self, *, redirect_uri: str, domain_hint: str | None, tenant: str, prompt: str | None
+    ) -> dict[str, Any]:
+        """:func:`initiate_flow_async` with ``response_mode=query``."""
+        return await initiate_flow_async(
+            self._apps,
+            redirect_uri=redirect_uri,
+            scopes=DEFAULT_SCOPES,
+            domain_hint=domain_hint,
+            tenant=tenant,
+            response_mode="query",
+            prompt=prompt,
+        )
+
+    async def redeem(
+        self, flow: dict[str, Any], auth_response: dict[str, Any]
+    ) -> tuple[dict[str, Any], str]:
+        """:func:`redeem_auth_code`."""
+        return await redeem_auth_code(self._apps, flow, auth_response, DEFAULT_SCOPES)
+
+    def build(self, *, tenant: str) -> msal.ConfidentialClientApplication:
+        """:meth:`MsalApps.build`."""
+        return self._apps.build(tenant=tenant)

@@ -60,7 +60,7 @@ async def diff_account(
     expected: Mapping[str, Mapping[str, Any]],
 ) -> Diff:
     """Compare the account's live events, decrypted, with ``expected`` (by Graph id)."""
-    cipher = await store.cipher_for(account_id)
+    cipher = await store.keys.cipher_for(account_id)
     diff = Diff()
     seen: set[str] = set()
     async for doc in events.collection.find({"account_id": account_id, "deleted": False}):

@@ -24,6 +24,7 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from contract.problems import IS_PROBLEM, PROBLEM_CONTENT_TYPE, json_error, problem_type
 from crypto import DataCipher, Hasher, seal_message
 from handlers.notifications import (
     DEFAULT_MAX_ITEMS,
@@ -95,10 +96,6 @@ CORRELATION_ID: Final = web.RequestKey("correlation_id", str)
 METRICS_KEY: Final = web.AppKey("m365sync.metrics", Metrics)
 SETTINGS_KEY: Final = web.AppKey("m365sync.settings", Settings)
 
-#: RFC 9457 media type, and the prefix of every error's ``type`` (a URN: stable, not fetched).
-PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
-PROBLEM_TYPE_PREFIX: Final = "urn:m365sync:problem:"
-_IS_PROBLEM: Final = web.ResponseKey("m365sync.problem", bool)
 _ERROR_CODES: Final = {
     400: "bad_request",
     401: "unauthorized",
@@ -117,42 +114,11 @@ _ERROR_CODES: Final = {
 # -- shared helpers -------------------------------------------------------------------------
 
 
-def problem_type(code: str) -> str:
-    """The stable RFC 9457 ``type`` URI of an error ``code``."""
-    return PROBLEM_TYPE_PREFIX + code
-
-
-def json_error(
-    status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    """An error answer: RFC 9457 problem details that also keep the contract's
-    ``{"error": {"code", "message"}}`` and ``code``, so clients of either shape read it.
-
-    It is sent as ``application/json`` unless the client accepts
-    ``application/problem+json`` (:func:`problem_middleware`): clients that check the
-    content type before parsing JSON keep working.
-    """
-    response = web.json_response(
-        {
-            "type": problem_type(code),
-            "title": code.replace("_", " ").capitalize(),
-            "status": status,
-            "detail": message,
-            "code": code,
-            "error": {"code": code, "message": message},
-        },
-        status=status,
-        headers=headers,
-    )
-    response[_IS_PROBLEM] = True
-    return response
-
-
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Label error answers ``application/problem+json`` for clients that accept it."""
     response = await handler(request)
-    if response.get(_IS_PROBLEM) and PROBLEM_CONTENT_TYPE in request.headers.get("Accept", ""):
+    if response.get(IS_PROBLEM) and PROBLEM_CONTENT_TYPE in request.headers.get("Accept", ""):
         response.content_type = PROBLEM_CONTENT_TYPE
     return response
 

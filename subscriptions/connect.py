@@ -31,23 +31,31 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
+import structlog
 from aiohttp import web
 from pymongo.asynchronous.collection import AsyncCollection
 
+from contract.problems import json_error
+from contract.storage import SCHEMA_VERSION, aad
 from crypto import DecryptionError
-from processor.accounts import AccountStatuses
-from processor.errors import TransientError
-from processor.graph import GraphClient
-from processor.interfaces import OutgoingMessage, Publisher, PublishError
-from processor.logs import get_logger
-from processor.messages import resync_message
-from processor.settings import Settings, canonical_origin
-from processor.store import SCHEMA_VERSION, Document, Store, aad
-from processor.timeutil import utcnow
-from processor.tokens import DEFAULT_SCOPES, MsalApps, initiate_flow_async, redeem_auth_code
-from processor.topology import INBOUND_EXCHANGE, shard_routing_key
-from processor.web import json_error
-from subscriptions.links import CONNECT_AUDIENCE, LinkRejected, LinkVerifier, is_guid
+from handlers.errors import PublishError, TransientError
+from handlers.timeutil import utcnow
+from subscriptions.links import (
+    CONNECT_AUDIENCE,
+    LinkRejected,
+    LinkVerifier,
+    canonical_origin,
+    is_guid,
+)
+from subscriptions.ports import (
+    AccountStatusPublisher,
+    GraphSubscriptionApi,
+    Record,
+    Repositories,
+    ResyncRequests,
+    SignIn,
+    SignInSettings,
+)
 from subscriptions.registration import (
     SUBSCRIPTION_LEASE_PREFIX,
     create_subscription,
@@ -63,12 +71,11 @@ __all__ = [
     "browser_binding",
     "browser_mismatch_page",
     "html_page",
-    "publish_resync",
     "redirect",
     "with_status",
 ]
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 CONNECT_FLOWS: Final = "connect_flows"
 CALLBACK_PATH: Final = "/auth/callback"
@@ -139,10 +146,10 @@ def browser_mismatch_page() -> web.Response:
 class FlowStore:
     """Server-side state of sign-ins in progress: encrypted, expiring, taken once."""
 
-    def __init__(self, *, store: Store, collection: str, ttl_s: float = FLOW_TTL_S) -> None:
+    def __init__(self, *, store: Repositories, collection: str, ttl_s: float = FLOW_TTL_S) -> None:
         self._store = store
         self._name = collection
-        self._collection: AsyncCollection[Document] = store.db[collection]
+        self._collection: AsyncCollection[Record] = store.db[collection]
         self._ttl_s = ttl_s
 
     def _key(self, state: str) -> str:
@@ -155,7 +162,7 @@ class FlowStore:
         self, state: str, account_id: str, data: Mapping[str, Any], *, browser: str
     ) -> None:
         """Keep ``data`` for ``state`` until taken or expired, bound to the ``browser`` value."""
-        cipher = await self._store.service_cipher(SERVICE_KEY_PURPOSE)
+        cipher = await self._store.keys.service_cipher(SERVICE_KEY_PURPOSE)
         key = self._key(state)
         now = utcnow()
         await self._collection.insert_one(
@@ -199,7 +206,7 @@ class FlowStore:
         if expires_at <= utcnow():
             return None
         account_id = str(doc["account_id"])
-        cipher = await self._store.service_cipher(SERVICE_KEY_PURPOSE)
+        cipher = await self._store.keys.service_cipher(SERVICE_KEY_PURPOSE)
         try:
             data = cipher.decrypt_json(doc["data_ct"], aad(self._name, account_id, key, "data"))
         except DecryptionError:
@@ -248,23 +255,6 @@ def html_page(title: str, text: str, *, status: int = 200) -> web.Response:
     )
 
 
-async def publish_resync(
-    publisher: Publisher, *, account_id: str, reason: str, shard_count: int, timeout_s: float
-) -> None:
-    """Ask the account's shard worker for a full delta resync; raises :class:`PublishError`."""
-    await publisher.publish(
-        OutgoingMessage(
-            exchange=INBOUND_EXCHANGE,
-            routing_key=shard_routing_key(account_id, shard_count),
-            body=resync_message(
-                account_id=account_id, reason=reason, full=True, requested_at=utcnow()
-            ),
-            message_id=uuid.uuid4().hex,
-        ),
-        timeout_s=timeout_s,
-    )
-
-
 #: What the browser is told, by reason (never Microsoft's own error text).
 _FAILURES: Final = {
     "admin_consent_required": (
@@ -294,20 +284,20 @@ class _Connect:
     def __init__(
         self,
         *,
-        settings: Settings,
-        store: Store,
-        graph: GraphClient,
-        publisher: Publisher,
-        statuses: AccountStatuses,
-        apps: MsalApps,
+        settings: SignInSettings,
+        store: Repositories,
+        graph: GraphSubscriptionApi,
+        resyncs: ResyncRequests,
+        statuses: AccountStatusPublisher,
+        sign_in: SignIn,
         links: LinkVerifier,
     ) -> None:
         self._settings = settings
         self._store = store
         self._graph = graph
-        self._publisher = publisher
+        self._resyncs = resyncs
         self._statuses = statuses
-        self._apps = apps
+        self._sign_in = sign_in
         self._links = links
         self._flows = FlowStore(store=store, collection=CONNECT_FLOWS)
         self._redirect_uri = f"{settings.public_url}{CALLBACK_PATH}"
@@ -321,13 +311,10 @@ class _Connect:
             return json_error(exc.status, exc.code, exc.message)
         log.info("connect.started", account_id=link.account_id, tenant_hint=link.tenant is not None)
         try:
-            flow = await initiate_flow_async(
-                self._apps,
+            flow = await self._sign_in.initiate(
                 redirect_uri=self._redirect_uri,
-                scopes=DEFAULT_SCOPES,
                 domain_hint=link.tenant if link.tenant and not link.tenant_is_guid else None,
                 tenant=link.tenant or "organizations",
-                response_mode="query",
                 # Microsoft shows its account picker even under single sign-on, so whoever
                 # signs in sees which mailbox is about to be connected.
                 prompt="select_account",
@@ -373,7 +360,7 @@ class _Connect:
         if "error" in query:
             return await self._sign_in_error(account_id, return_url, query["error"])
         try:
-            result, cache = await redeem_auth_code(self._apps, data["flow"], query, DEFAULT_SCOPES)
+            result, cache = await self._sign_in.redeem(data["flow"], query)
         except ValueError:  # MSAL: state mismatch or a malformed answer
             return self._failed(account_id, return_url, "sign_in_failed")
         except TransientError:
@@ -410,26 +397,23 @@ class _Connect:
         started_at: float | None,
     ) -> web.Response:
         lease, owner = f"connect:{account_id}", uuid.uuid4().hex
-        if not await self._store.try_lease(lease, owner, ttl_s=CONNECT_LEASE_TTL_S):
+        if not await self._store.leases.try_take(lease, owner, ttl_s=CONNECT_LEASE_TTL_S):
             return self._failed(account_id, return_url, "connect_in_progress")
         user_hash = self._store.hasher.hash_id("user", user_id.lower())
         # Held while the mailbox is checked and bound, so that two accounts connecting the
         # same mailbox at once cannot both pass the check.
         mailbox_lease = f"mailbox:{user_hash}"
-        if not await self._store.try_lease(mailbox_lease, owner, ttl_s=CONNECT_LEASE_TTL_S):
-            await self._store.release_lease(lease, owner)
+        if not await self._store.leases.try_take(mailbox_lease, owner, ttl_s=CONNECT_LEASE_TTL_S):
+            await self._store.leases.release(lease, owner)
             return self._failed(account_id, return_url, "connect_in_progress")
         try:
-            account = await self._store.get_account(account_id)
-            bound = account.get("user_hash") if account is not None else None
+            account = await self._store.accounts.get(account_id)
+            bound = account.user_hash if account is not None else None
             if bound is not None and bound != user_hash:
                 return self._failed(account_id, return_url, "different_user")
-            elsewhere = await self._store.accounts.find_one(
-                {"user_hash": user_hash, "_id": {"$ne": account_id}}, {"_id": 1}
-            )
-            if elsewhere is not None:
+            if await self._store.accounts.mailbox_bound_elsewhere(user_hash, account_id):
                 return self._failed(account_id, return_url, "mailbox_in_use")
-            previous = account.get("status") if account is not None else None
+            previous = account.status if account is not None else None
             await register_account(
                 self._store,
                 account_id=account_id,
@@ -442,19 +426,13 @@ class _Connect:
             await self._announce(account_id, reconnect=bound is not None, previous=previous)
             await self._ensure_subscription(account_id)
             try:
-                await publish_resync(
-                    self._publisher,
-                    account_id=account_id,
-                    reason="connect",
-                    shard_count=self._settings.shard_count,
-                    timeout_s=self._settings.publish_timeout_s,
-                )
+                await self._resyncs.request(account_id, full=True, reason="connect")
             except (PublishError, TimeoutError) as exc:
                 # The periodic delta pass backfills it later; the connection itself stands.
                 log.warning("connect.resync_not_queued", account_id=account_id, error=str(exc))
         finally:
-            await self._store.release_lease(mailbox_lease, owner)
-            await self._store.release_lease(lease, owner)
+            await self._store.leases.release(mailbox_lease, owner)
+            await self._store.leases.release(lease, owner)
         log.info(
             "connect.completed",
             account_id=account_id,
@@ -476,16 +454,13 @@ class _Connect:
         the manager (it creates a missing one on its next scan).
         """
         name, owner = f"{SUBSCRIPTION_LEASE_PREFIX}{account_id}", uuid.uuid4().hex
-        if not await self._store.take_lease(
+        if not await self._store.leases.take(
             name, owner, ttl_s=CONNECT_LEASE_TTL_S, wait_s=SUBSCRIPTION_LEASE_WAIT_S, poll_s=0.2
         ):
             log.info("connect.subscription_left_to_manager", account_id=account_id)
             return
         try:
-            live = await self._store.subscriptions.find_one(
-                {"account_id": account_id, "expires_at": {"$gt": utcnow()}}, {"_id": 1}
-            )
-            if live is not None:
+            if await self._store.subscriptions.has_live(account_id, utcnow()):
                 return
             try:
                 await create_subscription(
@@ -499,7 +474,7 @@ class _Connect:
                     "connect.subscription_failed", account_id=account_id, error=type(exc).__name__
                 )
         finally:
-            await self._store.release_lease(name, owner)
+            await self._store.leases.release(name, owner)
 
     async def _announce(self, account_id: str, *, reconnect: bool, previous: str | None) -> None:
         """Tell 1Relation the new status (``register_account`` wrote ``connected`` silently)."""
@@ -529,10 +504,10 @@ class _Connect:
 
     async def _consent_required(self, account_id: str) -> None:
         """Record that an administrator must approve, unless a working connection stands."""
-        account = await self._store.get_account(account_id)
+        account = await self._store.accounts.get(account_id)
         if account is None:
-            await self._store.create_account(account_id)
-        elif account.get("status") in _WORKING and "user_ct" in account:
+            await self._store.accounts.create(account_id)
+        elif account.status in _WORKING and account.bound:
             return
         try:
             await self._statuses.set(account_id, "admin_consent_required")
@@ -550,12 +525,12 @@ class _Connect:
 def add_connect_routes(
     app: web.Application,
     *,
-    settings: Settings,
-    store: Store,
-    graph: GraphClient,
-    publisher: Publisher,
-    statuses: AccountStatuses,
-    apps: MsalApps,
+    settings: SignInSettings,
+    store: Repositories,
+    graph: GraphSubscriptionApi,
+    resyncs: ResyncRequests,
+    statuses: AccountStatusPublisher,
+    sign_in: SignIn,
     links: LinkVerifier,
 ) -> None:
     """Register ``GET /connect`` and ``GET /auth/callback``."""
@@ -563,9 +538,9 @@ def add_connect_routes(
         settings=settings,
         store=store,
         graph=graph,
-        publisher=publisher,
+        resyncs=resyncs,
         statuses=statuses,
-        apps=apps,
+        sign_in=sign_in,
         links=links,
     )
     app.router.add_get("/connect", routes.start, allow_head=False)

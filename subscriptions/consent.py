@@ -21,15 +21,13 @@ from typing import Final
 from urllib.parse import quote, urlencode
 
 import requests
+import structlog
 from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
-from processor.logs import get_logger
-from processor.settings import Settings
-from processor.store import SCHEMA_VERSION, Store
-from processor.timeutil import utcnow
-from processor.tokens import MsalApps
-from processor.web import json_error
+from contract.problems import json_error
+from contract.storage import SCHEMA_VERSION
+from handlers.timeutil import utcnow
 from subscriptions.connect import (
     BrowserMismatch,
     FlowStore,
@@ -41,10 +39,11 @@ from subscriptions.connect import (
     with_status,
 )
 from subscriptions.links import CONSENT_AUDIENCE, LinkRejected, LinkVerifier, is_guid
+from subscriptions.ports import Repositories, SignIn, SignInSettings
 
 __all__ = ["CONSENT_FLOWS", "TENANTS", "add_consent_routes"]
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 CONSENT_FLOWS: Final = "consent_flows"
 TENANTS: Final = "tenants"
@@ -55,7 +54,7 @@ CONSENT_SCOPE: Final = "https://graph.microsoft.com/.default"
 
 class _Consent:
     def __init__(
-        self, *, settings: Settings, store: Store, links: LinkVerifier, apps: MsalApps
+        self, *, settings: SignInSettings, store: Repositories, links: LinkVerifier, apps: SignIn
     ) -> None:
         self._settings = settings
         self._store = store
@@ -190,7 +189,12 @@ class _Consent:
 
 
 def add_consent_routes(
-    app: web.Application, *, settings: Settings, store: Store, links: LinkVerifier, apps: MsalApps
+    app: web.Application,
+    *,
+    settings: SignInSettings,
+    store: Repositories,
+    links: LinkVerifier,
+    apps: SignIn,
 ) -> None:
     """Register ``GET /admin-consent`` and ``GET /admin-consent/callback``."""
     routes = _Consent(settings=settings, store=store, links=links, apps=apps)

@@ -23,17 +23,19 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
-from processor.accounts import DEFAULT_REASONS
-from processor.errors import TransientError
-from processor.graph import GraphClient
-from processor.interfaces import AccessTokens, OutgoingMessage, Publisher, PublishError
-from processor.logs import get_logger
-from processor.store import Store
-from processor.topology import ONERELATION_INBOUND
+import structlog
+
+from contract.statuses import DEFAULT_REASONS
+from subscriptions.ports import (
+    AccessTokenCache,
+    AccountStatusPublisher,
+    GraphSubscriptionApi,
+    Repositories,
+)
 
 __all__ = ["Eraser", "Erasure", "disconnected_document"]
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 #: Time allowed for deleting the Graph subscriptions before giving up on them.
 GRAPH_BUDGET_S: Final = 10.0
@@ -77,11 +79,10 @@ class Eraser:
     def __init__(
         self,
         *,
-        store: Store,
-        graph: GraphClient,
-        tokens: AccessTokens,
-        publisher: Publisher,
-        publish_timeout_s: float,
+        store: Repositories,
+        graph: GraphSubscriptionApi,
+        tokens: AccessTokenCache,
+        statuses: AccountStatusPublisher,
         graph_budget_s: float = GRAPH_BUDGET_S,
         lease_wait_s: float = LEASE_WAIT_S,
         resweep_after_s: float = RESWEEP_AFTER_S,
@@ -90,8 +91,7 @@ class Eraser:
         self._store = store
         self._graph = graph
         self._tokens = tokens
-        self._publisher = publisher
-        self._publish_timeout_s = publish_timeout_s
+        self._statuses = statuses
         self._graph_budget_s = graph_budget_s
         self._lease_wait_s = lease_wait_s
 
@@ -99,9 +99,11 @@ class Eraser:
         """Erase everything of ``account_id``; raises :class:`TransientError` if 1Relation
         could not be told (the account document is then kept, so a repeat finishes it)."""
         store = self._store
-        account = await store.get_account(account_id)
-        if account is not None and account.get("status") != "disconnected":
-            await store.set_status(account_id, "disconnected", DEFAULT_REASONS["disconnected"])
+        account = await store.accounts.get(account_id)
+        if account is not None and account.status != "disconnected":
+            await store.accounts.set_status(
+                account_id, "disconnected", DEFAULT_REASONS["disconnected"]
+            )
         # A barrier: wait out a subscription write or a connect callback that began before
         # the status changed (afterwards both see "disconnected" or no account and stop).
         # The leases are held to the end; the document sweep below removes them.
@@ -109,16 +111,16 @@ class Eraser:
         for template in BARRIER_LEASES:
             await self._hold(template.format(account_id=account_id), owner)
         deleted, left = await self._delete_graph_subscriptions(account_id)
-        await store.destroy_data_key(account_id)
+        await store.keys.destroy(account_id)
         self._tokens.invalidate(account_id)
-        documents = await self._delete_documents(account_id)
+        documents = await store.accounts.delete_other_documents(account_id)
         # A delta pass in another process checks the fence before each write, but one
         # write may land between its check and the sweep above: sweep again later.
-        await store.schedule_resweep(account_id, after_s=self._resweep_after_s)
+        await store.erasures.schedule_resweep(account_id, after_s=self._resweep_after_s)
         if account is not None:
             await self._publish_final(account_id)
-            documents += (await store.accounts.delete_one({"_id": account_id})).deleted_count
-        store.forget_cipher(account_id)
+            documents += await store.accounts.delete(account_id)
+        store.keys.forget(account_id)
         log.info(
             "account.erased",
             account_id=account_id,
@@ -130,24 +132,23 @@ class Eraser:
         return Erasure(account is not None, deleted, left, documents)
 
     async def _hold(self, name: str, owner: str) -> None:
-        if not await self._store.take_lease(
+        if not await self._store.leases.take(
             name, owner, ttl_s=LEASE_TTL_S, wait_s=self._lease_wait_s
         ):
             log.warning("erasure.lease_busy", lease=name.partition(":")[0])
             # erase anyway; a straggler's documents go with the next DELETE
 
     async def _delete_graph_subscriptions(self, account_id: str) -> tuple[int, int]:
-        hashes = [
-            str(doc["_id"])
-            async for doc in self._store.subscriptions.find({"account_id": account_id}, {"_id": 1})
-        ]
+        hashes = await self._store.subscriptions.hashes_for_account(account_id)
         deleted = left = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._graph_budget_s
         for sub_hash in hashes:
             try:
                 async with asyncio.timeout_at(deadline):
-                    subscription_id = await self._store.subscription_id(account_id, sub_hash)
+                    subscription_id = await self._store.subscriptions.fetch_graph_id(
+                        account_id, sub_hash
+                    )
                     if subscription_id is not None:
                         await self._graph.delete_subscription(account_id, subscription_id)
                 deleted += 1
@@ -161,23 +162,9 @@ class Eraser:
                     subscription=sub_hash,
                     error=type(exc).__name__,
                 )
-            await self._store.delete_subscription(sub_hash)
+            await self._store.subscriptions.delete(sub_hash)
         return deleted, left
 
-    async def _delete_documents(self, account_id: str) -> int:
-        """Every document of the account except the account document itself."""
-        return await self._store.delete_account_documents(account_id)
-
     async def _publish_final(self, account_id: str) -> None:
-        try:
-            await self._publisher.publish(
-                OutgoingMessage(
-                    exchange=ONERELATION_INBOUND,
-                    routing_key="account.status",
-                    body=disconnected_document(account_id),
-                    message_id=uuid.uuid4().hex,
-                ),
-                timeout_s=self._publish_timeout_s,
-            )
-        except (PublishError, TimeoutError) as exc:
-            raise TransientError(f"account.status not confirmed: {exc}") from exc
+        """The last ``account.status``; :class:`TransientError` if it is not confirmed."""
+        await self._statuses.announce(disconnected_document(account_id))

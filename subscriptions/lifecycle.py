@@ -23,6 +23,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
+
 from handlers.errors import (
     AccountUnavailable,
     PermanentError,
@@ -31,13 +33,12 @@ from handlers.errors import (
     TransientError,
 )
 from handlers.outcome import Outcome, outcome_for
-from processor.consumer import Delivery
-from processor.logs import get_logger
+from handlers.ports import Delivery
 from processor.messages import LIFECYCLE_SCHEMA
-from processor.store import Store
 from subscriptions.manager import SubscriptionManager
+from subscriptions.ports import Repositories
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 LIFECYCLE_EVENTS = frozenset({"subscriptionRemoved", "missed", "reauthorizationRequired"})
 
@@ -61,7 +62,7 @@ def validate_lifecycle(body: Any) -> str | None:
 class LifecycleHandler:
     """Decides what one lifecycle message needs and has the manager do it."""
 
-    def __init__(self, *, store: Store, manager: SubscriptionManager) -> None:
+    def __init__(self, *, store: Repositories, manager: SubscriptionManager) -> None:
         self._store = store
         self._manager = manager
         #: Counts by what happened (handled_<event>, unknown, unknown_event, deferred, …).
@@ -85,8 +86,8 @@ class LifecycleHandler:
             self.stats["unknown_event"] += 1
             log.info("lifecycle.unknown_event", account_id=account_id, lifecycle_event=event[:40])
             return Outcome.ack()
-        record = await self._store.subscription_of(account_id, sub_hash)
-        account = await self._store.get_account(account_id)
+        record = await self._store.subscriptions.get_for_account(account_id, sub_hash)
+        account = await self._store.accounts.get(account_id)
         if record is None or account is None:
             self.stats["unknown"] += 1
             self._manager.stats["lifecycle_unknown"] += 1

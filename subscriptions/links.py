@@ -27,10 +27,10 @@ import jwt
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from contract.storage import SCHEMA_VERSION
 from crypto import Hasher
-from processor.settings import canonical_origin
-from processor.store import SCHEMA_VERSION, Document
-from processor.timeutil import utcnow
+from handlers.timeutil import utcnow
+from subscriptions.ports import Record
 
 __all__ = [
     "ACCOUNT_ID_PATTERN",
@@ -71,6 +71,18 @@ _GUID: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}
 _DOMAIN: Final = re.compile(
     r"(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
 )
+
+
+def canonical_origin(url: str) -> str:
+    """Return ``scheme://host[:port]`` of a URL, lower-cased, default ports dropped."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    suffix = f":{port}" if port is not None and port != default else ""
+    return f"{parts.scheme.lower()}://{host}{suffix}"
 
 
 def is_guid(value: object) -> bool:
@@ -119,7 +131,7 @@ class UsedLinkStore(Protocol):
 class MongoUsedLinks:
     """``used_links``: one document per consumed ``jti`` (keyed hash), with ``expires_at``."""
 
-    def __init__(self, db: AsyncDatabase[Document]) -> None:
+    def __init__(self, db: AsyncDatabase[Record]) -> None:
         self._collection = db[USED_LINKS]
 
     async def consume(self, link_hash: str, *, expires_at: datetime) -> bool:

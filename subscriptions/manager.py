@@ -1,52 +1,28 @@
 """The subscription manager: one live Graph subscription per connected account, forever.
 
-Every ``scan_interval_s`` a manager reads the accounts, our subscription records and its
-own per-account state (plain reads, no locks) and picks the accounts with something due:
+Each scan reads every account, subscription record and per-account state (plain reads,
+no locks) and works on the accounts with something due: create a missing subscription
+(then a full delta resync, since the gap had no notifications), renew one past half its
+granted lifetime (jittered per account so that accounts created together do not renew
+together), delete extra ones a reconnect left, and check now and then against what Graph
+holds. Accounts whose status pauses Graph calls are skipped.
 
-- no live subscription (never created, expired, removed, renewal answered 404): create
-  one (``created,updated,deleted``, lifecycle URL, fresh clientState, longest lifetime),
-  then ask the account's shard for a *full* delta resync (the gap had no notifications);
-- renewal due: PATCH a new expiry once less than half the granted lifetime (or less than
-  ``renew_margin_s``) remains, each account a little earlier by a stable jitter so that
-  accounts created together do not renew together;
-- more than one live record (a reconnect created another): delete the older ones;
-- the Graph check (every ``check_interval_s``, spread by account): list what Graph holds
-  and repair differences (ours missing: recreate + full resync; strays of ours for the
-  account's mailbox: delete);
-- the account came back from ``reauthorization_required`` (reconnect): full resync.
+Any number of managers may run. Each due account is decided again from reads made
+*after* taking its lease, so a subscription is never created or renewed twice; periodic
+delta passes and checks take a lease per account and time slot. Due accounts are worked
+on in batches whose reads are one query each, because a query per account makes a scan
+quadratic on a database that cannot push such filters to an index (docs/ferretdb.md).
+Writes pass a token bucket and a concurrency limit, and the first scan waits a random
+delay, so a restart never fires every account at once.
 
-Accounts whose status pauses Graph calls (:data:`handlers.records.PAUSED_STATUSES`) are
-skipped. Any number of managers may run: each due account is worked on under a per-account
-lease in MongoDB (a unique-key insert, atomic on FerretDB too), and the decision is made
-again from fresh reads *after* taking the lease, so a subscription is never created or
-renewed twice. Periodic delta passes and Graph checks are deduplicated across copies by a
-lease per account and time slot. Subscription writes pass a token bucket (per process) and
-a concurrency limit, and the first scan waits a random delay, so a restart never fires
-every account at once.
-
-Reads are made per batch, not per account. On FerretDB (the test database) a query by
-``account_id`` decodes every document of the collection and even an ``_id`` lookup goes
-through the whole table, so reads per account made a cycle O(n²). A scan therefore
-works in batches (``batch_size``, small enough that a batch's leases are not held long):
-it takes the leases of a batch, then reads the batch's accounts, states and
-subscription records with one ``$in`` query each (after the leases, so the read is fresh
-for every account of the batch; on MongoDB an indexed read of just the batch) and decides
-each account from that read. Before a create it looks at the connect flow's lease, then
-at a read of the records begun after that look (the batch's concurrent creates share
-one). An account whose lease was taken more than half its TTL ago is left to the next
-scan. The Graph check lists a mailbox once per batch, however many accounts share it (a
-delegated listing is the same for all of them), and confirms a stray with an ``_id``
-read before deleting it.
-
-Time: subscription expiry is Graph's clock. ``clock`` (default: real UTC) is what the
-manager compares expiries with; tests give it the simulator's clock.
+Subscription expiry is Graph's clock: ``clock`` (default: real UTC) is what expiries are
+compared with; tests give it the simulator's clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import time
 import uuid
@@ -56,70 +32,49 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import structlog
 from pymongo.errors import PyMongoError
 
-from handlers.records import PAUSED_STATUSES
-from processor.accounts import AccountStatuses
-from processor.errors import AccountUnavailable, PermanentError, ThrottledError, TransientError
-from processor.graph import GraphClient
-from processor.interfaces import OutgoingMessage, Publisher, PublishError
-from processor.logs import get_logger
-from processor.messages import resync_message
-from processor.store import Document, Store
-from processor.timeutil import as_utc, isoformat_z, parse_graph_datetime, utcnow
-from processor.tokens import ReauthorizationRequired
-from processor.topology import INBOUND_EXCHANGE, shard_routing_key
+from contract.statuses import PAUSED_STATUSES
+from handlers.errors import (
+    AccountUnavailable,
+    PermanentError,
+    PublishError,
+    ReauthorizationRequired,
+    ThrottledError,
+    TransientError,
+)
+from handlers.records import Account
+from handlers.timeutil import as_utc, isoformat_z, parse_graph_datetime, utcnow
+from subscriptions.ports import (
+    AccountStatusPublisher,
+    GraphSubscriptionApi,
+    Record,
+    Repositories,
+    ResyncRequests,
+)
 from subscriptions.registration import (
     MAX_EVENT_SUBSCRIPTION_MINUTES,
     OPTIMISTIC_SUBSCRIPTION_MINUTES,
     SUBSCRIPTION_LEASE_PREFIX,
     create_subscription,
 )
+from subscriptions.schedule import (
+    ManagerSettings,
+    TokenBucket,
+    expiry_summary,
+    renewal_due,
+    stable_fraction,
+)
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
-STATE_COLLECTION = "subscription_state"
 #: The lease the connect flow holds while it binds an account and creates its subscription.
 CONNECT_LEASE_PREFIX = "connect:"
 
 _T = TypeVar("_T")
-#: Lifetime assumed for a record that does not say when it was granted.
-DEFAULT_LIFETIME_S = (MAX_EVENT_SUBSCRIPTION_MINUTES - 5) * 60.0
 
 Clock = Callable[[], datetime]
-
-
-@dataclass(frozen=True)
-class ManagerSettings:
-    """Every interval and limit of the manager (seconds unless the name says otherwise)."""
-
-    public_url: str
-    shard_count: int = 8
-    scan_interval_s: float = 30.0
-    #: Renew when less than this share of the granted lifetime remains ...
-    renew_fraction: float = 0.5
-    #: ... or less than this (capped at 3/4 of the lifetime, for short-lived grants).
-    renew_margin_s: float = 86_400.0
-    #: Each account renews up to this share of the lifetime earlier (stable per account).
-    renew_jitter_fraction: float = 0.1
-    check_interval_s: float = 6 * 3600.0
-    resync_interval_s: float = 3600.0
-    lease_ttl_s: float = 120.0
-    max_concurrency: int = 16
-    #: Subscription writes per second and burst, per manager process. Graph allows 1,000
-    #: per 20 s per app and tenant; 10/s leaves room for several copies and the connect flow.
-    writes_per_s: float = 10.0
-    write_burst: int = 20
-    startup_delay_max_s: float = 5.0
-    #: Wait after a failed account action before trying that account again.
-    retry_after_failure_s: float = 60.0
-    publish_timeout_s: float = 2.5
-    #: Due accounts whose leases are taken together and decided from one read of the
-    #: subscription records. Capped so that a batch's writes take at most about
-    #: ``batch_hold_s`` at ``writes_per_s``: the leases of a batch are held until each of
-    #: its accounts is done (an erasure waits 10 s for them).
-    batch_size: int = 64
-    batch_hold_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -144,42 +99,13 @@ class _Batch:
     """
 
     account_ids: list[str]
-    accounts: dict[str, Document] = field(default_factory=dict)
-    states: dict[str, Document] = field(default_factory=dict)
-    records: dict[str, list[Document]] = field(default_factory=dict)  # account -> records
+    accounts: dict[str, Account] = field(default_factory=dict)
+    states: dict[str, Record] = field(default_factory=dict)
+    records: dict[str, list[Record]] = field(default_factory=dict)  # account -> records
     read_at: float = float("-inf")
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     listings: dict[tuple[str, str], _GraphView] = field(default_factory=dict)
     listing_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
-
-
-class TokenBucket:
-    """At most ``rate_per_s`` takes per second on average, ``burst`` at once (monotonic time)."""
-
-    def __init__(self, rate_per_s: float, burst: int) -> None:
-        self._rate = rate_per_s
-        self._burst = float(max(1, burst))
-        self._tokens = self._burst
-        self._stamp = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def take(self) -> None:
-        """Wait for a token."""
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-                self._stamp = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
-                await asyncio.sleep((1 - self._tokens) / self._rate)
-
-
-def _fraction(*parts: str) -> float:
-    """A stable number in [0, 1) per key: spreads accounts over intervals and jitter."""
-    digest = hashlib.blake2b("|".join(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 class SubscriptionManager:
@@ -188,22 +114,21 @@ class SubscriptionManager:
     def __init__(
         self,
         *,
-        store: Store,
-        graph: GraphClient,
-        publisher: Publisher,
-        statuses: AccountStatuses,
+        store: Repositories,
+        graph: GraphSubscriptionApi,
+        resyncs: ResyncRequests,
+        statuses: AccountStatusPublisher,
         settings: ManagerSettings,
         clock: Clock = utcnow,
         owner: str | None = None,
     ) -> None:
         self._store = store
         self._graph = graph
-        self._publisher = publisher
+        self._resyncs = resyncs
         self._statuses = statuses
         self._settings = settings
         self._clock = clock
         self.owner = owner or f"manager-{uuid.uuid4().hex[:12]}"
-        self._state = store.db[STATE_COLLECTION]
         self._bucket = TokenBucket(settings.writes_per_s, settings.write_burst)
         self._limit = asyncio.Semaphore(settings.max_concurrency)
         self._lifetime_minutes = OPTIMISTIC_SUBSCRIPTION_MINUTES
@@ -251,31 +176,21 @@ class SubscriptionManager:
     async def scan_once(self) -> int:
         """One pass over every account; returns how many accounts were worked on."""
         now = self._clock()
-        accounts = [
-            doc
-            async for doc in self._store.accounts.find(
-                {"user_ct": {"$exists": True}}, {"status": 1}
-            )
-        ]
-        records: dict[str, list[Document]] = {}
-        async for doc in self._store.subscriptions.find(
-            {}, {"account_id": 1, "expires_at": 1, "granted_at": 1}
-        ):
-            records.setdefault(str(doc["account_id"]), []).append(doc)
-        states = {str(doc["_id"]): doc async for doc in self._state.find({})}
+        accounts = await self._store.accounts.bound_statuses()
+        records = await self._store.subscriptions.renewal_view()
+        states = await self._store.renewals.get_many()
         due: list[str] = []
         resyncs: list[str] = []
         self.expiring = expiry_summary(
             (
-                records.get(str(account["_id"]), [])
-                for account in accounts
-                if account.get("status") not in PAUSED_STATUSES
+                records.get(account_id, [])
+                for account_id, status in accounts.items()
+                if status not in PAUSED_STATUSES
             ),
             now,
         )
-        for account in accounts:
-            account_id = str(account["_id"])
-            paused = account.get("status") in PAUSED_STATUSES
+        for account_id, status in accounts.items():
+            paused = status in PAUSED_STATUSES
             state = states.get(account_id, {})
             if paused:
                 if not state.get("paused"):
@@ -305,7 +220,7 @@ class SubscriptionManager:
         async def take(account_id: str) -> None:
             async with self._limit:
                 try:
-                    if await self._store.try_lease(
+                    if await self._store.leases.try_take(
                         self._lease_name(account_id), self.owner, ttl_s=self._settings.lease_ttl_s
                     ):
                         taken[account_id] = time.monotonic()
@@ -327,36 +242,18 @@ class SubscriptionManager:
         await asyncio.gather(*(self._guarded(a, batch=batch, taken_at=t) for a, t in taken.items()))
 
     async def _read_batch(self, batch: _Batch) -> None:
-        """Read the batch's accounts, states and subscription records: one query each.
-
-        Each query names the batch's accounts (``$in``), so on MongoDB it reads through an
-        index what the batch needs and no more. (FerretDB, the test database, evaluates
-        such a filter by going through the whole collection: a query per batch costs about
-        what a few lookups do there.)
-        """
-        ids = {"$in": batch.account_ids}
-        batch.accounts = {
-            str(doc["_id"]): doc
-            async for doc in self._store.accounts.find(
-                {"_id": ids},
-                {"status": 1, "user_ct": 1, "tenant_ct": 1, "user_hash": 1, "tenant_hash": 1},
-            )
-        }
-        batch.states = {str(doc["_id"]): doc async for doc in self._state.find({"_id": ids})}
+        """Read the batch's accounts, states and subscription records: one query each."""
+        batch.accounts = await self._store.accounts.get_many(batch.account_ids)
+        batch.states = await self._store.renewals.get_many(batch.account_ids)
         await self._read_records(batch)
 
     async def _read_records(self, batch: _Batch) -> None:
         """(Re)read the subscription records of the batch's accounts into ``batch``."""
         began = time.monotonic()
-        records: dict[str, list[Document]] = {}
-        async for doc in self._store.subscriptions.find(
-            {"account_id": {"$in": batch.account_ids}},
-            {"account_id": 1, "expires_at": 1, "granted_at": 1, "subscription_ct": 1},
-        ):
-            records.setdefault(str(doc["account_id"]), []).append(doc)
+        records = await self._store.subscriptions.renewal_view(batch.account_ids)
         batch.records, batch.read_at = records, began
 
-    async def _records_since(self, batch: _Batch, account_id: str, since: float) -> list[Document]:
+    async def _records_since(self, batch: _Batch, account_id: str, since: float) -> list[Record]:
         """The account's records from a read that began at or after ``since`` (monotonic)."""
         async with batch.lock:  # concurrent callers share one re-read
             if batch.read_at < since:
@@ -364,7 +261,7 @@ class SubscriptionManager:
         return batch.records.get(account_id, [])
 
     def _needs_work(
-        self, account_id: str, records: list[Document], state: Document, now: datetime
+        self, account_id: str, records: list[Record], state: Record, now: datetime
     ) -> bool:
         if state.get("paused") or account_id in self._repairs:
             return True
@@ -375,21 +272,8 @@ class SubscriptionManager:
             return True
         return self._check_due(account_id, now)
 
-    def _renewal_due(self, account_id: str, record: Document, now: datetime) -> bool:
-        expires_at = as_utc(record["expires_at"])
-        granted_at = record.get("granted_at")
-        lifetime_s = (
-            (expires_at - as_utc(granted_at)).total_seconds()
-            if isinstance(granted_at, datetime)
-            else DEFAULT_LIFETIME_S
-        )
-        lifetime_s = max(lifetime_s, 60.0)
-        settings = self._settings
-        threshold_s = max(
-            lifetime_s * settings.renew_fraction, min(settings.renew_margin_s, 0.75 * lifetime_s)
-        )
-        threshold_s += _fraction("renew", account_id) * settings.renew_jitter_fraction * lifetime_s
-        return (expires_at - now).total_seconds() < threshold_s
+    def _renewal_due(self, account_id: str, record: Record, now: datetime) -> bool:
+        return renewal_due(account_id, record, now, self._settings)
 
     def _check_due(self, account_id: str, now: datetime) -> bool:
         return self._slot_changed("check", account_id, now, self._settings.check_interval_s)
@@ -399,12 +283,12 @@ class SubscriptionManager:
         interval_s = self._settings.check_interval_s
         slot = self._slot("check", account_id, now, interval_s)
         self._slots["check", account_id] = slot
-        return await self._store.try_lease(
+        return await self._store.leases.try_take(
             f"check:{account_id}:{slot}", self.owner, ttl_s=2 * interval_s
         )
 
     def _slot(self, kind: str, account_id: str, now: datetime, interval_s: float) -> int:
-        offset = _fraction(kind, account_id) * interval_s
+        offset = stable_fraction(kind, account_id) * interval_s
         return int((now.timestamp() + offset) // interval_s)
 
     def _slot_changed(self, kind: str, account_id: str, now: datetime, interval_s: float) -> bool:
@@ -419,7 +303,7 @@ class SubscriptionManager:
         slot = self._slot("resync", account_id, now, interval_s)
         async with self._limit:
             try:
-                if await self._store.try_lease(
+                if await self._store.leases.try_take(
                     f"resync:{account_id}:{slot}", self.owner, ttl_s=2 * interval_s
                 ):
                     await self.publish_resync(account_id, full=False, reason="periodic")
@@ -466,11 +350,11 @@ class SubscriptionManager:
 
     async def _release(self, account_id: str) -> None:
         with contextlib.suppress(Exception):  # it expires anyway
-            await self._store.release_lease(self._lease_name(account_id), self.owner)
+            await self._store.leases.release(self._lease_name(account_id), self.owner)
 
     @contextlib.asynccontextmanager
     async def _lease(self, account_id: str, *, wait_s: float = 0.0) -> Any:
-        if not await self._store.take_lease(
+        if not await self._store.leases.take(
             self._lease_name(account_id),
             self.owner,
             ttl_s=self._settings.lease_ttl_s,
@@ -509,14 +393,14 @@ class SubscriptionManager:
         ``batch``: what was read after the lease was taken (None: read it now).
         """
         if batch is None:
-            account = await self._store.get_account(account_id)
-            state = await self._state.find_one({"_id": account_id}) or {}
+            account = await self._store.accounts.get(account_id)
+            state = await self._store.renewals.get(account_id)
         else:
             account = batch.accounts.get(account_id)
             state = batch.states.get(account_id, {})
-        if account is None or "user_ct" not in account:
+        if account is None or not account.bound:
             return
-        if account.get("status") in PAUSED_STATUSES:
+        if account.status in PAUSED_STATUSES:
             if not state.get("paused"):
                 await self._set_state(account_id, paused=True)
             return
@@ -535,7 +419,7 @@ class SubscriptionManager:
         )
         for record in records:
             if record not in live:  # expired: Graph has deleted it already
-                await self._store.delete_subscription(str(record["_id"]))
+                await self._store.subscriptions.delete(str(record["_id"]))
         for record in live[:-1]:  # a reconnect made a newer one: keep only the newest
             await self._delete(account_id, record)
             self.stats["deleted_extra"] += 1
@@ -568,14 +452,13 @@ class SubscriptionManager:
 
     async def _connecting(self, account_id: str) -> bool:
         """Whether the connect flow holds the account (it creates the subscription itself)."""
-        lease = await self._store.leases.find_one({"_id": f"{CONNECT_LEASE_PREFIX}{account_id}"})
-        return lease is not None and as_utc(lease["expires_at"]) > utcnow()
+        return await self._store.leases.is_held(f"{CONNECT_LEASE_PREFIX}{account_id}")
 
-    async def _records(self, account_id: str) -> list[Document]:
-        return [doc async for doc in self._store.subscriptions.find({"account_id": account_id})]
+    async def _records(self, account_id: str) -> list[Record]:
+        return await self._store.subscriptions.for_account(account_id)
 
     async def _made_meanwhile(
-        self, batch: _Batch, account_id: str, records: list[Document], now: datetime, since: float
+        self, batch: _Batch, account_id: str, records: list[Record], now: datetime, since: float
     ) -> bool:
         """Whether a recent read shows a live record the batch's first read did not have."""
         known = {str(r["_id"]) for r in records}
@@ -584,8 +467,8 @@ class SubscriptionManager:
             for r in await self._records_since(batch, account_id, since)
         )
 
-    async def _create(self, account_id: str, account: Document) -> None:
-        identity = await self._store.identity_of(account_id, account)
+    async def _create(self, account_id: str, account: Account) -> None:
+        identity = await self._store.accounts.decrypt_identity(account)
 
         async def write(minutes: int) -> None:
             await create_subscription(
@@ -616,10 +499,10 @@ class SubscriptionManager:
                     raise
                 self._lifetime_minutes = MAX_EVENT_SUBSCRIPTION_MINUTES - 5
 
-    async def _renew(self, account_id: str, record: Document) -> Document | None:
+    async def _renew(self, account_id: str, record: Record) -> Record | None:
         """PATCH a longer expiry (this also reauthorizes); None when Graph no longer has it."""
         sub_hash = str(record["_id"])
-        sub_id = await self._store.subscription_id_of(account_id, record)
+        sub_id = await self._store.subscriptions.decrypt_graph_id(account_id, record)
         if sub_id is None:
             return None
         granted_at = self._clock()
@@ -634,10 +517,10 @@ class SubscriptionManager:
         answer = await self._with_lifetime(write)
         if answer is None:
             log.info("subscription.renewal_gone", account_id=account_id, subscription=sub_hash)
-            await self._store.delete_subscription(sub_hash)
+            await self._store.subscriptions.delete(sub_hash)
             return None
         expires_at = parse_graph_datetime(str(answer["expirationDateTime"]))
-        await self._store.set_subscription_expiry(
+        await self._store.subscriptions.set_expiry(
             sub_hash, expires_at=expires_at, granted_at=granted_at
         )
         self.stats["renewed"] += 1
@@ -649,21 +532,21 @@ class SubscriptionManager:
         )
         return {**record, "expires_at": expires_at, "granted_at": granted_at}
 
-    async def _delete(self, account_id: str, record: Document) -> None:
+    async def _delete(self, account_id: str, record: Record) -> None:
         sub_hash = str(record["_id"])
-        sub_id = await self._store.subscription_id_of(account_id, record)
+        sub_id = await self._store.subscriptions.decrypt_graph_id(account_id, record)
         if sub_id is not None:
             await self._bucket.take()
             await self._graph.delete_subscription(account_id, sub_id)
-        await self._store.delete_subscription(sub_hash)
+        await self._store.subscriptions.delete(sub_hash)
 
     async def _check(
-        self, account_id: str, account: Document, record: Document, batch: _Batch | None
-    ) -> Document | None:
+        self, account_id: str, account: Account, record: Record, batch: _Batch | None
+    ) -> Record | None:
         """Compare with what Graph holds; returns the record if Graph still has it."""
         self.stats["checks"] += 1
         sub_hash = str(record["_id"])
-        ours = await self._store.subscription_id_of(account_id, record)
+        ours = await self._store.subscriptions.decrypt_graph_id(account_id, record)
         view = await self._graph_view(account_id, account, batch)
         held, mine = view.held, view.mine
         # A delegated token lists every subscription of the *user*, and several accounts may
@@ -678,7 +561,7 @@ class SubscriptionManager:
         seen_before = self._stray_candidates.get(account_id, set())
         self._stray_candidates[account_id] = candidates - seen_before
         for stray_id in sorted(candidates & seen_before):
-            if await self._store.subscriptions.find_one({"_id": mine[stray_id]}, {"_id": 1}):
+            if await self._store.subscriptions.exists(mine[stray_id]):
                 continue  # recorded meanwhile: not a stray
             await self._bucket.take()
             await self._graph.delete_subscription(account_id, stray_id)
@@ -686,13 +569,13 @@ class SubscriptionManager:
             log.info("subscription.stray_deleted", account_id=account_id)
         if ours is None or not any(s.get("id") == ours for s in held):
             log.info("subscription.missing_in_graph", account_id=account_id, subscription=sub_hash)
-            await self._store.delete_subscription(sub_hash)
+            await self._store.subscriptions.delete(sub_hash)
             self.stats["missing"] += 1
             return None
         return record
 
     async def _graph_view(
-        self, account_id: str, account: Document, batch: _Batch | None
+        self, account_id: str, account: Account, batch: _Batch | None
     ) -> _GraphView:
         """What Graph lists for the account's mailbox, and of that the event subscriptions
         with our notification URL (Graph id -> record hash).
@@ -701,7 +584,7 @@ class SubscriptionManager:
         a delegated listing is the same for every account bound to that user, and so is
         the one query for which of them have records.
         """
-        key = (str(account.get("tenant_hash", "")), str(account.get("user_hash", "")))
+        key = (account.tenant_hash or "", account.user_hash or "")
         if batch is None or not all(key):
             return await self._list_mine(account_id, account)
         async with batch.listing_locks.setdefault(key, asyncio.Lock()):
@@ -710,13 +593,13 @@ class SubscriptionManager:
                 view = batch.listings[key] = await self._list_mine(account_id, account)
             return view
 
-    async def _list_mine(self, account_id: str, account: Document) -> _GraphView:
+    async def _list_mine(self, account_id: str, account: Account) -> _GraphView:
         held = await self._graph.list_subscriptions(account_id)
-        identity = await self._store.identity_of(account_id, account)
+        identity = await self._store.accounts.decrypt_identity(account)
         notification_url = f"{self._settings.public_url}/graph/notifications"
         resource = f"users/{identity.user_id}/events".lower()
         mine = {
-            str(h["id"]): self._store.hasher.hash_id("subscription", str(h["id"]))
+            str(h["id"]): self._store.subscriptions.hash_graph_id(str(h["id"]))
             for h in held
             if h.get("id")
             and h.get("notificationUrl") == notification_url
@@ -724,32 +607,17 @@ class SubscriptionManager:
         }
         recorded: set[str] = set()
         if len(mine) > 1:  # a mailbox serving several accounts (or holding a stray)
-            cursor = self._store.subscriptions.find(
-                {"_id": {"$in": list(mine.values())}}, {"_id": 1}
-            )
-            recorded = {str(doc["_id"]) async for doc in cursor}
+            recorded = await self._store.subscriptions.recorded_among(list(mine.values()))
         return _GraphView(held=held, mine=mine, recorded=frozenset(recorded))
 
     async def _set_state(self, account_id: str, **fields: Any) -> None:
-        await self._state.update_one(
-            {"_id": account_id}, {"$set": {**fields, "updated_at": utcnow()}}, upsert=True
-        )
+        await self._store.renewals.update(account_id, **fields)
 
     # ---- used by the lifecycle consumer -------------------------------------------------------
 
     async def publish_resync(self, account_id: str, *, full: bool, reason: str) -> None:
         """Ask the account's shard owner for a delta pass (raises PublishError)."""
-        await self._publisher.publish(
-            OutgoingMessage(
-                exchange=INBOUND_EXCHANGE,
-                routing_key=shard_routing_key(account_id, self._settings.shard_count),
-                body=resync_message(
-                    account_id=account_id, reason=reason, full=full, requested_at=utcnow()
-                ),
-                message_id=uuid.uuid4().hex,
-            ),
-            timeout_s=self._settings.publish_timeout_s,
-        )
+        await self._resyncs.request(account_id, full=full, reason=reason)
         self.stats[f"resync_{reason}"] += 1
 
     def request_repair(self, account_id: str, actions: Iterable[str]) -> None:
@@ -766,7 +634,7 @@ class SubscriptionManager:
         async with self._lease(account_id, wait_s=10.0) as held:
             if not held:
                 return False
-            await self._store.delete_subscription(subscription_hash)
+            await self._store.subscriptions.delete(subscription_hash)
             await self._service_locked(account_id)
             return True
 
@@ -776,7 +644,7 @@ class SubscriptionManager:
         async with self._lease(account_id, wait_s=10.0) as held:
             if not held:
                 return False
-            record = await self._store.subscription_of(account_id, subscription_hash)
+            record = await self._store.subscriptions.get_for_account(account_id, subscription_hash)
             if record is None:
                 return True  # already replaced
             renewed = await self._renew(account_id, record)
@@ -789,30 +657,3 @@ class SubscriptionManager:
     async def report_reauthorization(self, account_id: str, reason: str) -> None:
         """The account's sign-in is gone: set the status (and so stop its Graph calls)."""
         await self._reauthorization_required(account_id, reason)
-
-
-#: The horizons of :func:`expiry_summary`, in seconds.
-EXPIRY_HORIZONS_S: dict[str, float] = {"1h": 3600.0, "6h": 21600.0, "24h": 86400.0}
-
-
-def expiry_summary(records_by_account: Iterable[list[Document]], now: datetime) -> dict[str, int]:
-    """Count accounts by how soon their latest subscription expires.
-
-    For each account, its live subscription that expires last decides: ``within_1h``,
-    ``within_6h``, ``within_24h`` (cumulative: an account within 1 h is counted in all three)
-    and ``none`` (no live subscription at all: it receives no notifications). Renewal starts
-    when half of a lifetime of days is left, so a count above zero within hours means
-    renewals are failing.
-    """
-    summary = {f"within_{name}": 0 for name in EXPIRY_HORIZONS_S} | {"none": 0}
-    for records in records_by_account:
-        expiries = [as_utc(r["expires_at"]) for r in records if "expires_at" in r]
-        latest = max(expiries, default=None)
-        if latest is None or latest <= now:
-            summary["none"] += 1
-            continue
-        left_s = (latest - now).total_seconds()
-        for name, horizon_s in EXPIRY_HORIZONS_S.items():
-            if left_s <= horizon_s:
-                summary[f"within_{name}"] += 1
-    return summary

@@ -6,15 +6,15 @@ import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from processor.errors import PermanentError
-from processor.graph import GraphClient
-from processor.logs import get_logger
-from processor.store import AccountIdentity, Store
-from processor.timeutil import isoformat_z, parse_graph_datetime, utcnow
+import structlog
 
-log = get_logger(__name__)
+from handlers.errors import PermanentError
+from handlers.timeutil import isoformat_z, parse_graph_datetime, utcnow
+from subscriptions.ports import AccountIdentity, GraphSubscriptionApi, Repositories
 
-#: Graph's documented maximum lifetime of an Outlook event subscription (GRAPH-NOTES §3);
+log = structlog.get_logger(__name__)
+
+#: Graph's documented maximum lifetime of an Outlook event subscription (docs/graph.md §3);
 #: newer documentation quotes 10,080 minutes, so that is asked first and this is the fallback.
 MAX_EVENT_SUBSCRIPTION_MINUTES = 4230
 OPTIMISTIC_SUBSCRIPTION_MINUTES = 10080
@@ -26,21 +26,21 @@ SUBSCRIPTION_LEASE_PREFIX = "subscription:"
 
 
 async def register_account(
-    store: Store, *, account_id: str, serialized_cache: str, user_id: str, tenant_id: str
+    store: Repositories, *, account_id: str, serialized_cache: str, user_id: str, tenant_id: str
 ) -> None:
     """Create (or reuse) the account, bind its Microsoft identity and store its token cache."""
-    await store.create_account(account_id)
-    await store.bind_identity(account_id, user_id=user_id, tenant_id=tenant_id)
-    current = await store.load_token_cache(account_id)
+    await store.accounts.create(account_id)
+    await store.accounts.bind_identity(account_id, user_id=user_id, tenant_id=tenant_id)
+    current = await store.token_caches.load(account_id)
     version = current[1] if current is not None else 0
-    if not await store.save_token_cache(account_id, serialized_cache, version):
+    if not await store.token_caches.save(account_id, serialized_cache, version):
         raise RuntimeError(f"token cache of {account_id} changed during registration")
-    await store.set_status(account_id, "connected")
+    await store.accounts.set_status(account_id, "connected")
 
 
 async def create_subscription(
-    store: Store,
-    graph: GraphClient,
+    store: Repositories,
+    graph: GraphSubscriptionApi,
     *,
     account_id: str,
     public_url: str,
@@ -58,7 +58,7 @@ async def create_subscription(
     ``now`` as the time the expiry was granted (the subscription manager's clock).
     """
     if identity is None:
-        identity = await store.identity(account_id)
+        identity = await store.accounts.identity(account_id)
     client_state = secrets.token_urlsafe(48)  # 64 characters; Graph allows 128
     now = now or utcnow()
     body = {
@@ -87,7 +87,7 @@ async def create_subscription(
     if answer is None:
         raise last or ValueError("no lifetime to ask for")
     expires_at = parse_graph_datetime(str(answer["expirationDateTime"]))
-    sub_hash = await store.save_subscription(
+    sub_hash = await store.subscriptions.save(
         account_id,
         subscription_id=str(answer["id"]),
         client_state=client_state,

@@ -37,8 +37,9 @@ from processor.timeutil import isoformat_z, utcnow
 from processor.tokens import MsalApps
 from processor.topology import INBOUND_EXCHANGE, ONERELATION_INBOUND_QUEUE, shard_routing_key
 from processor.verify import diff_account, expected_events
-from subscriptions.manager import ManagerSettings, SubscriptionManager
+from subscriptions.manager import SubscriptionManager
 from subscriptions.registration import create_subscription, register_account
+from subscriptions.schedule import ManagerSettings
 
 
 def service_env(
@@ -134,7 +135,7 @@ class Stack:
         # Holds the connect flow's lease, as /auth/callback does, so that a running
         # subscription manager leaves the subscription to this flow.
         lease, owner = f"connect:{account_id}", uuid.uuid4().hex
-        assert await self.rt.store.try_lease(lease, owner, ttl_s=60.0)
+        assert await self.rt.store.leases.try_take(lease, owner, ttl_s=60.0)
         try:
             await register_account(
                 self.rt.store,
@@ -150,7 +151,7 @@ class Stack:
                 public_url=self.settings.public_url,
             )
         finally:
-            await self.rt.store.release_lease(lease, owner)
+            await self.rt.store.leases.release(lease, owner)
         self.accounts[account_id] = user_id
 
     async def request_resync(self, account_id: str, *, full: bool, reason: str) -> None:
@@ -169,8 +170,8 @@ class Stack:
 
     async def status(self, account_id: str) -> str | None:
         """The account's current status."""
-        doc = await self.rt.store.get_account(account_id)
-        return None if doc is None else str(doc.get("status"))
+        doc = await self.rt.store.accounts.get(account_id)
+        return None if doc is None else doc.status
 
     async def announcements(self) -> list[dict[str, Any]]:
         """Drain ``onerelation.inbound`` (as 1Relation would) and return the bodies."""

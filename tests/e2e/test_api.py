@@ -185,7 +185,7 @@ async def test_resync_queues_a_full_resync_on_the_accounts_shard(
     async with running_stack(
         tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=("receiver",)
     ) as stack:
-        await stack.rt.store.create_account("acc-rs")
+        await stack.rt.store.accounts.create("acc-rs")
         status, body, _ = await api(stack, "POST", "/api/v1/accounts/acc-rs/resync")
         assert status == 202
         assert body == {"account_id": "acc-rs", "resync": "queued"}
@@ -236,7 +236,7 @@ async def test_bad_event_parameters_are_400(
     async with running_stack(
         tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=("receiver",)
     ) as stack:
-        await stack.rt.store.create_account("acc-p")
+        await stack.rt.store.accounts.create("acc-p")
         for query, fragment in BAD_QUERIES:
             status, body, _ = await api(stack, "GET", f"/api/v1/accounts/acc-p/events?{query}")
             assert status == 400, query

@@ -50,8 +50,8 @@ async def _count(stack: Stack, collection: str) -> int:
 
 
 async def _status(stack: Stack, account_id: str) -> str | None:
-    account = await stack.rt.store.get_account(account_id)
-    return None if account is None else str(account.get("status"))
+    account = await stack.rt.store.accounts.get(account_id)
+    return None if account is None else account.status
 
 
 def _assert_connected(run: Any) -> None:
@@ -77,21 +77,21 @@ async def test_connect_end_to_end_through_real_msal(
         assert run.hops[1].endswith("/oauth2/v2.0/authorize")
         assert run.hops[2].endswith("/auth/callback")
 
-        account = await stack.rt.store.get_account("acc-c1")
+        account = await stack.rt.store.accounts.get_document("acc-c1")
         assert account is not None
         assert "user_ct" in account
         assert user_id not in json.dumps(account, default=str)
-        identity = await stack.rt.store.identity("acc-c1")
+        identity = await stack.rt.store.accounts.identity("acc-c1")
         assert identity.user_id == user_id
         assert identity.tenant_id == stack.sim.tenant_id
-        [cache_doc] = await stack.rt.store.token_caches.find({"account_id": "acc-c1"}).to_list()
+        [cache_doc] = await stack.rt.store.db["token_caches"].find({"account_id": "acc-c1"}).to_list()
         assert b"RefreshToken" not in bytes(cache_doc["cache_ct"])
-        loaded = await stack.rt.store.load_token_cache("acc-c1")
+        loaded = await stack.rt.store.token_caches.load("acc-c1")
         assert loaded is not None
         assert "RefreshToken" in loaded[0]
         assert await _count(stack, CONNECT_FLOWS) == 0  # taken once, not left behind
         assert len(await stack.control.subscriptions()) == 1
-        assert await stack.rt.store.subscriptions.count_documents({"account_id": "acc-c1"}) == 1
+        assert await stack.rt.store.db["subscriptions"].count_documents({"account_id": "acc-c1"}) == 1
 
         created = await stack.control.create_event(
             user_id, _event("First after connect"), immutable=True
@@ -322,13 +322,13 @@ async def test_reconnect_keeps_events_and_refuses_another_user(
             return keys <= await stack.rt.events.live_keys("acc-r")
 
         await eventually(all_stored)
-        before = await stack.rt.store.cipher_for("acc-r")
+        before = await stack.rt.store.keys.cipher_for("acc-r")
 
         _assert_connected(await browser_connect(stack, "acc-r", user_id=user_id))
         assert keys <= await stack.rt.events.live_keys("acc-r")
         assert len(await stack.control.subscriptions()) == 1
-        stack.rt.store.forget_cipher("acc-r")
-        after = await stack.rt.store.cipher_for("acc-r")
+        stack.rt.store.keys.forget("acc-r")
+        after = await stack.rt.store.keys.cipher_for("acc-r")
         doc = await stack.rt.events.collection.find_one({"_id": next(iter(keys))})
         assert stack.rt.events.decrypt(doc, after)[1] == stack.rt.events.decrypt(doc, before)[1]
 
@@ -336,7 +336,7 @@ async def test_reconnect_keeps_events_and_refuses_another_user(
         refused = await browser_connect(stack, "acc-r", user_id=intruder["id"])
         assert refused.query()["status"] == "error"
         assert refused.query()["reason"] == "different_user"
-        assert (await stack.rt.store.identity("acc-r")).user_id == user_id
+        assert (await stack.rt.store.accounts.identity("acc-r")).user_id == user_id
         assert len(await stack.control.subscriptions()) == 1
 
 
@@ -351,24 +351,24 @@ async def test_reconnect_creates_its_subscription_under_the_managers_lease(
         _assert_connected(await browser_connect(stack, "acc-w", user_id=user_id))
         [sub] = await stack.control.subscriptions()
         await stack.rt.graph.delete_subscription("acc-w", sub["id"])
-        await stack.rt.store.delete_subscription(
+        await stack.rt.store.subscriptions.delete(
             stack.rt.store.hasher.hash_id("subscription", sub["id"])
         )
         assert await _active_subscriptions(stack) == []
 
         lease, manager = f"{SUBSCRIPTION_LEASE_PREFIX}acc-w", "a-subscription-manager"
-        assert await stack.rt.store.try_lease(lease, manager, ttl_s=60.0)
+        assert await stack.rt.store.leases.try_take(lease, manager, ttl_s=60.0)
         reconnect = asyncio.create_task(browser_connect(stack, "acc-w", user_id=user_id))
         await asyncio.sleep(2.0)
         assert not reconnect.done()
         assert await _active_subscriptions(stack) == []  # waiting for the lease
-        await stack.rt.store.release_lease(lease, manager)
+        await stack.rt.store.leases.release(lease, manager)
 
         _assert_connected(await asyncio.wait_for(reconnect, 15))
         subs = await _active_subscriptions(stack)
         assert len(subs) == 1
         assert subs[0]["id"] != sub["id"]
-        assert await stack.rt.store.leases.find_one({"_id": lease}) is None
+        assert await stack.rt.store.db["leases"].find_one({"_id": lease}) is None
 
 
 async def _active_subscriptions(stack: Stack) -> list[dict[str, Any]]:

@@ -120,7 +120,7 @@ async def test_erasure_leaves_nothing_readable_and_is_harmless_to_repeat(
             bytes(event_doc["doc_ct"]),
             aad("events", GONE, event_doc["_id"], "doc"),
         )
-        wrapped = await stack.rt.store.data_keys.find_one({"_id": GONE})
+        wrapped = await stack.rt.store.db["data_keys"].find_one({"_id": GONE})
         assert wrapped is not None
         assert len(secrets) > 8
         await stack.announcements()  # drop what connecting announced
@@ -134,7 +134,7 @@ async def test_erasure_leaves_nothing_readable_and_is_harmless_to_repeat(
             assert GONE not in text, (name, doc["_id"])
             assert not names & set(_strings(doc)), (name, doc["_id"])
             assert not secrets & set(_binaries(doc)), (name, doc["_id"])
-        assert await stack.rt.store.data_keys.find_one({"_id": GONE}) is None
+        assert await stack.rt.store.db["data_keys"].find_one({"_id": GONE}) is None
 
         # The ciphertext saved before cannot be read: not by a fresh process, not by this
         # one, and not with any data key that is left.
@@ -145,11 +145,11 @@ async def test_erasure_leaves_nothing_readable_and_is_harmless_to_repeat(
             cipher_cache=CipherCache(),
         )
         with pytest.raises(AccountUnavailable):
-            await fresh.cipher_for(GONE)
+            await fresh.keys.cipher_for(GONE)
         with pytest.raises(AccountUnavailable):
-            await stack.rt.store.cipher_for(GONE)
+            await stack.rt.store.keys.cipher_for(GONE)
         keyring = KeyRing(stack.settings.master_keys)
-        async for key_doc in stack.rt.store.data_keys.find({}):
+        async for key_doc in stack.rt.store.db["data_keys"].find({}):
             cipher: DataCipher = keyring.unwrap(str(key_doc["_id"]), WrappedKey.from_doc(key_doc))
             with pytest.raises(DecryptionError):
                 cipher.decrypt(saved_ct, saved_aad)
@@ -194,7 +194,7 @@ async def test_erasure_finishes_after_a_crash_midway(
     async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await _connect_with_events(stack, GONE, user_id, 2)
-        await stack.rt.store.destroy_data_key(GONE)  # where the crash left it
+        await stack.rt.store.keys.destroy(GONE)  # where the crash left it
         await stack.announcements()
 
         status, _, _ = await api(stack, "DELETE", f"/api/v1/accounts/{GONE}")

@@ -160,7 +160,7 @@ async def test_database_converges_to_graph_under_faults(
 
         # No content, address, token, client state or Microsoft id in plaintext anywhere.
         subscriptions = await stack.control.subscriptions()
-        cache_doc = await stack.rt.store.load_token_cache("acc-f")
+        cache_doc = await stack.rt.store.token_caches.load("acc-f")
         assert cache_doc is not None
         tokens = {
             entry["secret"]

@@ -34,7 +34,7 @@ async def test_an_outlook_change_reaches_the_database_encrypted(
             return await stack.rt.events.collection.find_one({"_id": key})
 
         doc = await eventually(stored)
-        cipher = await stack.rt.store.cipher_for("acc-1")
+        cipher = await stack.rt.store.keys.cipher_for("acc-1")
         graph_id, content = stack.rt.events.decrypt(doc, cipher)
         assert graph_id == created["id"]
         assert content["subject"] == "Quarterly review"

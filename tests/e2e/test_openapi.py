@@ -148,7 +148,7 @@ async def test_every_documented_route_answers_as_documented(
     async with running_stack(
         tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=("receiver",)
     ) as stack:
-        await stack.rt.store.create_account(ACCOUNT)
+        await stack.rt.store.accounts.create(ACCOUNT)
         calls = _calls(stack)
         seen_types: set[str] = set()
         async with aiohttp.ClientSession(trust_env=False) as http:

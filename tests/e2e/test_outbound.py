@@ -40,7 +40,7 @@ async def test_a_new_relation_event_appears_in_outlook_once_and_is_not_echoed(
             doc = await stack.rt.events.collection.find_one({"_id": key})
             if doc is None:
                 return False
-            content = stack.rt.events.decrypt(doc, await stack.rt.store.cipher_for("acc-1"))[1]
+            content = stack.rt.events.decrypt(doc, await stack.rt.store.keys.cipher_for("acc-1"))[1]
             return content["subject"] == "Quarterly review (moved)" and await stack.control.is_idle()
 
         await eventually(stored_latest)

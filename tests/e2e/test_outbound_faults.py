@@ -135,7 +135,7 @@ async def test_both_sides_edit_the_same_event_and_the_newer_change_wins_per_fiel
             doc = await stack.rt.events.collection.find_one({"_id": key})
             if doc is None:
                 return False
-            content = stack.rt.events.decrypt(doc, await stack.rt.store.cipher_for("acc-x"))[1]
+            content = stack.rt.events.decrypt(doc, await stack.rt.store.keys.cipher_for("acc-x"))[1]
             return content["subject"] == "Planning (renamed in Outlook)"
 
         await eventually(seen_outlook_edit)

@@ -31,7 +31,7 @@ async def test_a_change_left_unannounced_by_a_crash_is_announced_once_by_the_rel
     async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-o", user_id)
-        cipher = await stack.rt.store.cipher_for("acc-o")
+        cipher = await stack.rt.store.keys.cipher_for("acc-o")
         # The state a crash right after the reconciling write leaves: written, marked, unsent.
         change = await stack.rt.events.upsert_version("acc-o", EVENT, cipher=cipher)
         assert change is not None

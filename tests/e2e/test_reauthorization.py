@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from processor.repositories.renewals import RENEWAL_STATE_COLLECTION as STATE_COLLECTION
 from processor.topology import DEAD_QUEUE
-from subscriptions.manager import STATE_COLLECTION
 from tests.conftest import RabbitAdmin
 from tests.e2e.harness import (
     Stack,
@@ -113,7 +113,7 @@ async def test_last_error_says_what_failed_when_and_what_to_do(
     async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-e", user_id)
-        cache = await stack.rt.store.load_token_cache("acc-e")
+        cache = await stack.rt.store.token_caches.load("acc-e")
         assert cache is not None
         before = datetime.now(UTC).replace(microsecond=0)
         await stack.control.revoke_tokens(user_id, access_tokens=True)

@@ -271,7 +271,7 @@ async def test_renewal_cycle_of_many_accounts(
 
         async def add(n: int) -> None:
             user_id = users[n % len(users)]
-            identity = await stack.rt.store.identity(f"seed-{user_id[:8]}")
+            identity = await stack.rt.store.accounts.identity(f"seed-{user_id[:8]}")
             async with sem:
                 await register_account(
                     stack.rt.store,

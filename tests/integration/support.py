@@ -29,9 +29,9 @@ def make_store(db: AsyncDatabase[dict[str, object]]) -> tuple[Store, EventStore]
 
 async def seed_account(store: Store, account_id: str = "acc-1") -> str:
     """An account bound to USER_ID/TENANT_ID with one subscription; returns its hash."""
-    await store.create_account(account_id)
-    await store.bind_identity(account_id, user_id=USER_ID, tenant_id=TENANT_ID)
-    return await store.save_subscription(
+    await store.accounts.create(account_id)
+    await store.accounts.bind_identity(account_id, user_id=USER_ID, tenant_id=TENANT_ID)
+    return await store.subscriptions.save(
         account_id,
         subscription_id=SUBSCRIPTION_ID,
         client_state=CLIENT_STATE,

@@ -35,7 +35,7 @@ async def test_newer_wins_older_and_identical_versions_are_stale(
 ) -> None:
     """A newer lastModifiedDateTime replaces; an older one or the same version changes nothing."""
     store, events = make_store(mongo_db)
-    cipher = await store.create_account("acc-1")
+    cipher = await store.accounts.create("acc-1")
     assert await events.upsert_version("acc-1", version(T2, "ck2", "v2"), cipher=cipher) is not None
     assert await events.upsert_version("acc-1", version(T1, "ck1", "v1"), cipher=cipher) is None
     assert await events.upsert_version("acc-1", version(T2, "ck2", "v2-again"), cipher=cipher) is None
@@ -51,7 +51,7 @@ async def test_equal_timestamp_with_another_change_key_is_the_later_fetch_and_wi
 ) -> None:
     """On an equal timestamp a different changeKey wins: that fetch is the current state."""
     store, events = make_store(mongo_db)
-    cipher = await store.create_account("acc-1")
+    cipher = await store.accounts.create("acc-1")
     await events.upsert_version("acc-1", version(T2, "ck-a", "first"), cipher=cipher)
     change = await events.upsert_version("acc-1", version(T2, "ck-b", "second"), cipher=cipher)
     assert change is not None
@@ -66,7 +66,7 @@ async def test_a_tombstone_is_not_resurrected_by_a_late_fetch_of_an_old_version(
     """After a delete, a late fetch of the last or an older version is stale; only a newer
     version (Graph restored the event) brings it back."""
     store, events = make_store(mongo_db)
-    cipher = await store.create_account("acc-1")
+    cipher = await store.accounts.create("acc-1")
     change = await events.upsert_version("acc-1", version(T2, "ck2"), cipher=cipher)
     assert change is not None
     deleted = await events.mark_deleted("acc-1", change.event_key)
@@ -88,7 +88,7 @@ async def test_the_outbox_mark_is_cleared_only_for_its_own_change(
 ) -> None:
     """Clearing an older announcement leaves a newer change's mark in place."""
     store, events = make_store(mongo_db)
-    cipher = await store.create_account("acc-1")
+    cipher = await store.accounts.create("acc-1")
     old = await events.upsert_version("acc-1", version(T1, "ck1"), cipher=cipher)
     new = await events.upsert_version("acc-1", version(T2, "ck2"), cipher=cipher)
     assert old is not None
@@ -107,10 +107,10 @@ async def test_token_cache_compare_and_swap_has_one_winner(
 
     store, _ = make_store(mongo_db)
     await store.ensure_indexes()
-    await store.create_account("acc-1")
-    assert await store.save_token_cache("acc-1", "cache-1", 0)
-    results = await asyncio.gather(*(store.save_token_cache("acc-1", f"cache-2-{i}", 1) for i in range(6)))
+    await store.accounts.create("acc-1")
+    assert await store.token_caches.save("acc-1", "cache-1", 0)
+    results = await asyncio.gather(*(store.token_caches.save("acc-1", f"cache-2-{i}", 1) for i in range(6)))
     assert results.count(True) == 1
-    text, version_ = await store.load_token_cache("acc-1") or ("", 0)
+    text, version_ = await store.token_caches.load("acc-1") or ("", 0)
     assert version_ == 2
     assert text.startswith("cache-2-")

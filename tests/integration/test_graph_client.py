@@ -37,10 +37,10 @@ class MemoryStore:
     def __init__(self) -> None:
         self.caches: dict[str, tuple[str, int]] = {}
 
-    async def load_token_cache(self, account_id: str) -> tuple[str, int] | None:
+    async def load(self, account_id: str) -> tuple[str, int] | None:
         return self.caches.get(account_id)
 
-    async def save_token_cache(
+    async def save(
         self, account_id: str, serialized: str, expected_version: int
     ) -> bool:
         current = self.caches.get(account_id)

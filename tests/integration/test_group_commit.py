@@ -72,7 +72,7 @@ async def test_concurrent_posts_share_one_confirmed_message_per_shard(
         shard_count=2, receiver_group_window_ms=5000, receiver_group_max_items=8
     )
     app = build_app(
-        settings=settings, lookup=store, publisher=publisher, hasher=store.hasher,
+        settings=settings, lookup=store.subscriptions, publisher=publisher, hasher=store.hasher,
         ciphers=store, readiness=_ready, metrics=Metrics(),
     )  # fmt: skip
     server = TestServer(app)
@@ -124,7 +124,7 @@ async def test_every_post_of_a_refused_flush_gets_503(
         receiver_group_max_items=4,
     )
     app = build_app(
-        settings=settings, lookup=store, publisher=publisher, hasher=store.hasher,
+        settings=settings, lookup=store.subscriptions, publisher=publisher, hasher=store.hasher,
         ciphers=store, readiness=_ready, metrics=Metrics(),
     )  # fmt: skip
     server = TestServer(app)

@@ -57,8 +57,8 @@ async def test_202_after_confirms_and_503_while_the_broker_is_unreachable(
         return {"broker": True}
 
     app = build_app(
-        settings=settings, lookup=store, publisher=publisher, hasher=store.hasher,
-        ciphers=store, readiness=ready, metrics=Metrics(),
+        settings=settings, lookup=store.subscriptions, publisher=publisher, hasher=store.hasher,
+        ciphers=store.keys, readiness=ready, metrics=Metrics(),
     )
     server = TestServer(app)
     await server.start_server()

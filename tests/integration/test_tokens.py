@@ -42,11 +42,11 @@ class MemoryStore:
         self.saves: list[int] = []
         self.before_save: Callable[[str], Awaitable[None]] | None = None
 
-    async def load_token_cache(self, account_id: str) -> tuple[str, int] | None:
+    async def load(self, account_id: str) -> tuple[str, int] | None:
         self.loads += 1
         return self.caches.get(account_id)
 
-    async def save_token_cache(
+    async def save(
         self, account_id: str, serialized: str, expected_version: int
     ) -> bool:
         hook, self.before_save = self.before_save, None

@@ -73,7 +73,7 @@ async def test_sign_in_url_finished_in_another_browser_binds_nothing(
         assert refused.hops[-1].endswith("/auth/callback")
         assert refused.status == 403, (refused.status, refused.body)
         assert "another browser" in refused.body
-        assert await stack.rt.store.get_account("acc-attacker") is None
+        assert await stack.rt.store.accounts.get("acc-attacker") is None
         assert await _count(stack, CONNECT_FLOWS) == 1  # not used up by the wrong browser
 
         # The browser that started it still finishes it, with its own sign-in.
@@ -81,9 +81,9 @@ async def test_sign_in_url_finished_in_another_browser_binds_nothing(
         finished = await browse(stack, sign_in_url, jar=attacker_jar)
         assert finished.status == 302, (finished.status, finished.body)
         assert finished.query()["status"] == "connected"
-        account = await stack.rt.store.get_account("acc-attacker")
+        account = await stack.rt.store.accounts.get("acc-attacker")
         assert account is not None
-        assert account["user_hash"] == stack.rt.hasher.hash_id("user", attacker["id"].lower())
+        assert account.user_hash == stack.rt.hasher.hash_id("user", attacker["id"].lower())
         assert _query(sign_in_url)["prompt"] == "select_account"
         assert "select_account" in (await stack.control.state())["authorize_prompts"]
         [cookie] = list(attacker_jar)
@@ -107,8 +107,8 @@ async def test_one_mailbox_is_bound_to_one_account(
         assert first.query()["status"] == "connected", first
         second = await browse(stack, f"/connect?token={quote(mint_link(stack, 'acc-second'))}")
         assert second.query() == {"tab": "sync", "status": "error", "reason": "mailbox_in_use"}
-        account = await stack.rt.store.get_account("acc-second")
-        assert account is None or "user_hash" not in account
+        account = await stack.rt.store.accounts.get("acc-second")
+        assert account is None or account.user_hash is None
         # Reconnecting the same account with the same mailbox still works.
         again = await browse(stack, f"/connect?token={quote(mint_link(stack, 'acc-first'))}")
         assert again.query()["status"] == "connected", again

@@ -38,7 +38,7 @@ async def test_cursor_and_limit_garbage_is_answered_400(
     async with running_stack(
         tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=("receiver",)
     ) as stack:
-        await stack.rt.store.create_account("acc-g")
+        await stack.rt.store.accounts.create("acc-g")
         for query, name in GARBAGE:
             status, body, _ = await api(
                 stack, "GET", f"/api/v1/accounts/acc-g/events?{WINDOW}&{query}"

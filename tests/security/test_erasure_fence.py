@@ -89,12 +89,12 @@ async def test_the_second_sweep_removes_late_writes_unless_the_account_came_back
     for account_id in ("acc-gone", "acc-back"):
         await mongo_db["events"].insert_one({"_id": f"{account_id}:e1", "account_id": account_id})
         await mongo_db["sync_state"].insert_one({"_id": account_id})
-        await store.schedule_resweep(account_id, after_s=3600)
-    await store.create_account("acc-back")
-    assert await store.resweep_due() == 0  # not due yet
+        await store.erasures.schedule_resweep(account_id, after_s=3600)
+    await store.accounts.create("acc-back")
+    assert await store.erasures.resweep_due() == 0  # not due yet
     for account_id in ("acc-gone", "acc-back"):
-        await store.schedule_resweep(account_id, after_s=-1)
-    assert await store.resweep_due() == 2
+        await store.erasures.schedule_resweep(account_id, after_s=-1)
+    assert await store.erasures.resweep_due() == 2
     assert await mongo_db["events"].count_documents({"account_id": "acc-gone"}) == 0
     assert await mongo_db["sync_state"].find_one({"_id": "acc-gone"}) is None
     assert await mongo_db["events"].count_documents({"account_id": "acc-back"}) == 1

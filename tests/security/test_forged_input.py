@@ -210,7 +210,7 @@ async def test_forged_and_broken_input_is_answered_counted_and_costs_nothing(
         # -- nothing published, nothing written, and the counters say why ------------------
         assert await queue_depths(stack, queues) == depths_before
         assert await document_counts(stack) == documents_before
-        assert await stack.rt.store.get_account(ACCOUNT) is not None  # DELETE was refused
+        assert await stack.rt.store.accounts.get(ACCOUNT) is not None  # DELETE was refused
         after = await metrics(stack)
 
         def delta(name: str, **labels: str) -> float:

@@ -39,7 +39,7 @@ class CountingStore:
 
     async def find_subscription(self, subscription_hash: str) -> SubscriptionRecord | None:
         self.lookups += 1
-        return await self.store.find_subscription(subscription_hash)
+        return await self.store.subscriptions.find_subscription(subscription_hash)
 
 
 class RecordingPublisher:

@@ -76,7 +76,7 @@ async def test_forged_or_altered_shard_messages_are_refused(
         shards = stack.settings.shard_count
         outbound_queue = OUTBOUND_QUEUE.format(shard=shard_of(ACCOUNT, shards))
         inbound_queue = INBOUND_QUEUE.format(shard=shard_of(ACCOUNT, shards))
-        cipher = await stack.rt.store.cipher_for(ACCOUNT)
+        cipher = await stack.rt.store.keys.cipher_for(ACCOUNT)
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
         forged_delete = {

@@ -316,7 +316,7 @@ async def test_no_secret_or_content_in_logs_documents_or_messages(
 
             # -- what must never show up -------------------------------------------------
             subscriptions = await stack.control.subscriptions()
-            cache = await stack.rt.store.load_token_cache(ACCOUNT)
+            cache = await stack.rt.store.token_caches.load(ACCOUNT)
             assert cache is not None
             cached_tokens = {
                 entry["secret"]

@@ -14,7 +14,7 @@ import pytest
 from crypto import KeyRing, WrappedKey, generate_master_key_spec, parse_master_keys
 from processor.app import build_runtime
 from processor.broker import REASON_HEADER
-from processor.operator import rotate_keys
+from processor.operations import rotate_keys
 from processor.settings import SettingsError
 from processor.topology import DEAD_QUEUE, INBOUND_QUEUE, OUTBOUND_INTAKE_QUEUE, shard_of
 from tests.e2e.harness import Stack, eventually, running_stack
@@ -79,13 +79,13 @@ async def test_a_missing_master_key_parks_the_work_and_alerts_and_nothing_is_ack
         await stack.connect_account(ACCOUNT, ann)
         await stack.control.wait_idle()
         store = stack.rt.store
-        original = await store.data_keys.find_one({"_id": ACCOUNT})
+        original = await store.db["data_keys"].find_one({"_id": ACCOUNT})
         assert original is not None
         [missing_key] = parse_master_keys(generate_master_key_spec("gone"))
         elsewhere = KeyRing((missing_key, *stack.settings.master_keys))
         foreign = elsewhere.rewrap(ACCOUNT, WrappedKey.from_doc(original))
-        await store.data_keys.update_one({"_id": ACCOUNT}, {"$set": foreign.to_doc()})
-        store.forget_cipher(ACCOUNT)
+        await store.db["data_keys"].update_one({"_id": ACCOUNT}, {"$set": foreign.to_doc()})
+        store.keys.forget(ACCOUNT)
         await stack.announcements()  # the connect's own announcements
 
         shard = INBOUND_QUEUE.format(shard=shard_of(ACCOUNT, stack.settings.shard_count))
@@ -134,8 +134,8 @@ async def test_a_missing_master_key_parks_the_work_and_alerts_and_nothing_is_ack
             await _start_runtime(stack)
 
         # The master key is back (here: the key is wrapped as before).
-        await store.data_keys.replace_one({"_id": ACCOUNT}, original)
-        store.forget_cipher(ACCOUNT)
+        await store.db["data_keys"].replace_one({"_id": ACCOUNT}, original)
+        store.keys.forget(ACCOUNT)
 
         async def written() -> bool:
             return any(e["subject"] == SUBJECT for e in await stack.control.events(ann))

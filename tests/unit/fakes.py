@@ -81,7 +81,8 @@ class FakeAccounts:
 
     def __init__(self, *, status: str = "connected", bound: bool = True) -> None:
         self.cipher = DataCipher(b"\x07" * 32)
-        self.accounts = {ACCOUNT: Account(ACCOUNT, status, bound)}
+        sealed = (b"user", b"tenant") if bound else None
+        self.accounts = {ACCOUNT: Account(ACCOUNT, status, sealed_identity=sealed)}
         self.erased: set[str] = set()
 
     async def cipher_for(self, account_id: str) -> DataCipher:

@@ -9,6 +9,7 @@ from handlers.delta import DeltaRunner, DeltaSettings
 from handlers.errors import PublishError, ReauthorizationRequired, ThrottledError
 from handlers.inbound import SyncWindow
 from handlers.outcome import Action, Outcome
+from handlers.records import Account
 from subscriptions.lifecycle import LifecycleHandler
 from tests.unit.fakes import (
     ACCOUNT,
@@ -126,17 +127,29 @@ async def test_a_throttled_delta_round_raises_for_the_caller_to_retry() -> None:
 # ---- lifecycle ---------------------------------------------------------------------------------
 
 
+class FakeSubscriptionRecords:
+    """Our subscription records: one per account, or none."""
+
+    def __init__(self, *, known: bool) -> None:
+        self.known = known
+
+    async def get_for_account(self, account_id: str, sub_hash: str) -> object | None:
+        return object() if self.known else None
+
+
+class FakeAccountRecords:
+    """A connected, bound account."""
+
+    async def get(self, account_id: str) -> Account | None:
+        return Account(account_id, "connected", sealed_identity=(b"user", b"tenant"))
+
+
 class FakeStore:
     """The two lookups the lifecycle handler makes."""
 
     def __init__(self, *, known: bool = True) -> None:
-        self.known = known
-
-    async def subscription_of(self, account_id: str, sub_hash: str) -> object | None:
-        return object() if self.known else None
-
-    async def get_account(self, account_id: str) -> dict[str, Any] | None:
-        return {"_id": account_id, "status": "connected"}
+        self.subscriptions = FakeSubscriptionRecords(known=known)
+        self.accounts = FakeAccountRecords()
 
 
 class FakeManager:

@@ -323,7 +323,7 @@ async def test_sweeper_removes_expired_link_and_flow_records(
                 {"_id": "live", "expires_at": now + timedelta(minutes=5)},
             ]
         )
-    counts = await store.sweep_expired()
+    counts = await store.leases.sweep_expired()
     for name in ("used_links", "connect_flows", "consent_flows"):
         assert counts[name] == 1
         assert [doc["_id"] for doc in await mongo_db[name].find({}).to_list()] == ["live"]

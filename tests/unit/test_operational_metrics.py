@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from processor.consumer import inbound_lag_s
 from processor.messages import INBOUND_SCHEMA
 from processor.metrics import Metrics
-from subscriptions.manager import expiry_summary
+from subscriptions.schedule import expiry_summary
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -198,8 +199,8 @@ async def test_parked_changes_are_replayed_once_the_account_is_back() -> None:
     """After a reconnect the parked change is applied first and removed from the park."""
     w = World(status="disconnected")
     await w.handle(w.message(1, event={"subject": "Plan", "start": START, "end": END}))
-    w.accounts.accounts[ACCOUNT] = w.accounts.accounts[ACCOUNT].__class__(
-        ACCOUNT, "connected", True
+    w.accounts.accounts[ACCOUNT] = dataclasses.replace(
+        w.accounts.accounts[ACCOUNT], status="connected"
     )
     await w.handle(w.message(2, event={"subject": "Plan 2", "start": START, "end": END}))
     assert [kind for kind, _ in w.graph.calls] == ["create", "patch"]

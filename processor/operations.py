@@ -41,7 +41,7 @@ async def rotate_keys(settings: Settings, *, out: TextIO = sys.stdout) -> int:
             keyring=KeyRing(settings.master_keys),
             hasher=Hasher(settings.hash_key),
         )
-        report = await store.rotate_data_keys()
+        report = await store.keys.rotate()
     finally:
         await mongo.close()
     active = settings.master_keys[0].key_id

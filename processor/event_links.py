@@ -311,6 +311,20 @@ class LinkStore:
         cursor = self.index.find({"account_id": account_id}, {"_id": 1})
         return {str(doc["_id"]) async for doc in cursor}
 
+    async def relation_ids(self, account_id: str, event_keys: list[str]) -> dict[str, str]:
+        """The 1Relation event linked to each of ``event_keys`` (written by the outbound role)."""
+        if not event_keys:
+            return {}
+        cursor = self.links.find(
+            {"account_id": account_id, "event_key": {"$in": event_keys}, "deleted": {"$ne": True}},
+            {"event_key": 1, "relation_event_id": 1},
+        )
+        return {
+            str(doc["event_key"]): str(doc["relation_event_id"])
+            async for doc in cursor
+            if doc.get("relation_event_id") is not None
+        }
+
     async def echo_of(
         self,
         account_id: str,

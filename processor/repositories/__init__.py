@@ -1,0 +1,1 @@
+"""MongoDB repositories, one per concern; :class:`processor.store.Store` builds them together."""

@@ -1,0 +1,38 @@
+"""What every repository shares: the schema version, the document type and associated data.
+
+Nothing personal is stored in plaintext (docs/contract.md §4): Microsoft's identifiers are
+kept as keyed hashes for lookup and as ciphertext where they are needed back; every
+ciphertext's associated data names its collection, account, record and field.
+
+FerretDB (the test database) updates documents by read-modify-write without re-checking
+the filter, so no repository relies on an update being atomic against a concurrent writer:
+compare-and-swap and locks are built on unique-key inserts, and one account's event writes
+are serialized by the shard queues (see :mod:`processor.topology`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from contract.storage import SCHEMA_VERSION, aad
+
+__all__ = ["ERASURE_RESWEEPS", "EXPIRING_COLLECTIONS", "SCHEMA_VERSION", "Document", "aad"]
+
+#: Erased accounts waiting for their second sweep (``ErasureResweeps.resweep_due``).
+ERASURE_RESWEEPS = "erasure_resweeps"
+
+Document = dict[str, Any]
+
+#: Collections whose documents carry ``expires_at`` and are removed by the sweeper
+#: (FerretDB has no TTL indexes). Modules that add such a collection list it here.
+EXPIRING_COLLECTIONS: list[str] = [
+    "leases",
+    "lease_takeovers",
+    "events",
+    # Connect and consent (subscriptions/connect.py, consent.py, links.py).
+    "used_links",
+    "connect_flows",
+    "consent_flows",
+    # Worker heartbeats (processor/balance.py).
+    "workers",
+]

@@ -1,0 +1,155 @@
+"""Data keys: one per account (envelope encryption under the master keys) and per service use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from crypto import CipherCache, DataCipher, DecryptionError, KeyRing, WrappedKey
+from processor.errors import AccountUnavailable, KeyUnreadable
+from processor.repositories.base import SCHEMA_VERSION, Document
+from processor.timeutil import utcnow
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RotationReport:
+    """What ``keys rotate`` covered: every data key is in exactly one of the three counts."""
+
+    total: int = 0
+    rewrapped: int = 0
+    current: int = 0  # already under the active master key
+    #: Data keys whose master key is not in the key ring, by master key id.
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+
+class KeyRepository:
+    """The ``data_keys`` collection and the process's cache of unwrapped keys.
+
+    Data keys live apart from the account document: only creation, rotation and erasure
+    write them, so a rotation never races a status update (FerretDB's updates are not
+    atomic against concurrent writers).
+    """
+
+    def __init__(
+        self,
+        *,
+        db: AsyncDatabase[Document],
+        keyring: KeyRing,
+        cipher_cache: CipherCache | None = None,
+        on_key_unreadable: Callable[[], None] | None = None,
+    ) -> None:
+        self.keyring = keyring
+        self._on_key_unreadable = on_key_unreadable
+        self._ciphers = cipher_cache or CipherCache()
+        self.collection = db["data_keys"]
+
+    async def create(self, account_id: str) -> tuple[DataCipher, bool]:
+        """A fresh data key for the account, or the existing one's cipher; True when created."""
+        wrapped, cipher = self.keyring.new_data_key(account_id)
+        try:
+            await self.collection.insert_one(
+                {
+                    "_id": account_id,
+                    "schema": SCHEMA_VERSION,
+                    **wrapped.to_doc(),
+                    "created_at": utcnow(),
+                }
+            )
+        except DuplicateKeyError:
+            return await self.cipher_for(account_id), False
+        self._ciphers.put(account_id, cipher)
+        return cipher, True
+
+    async def cipher_for(self, account_id: str) -> DataCipher:
+        """The account's data cipher; :class:`AccountUnavailable` once it is erased."""
+        cached = self._ciphers.get(account_id)
+        if cached is not None:
+            return cached
+        doc = await self.collection.find_one({"_id": account_id})
+        if doc is None:
+            raise AccountUnavailable(account_id, "erased")
+        try:
+            cipher: DataCipher | None = self.keyring.unwrap(account_id, WrappedKey.from_doc(doc))
+        except DecryptionError:
+            cipher = None
+        if cipher is None:
+            key_id = str(doc.get("kid", ""))[:64]
+            log.error("keys.unreadable", account_id=account_id, key_id=key_id)
+            if self._on_key_unreadable is not None:
+                self._on_key_unreadable()
+            raise KeyUnreadable(account_id, key_id)
+        self._ciphers.put(account_id, cipher)
+        return cipher
+
+    async def missing_master_keys(self) -> dict[str, int]:
+        """Master key ids that wrap data keys but are not in the key ring, with counts."""
+        missing: dict[str, int] = {}
+        known = set(self.keyring.key_ids)
+        async for doc in self.collection.find({}, {"kid": 1}):
+            key_id = str(doc.get("kid", ""))
+            if key_id not in known:
+                missing[key_id] = missing.get(key_id, 0) + 1
+        return missing
+
+    async def rotate(self) -> RotationReport:
+        """Rewrap every data key not under the active master key; says what it covered.
+
+        Data ciphertext is untouched (envelope encryption), so this runs beside live
+        traffic: a process holding an old wrapped key in its cache still has the same data
+        key, and one that reads the new wrapping unwraps it with the new master key. A key
+        that cannot be unwrapped is counted and skipped, never the end of the run.
+        """
+        report = RotationReport()
+        async for doc in self.collection.find({}):
+            report.total += 1
+            account_id = str(doc["_id"])
+            try:
+                wrapped = WrappedKey.from_doc(doc)
+                if not self.keyring.needs_rewrap(wrapped):
+                    report.current += 1
+                    continue
+                fresh: WrappedKey | None = self.keyring.rewrap(account_id, wrapped)
+            except DecryptionError:
+                fresh = None
+            if fresh is None:
+                key_id = str(doc.get("kid", ""))[:64]
+                report.unreadable[key_id] = report.unreadable.get(key_id, 0) + 1
+                log.error("keys.unreadable", account_id=account_id, key_id=key_id)
+                continue
+            await self.collection.update_one(
+                {"_id": account_id, "kid": wrapped.master_key_id},
+                {"$set": {**fresh.to_doc(), "rotated_at": utcnow()}},
+            )
+            report.rewrapped += 1
+        return report
+
+    async def destroy(self, account_id: str) -> None:
+        """Crypto-shred the account: without its data key none of its ciphertext reads."""
+        await self.collection.delete_one({"_id": account_id})
+        self._ciphers.evict(account_id)
+
+    def forget(self, account_id: str) -> None:
+        """Drop the cached key (after erasure or rotation)."""
+        self._ciphers.evict(account_id)
+
+    async def service_cipher(self, purpose: str) -> DataCipher:
+        """A data key of the service itself (e.g. ``"connect"`` for flow state in progress).
+
+        Kept in ``data_keys`` as ``_service:<purpose>`` beside the accounts' keys, so that
+        ``keys rotate`` rewraps it too; 1Relation account ids never start with ``_``. The
+        first process to need it creates it (a unique-key insert decides a race).
+        """
+        key_id = f"_service:{purpose}"
+        cached = self._ciphers.get(key_id)
+        if cached is not None:
+            return cached
+        if await self.collection.find_one({"_id": key_id}, {"_id": 1}) is None:
+            cipher, _ = await self.create(key_id)
+            return cipher
+        return await self.cipher_for(key_id)
