@@ -1,5 +1,5 @@
 """The contract with 1Relation as documents: JSON Schemas of the messages and the OpenAPI
-description of the HTTP routes (CONTRACT §2, §3).
+description of the HTTP routes (docs/contract.md §2, §3).
 
 The service validates with these same files, so what it accepts and what the documents
 say cannot drift. ``docs/schemas`` and ``docs/openapi.yaml`` point here.

@@ -128,7 +128,7 @@ class InboundHandler:
             cipher = await self._store.cipher_for(account_id)
             account = await self._store.account(account_id)
         except AccountUnavailable:
-            # Erased: its messages still queued are dropped when reached (CONTRACT §4).
+            # Erased: its messages still queued are dropped when reached (docs/contract.md §4).
             for delivery in deliveries:
                 delivery.outcome = Outcome.ack()
             return

@@ -10,6 +10,7 @@ from handlers.timeutil import isoformat_z
 
 INBOUND_SCHEMA = "m365sync.inbound.v1"
 EVENT_CHANGE_SCHEMA = "m365sync.event-change.v1"
+LIFECYCLE_SCHEMA = "m365sync.lifecycle.v1"
 #: Seal purposes (crypto.seal_message): a message of one queue never passes as another's.
 INBOUND_SEAL = "m365sync.inbound"
 OUTBOUND_SEAL = "m365sync.outbound"
@@ -45,7 +46,7 @@ def event_change_body(
     relation_event_id: str | None,
     sequence: int | None = None,
 ) -> dict[str, Any]:
-    """CONTRACT §3 ``m365sync.event-change.v1``: identifiers and versions only, no content.
+    """docs/contract.md §3 ``m365sync.event-change.v1``: identifiers and versions only, no content.
 
     ``last_modified`` given as text is Graph's own ``lastModifiedDateTime`` (its full
     precision); ``sequence`` grows with every announcement for one ``event_key``.

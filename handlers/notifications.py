@@ -1,4 +1,4 @@
-"""Checks of Graph change and lifecycle notifications (DESIGN "What must always hold" 6, 7).
+"""Checks of Graph change and lifecycle notifications (docs/design.md "What must always hold" 6, 7).
 
 Pure: no I/O except through the given :class:`SubscriptionLookup`. A notification proves
 nothing by itself: its subscription must be ours, its ``clientState`` must match the stored

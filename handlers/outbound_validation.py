@@ -1,4 +1,4 @@
-"""Checking 1Relation's ``onerelation.event.v1`` messages (CONTRACT §3) before anything runs.
+"""Checking 1Relation's ``onerelation.event.v1`` messages (docs/contract.md §3) before work.
 
 The structure is checked by the published JSON Schema (``docs/schemas``), so the document
 and the service cannot disagree; its ``x-reason`` annotations give each failure words a

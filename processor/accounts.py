@@ -1,4 +1,4 @@
-"""Account status: the closed list of CONTRACT §2, its document, and ``account.status``."""
+"""Account status: the closed list of docs/contract.md §2, its document, and ``account.status``."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ class AccountStatuses:
         )
 
     async def document(self, account_id: str) -> dict[str, Any] | None:
-        """The status document of CONTRACT §2, or None for an unknown account."""
+        """The status document of docs/contract.md §2, or None for an unknown account."""
         account = await self._store.accounts.get(account_id)
         if account is None:
             return None

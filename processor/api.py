@@ -1,4 +1,4 @@
-"""The 1Relation API: ``/api/v1/accounts/...`` (CONTRACT §2).
+"""The 1Relation API: ``/api/v1/accounts/...`` (docs/contract.md §2).
 
 Every route needs ``Authorization: Bearer <M365SYNC_API_TOKEN>``; the token is compared in
 constant time with every configured one (so a rotation can overlap), and anything else
@@ -66,7 +66,7 @@ MAX_WINDOW: Final = timedelta(days=732)
 MAX_CURSOR_CHARS: Final = 512
 #: The resync reason that also releases the mass-deletion brake (handlers.delta).
 OPERATOR_RESYNC_REASON: Final = "operator"
-#: The event fields the API returns (CONTRACT §3), besides ``event_key`` and
+#: The event fields the API returns (docs/contract.md §3), besides ``event_key`` and
 #: ``relation_event_id``.
 CONTRACT_EVENT_FIELDS: Final = (
     "subject",
@@ -360,7 +360,7 @@ def add_api_routes(
     router.add_post(f"{account}/resync", api.guarded(api.resync))
     for path, handler in extra_gets:
         router.add_get(path, api.guarded(handler), allow_head=False)
-    # Behind the token like every /api/v1 route (CONTRACT §2); the same file is public in
+    # Behind the token like every /api/v1 route (docs/contract.md §2); the same file is public in
     # docs/, so the guard hides nothing from 1Relation and nothing new from anyone else.
     router.add_get(f"{API_PREFIX}/openapi.json", api.guarded(api.openapi), allow_head=False)
     # Anything else under /api/v1 also answers 401 without a token (then 404).

@@ -1,4 +1,4 @@
-"""The ``m365sync`` console script (CONTRACT §1)."""
+"""The ``m365sync`` console script (docs/contract.md §1)."""
 
 from __future__ import annotations
 

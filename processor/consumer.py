@@ -184,7 +184,7 @@ class ShardConsumer:
         # After a reconnect aio-pika re-declares and re-consumes only the queues that were
         # declared through the robust channel; a queue object from
         # ``get_queue(ensure=False)`` is not among them, and its consumer silently stays
-        # gone: the "0 consumers after a broker restart" failure (RELIABILITY-NOTES 2.5).
+        # gone: the "0 consumers after a broker restart" failure (docs/reliability.md 2.5).
         # A passive declare registers the queue for restore without touching its arguments.
         queue = await channel.declare_queue(name, passive=True)
         tag = await queue.consume(self._on_message(name))

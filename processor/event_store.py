@@ -50,7 +50,7 @@ class EventStore:
     ) -> Change | None:
         """Store ``event`` unless the stored version is the same or newer; None when stale.
 
-        Version order (DESIGN): ``lastModifiedDateTime`` first; on an equal timestamp a
+        Version order (docs/design.md): ``lastModifiedDateTime`` first; on an equal timestamp a
         different ``changeKey`` wins, because this fetch is later than the stored one.
         ``known`` (from :meth:`stored_versions`, kept up to date here) saves the read of
         the stored version: a key missing from it is taken as not stored.

@@ -4,7 +4,7 @@ Every request carries a delegated bearer token from :class:`AccessTokens`, the
 ``Prefer: IdType="ImmutableId"`` opt-in and a fresh ``client-request-id``. 429/503/504
 answers are retried inline when ``Retry-After`` is short, otherwise raised as
 :class:`ThrottledError` so that the caller parks the work in a retry queue instead of
-holding a message (DESIGN "Waiting is never done by holding a message").
+holding a message (docs/design.md "Waiting is never done by holding a message").
 
 Graph throttles a mailbox, not a request: a ``Retry-After`` on any answer for a mailbox
 closes that mailbox's gate in this client until it has elapsed, so every later request of

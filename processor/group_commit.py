@@ -6,7 +6,7 @@ concurrent requests submit for a short window (or until ``max_items``), publishe
 message per shard queue carrying all of them, and lets each submitter return only once every
 message holding one of its items was confirmed. A submitter whose items went into a publish
 that failed gets :class:`PublishError`, so its POST is answered 503 and Graph retries:
-nothing acknowledged is lost (DESIGN "What must always hold" 1).
+nothing acknowledged is lost (docs/design.md "What must always hold" 1).
 """
 
 from __future__ import annotations

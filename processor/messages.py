@@ -10,6 +10,7 @@ from handlers.messages import (
     EVENT_CHANGE_SCHEMA,
     INBOUND_SCHEMA,
     INBOUND_SEAL,
+    LIFECYCLE_SCHEMA,
     OUTBOUND_SEAL,
     b64,
     event_change_body,
@@ -37,8 +38,6 @@ __all__ = [
     "split_changes",
     "unb64",
 ]
-
-LIFECYCLE_SCHEMA = "m365sync.lifecycle.v1"
 
 InboundKind = Literal["change", "changes", "resync"]
 #: The most items a ``changes`` message may carry; more is not from our receiver.

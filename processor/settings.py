@@ -1,4 +1,4 @@
-"""Typed, frozen settings parsed once from the environment (CONTRACT §1)."""
+"""Typed, frozen settings parsed once from the environment (docs/contract.md §1)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from subscriptions.links import canonical_origin
 
 T = TypeVar("T")
 
-#: Settings every long-running role needs outside `demo` (CONTRACT §1).
+#: Settings every long-running role needs outside `demo` (docs/contract.md §1).
 SERVICE_REQUIRED: frozenset[str] = frozenset(
     {
         "M365SYNC_CLIENT_ID",

@@ -3,7 +3,7 @@
 MSAL Python is synchronous, so every MSAL call runs in a worker thread. Several processes
 share one account's serialized MSAL cache (stored encrypted by the store); refresh tokens
 rotate on every use and the old one stays valid, so a refresh that loses the race to save
-its cache simply reloads the winner's cache (DESIGN "Hard-won details").
+its cache simply reloads the winner's cache (docs/design.md "Hard-won details").
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ log = get_logger(__name__)
 
 #: MSAL adds openid, profile and offline_access itself (and refuses them here).
 DEFAULT_SCOPES: Final = ("Calendars.ReadWrite", "User.Read")
-#: Hosts MSAL knows without instance discovery (GRAPH-NOTES §8, msal/authority.py).
+#: Hosts MSAL knows without instance discovery (docs/graph.md §8, msal/authority.py).
 WELL_KNOWN_AUTHORITY_HOSTS: Final = frozenset(
     {
         "login.microsoftonline.com",
@@ -70,7 +70,7 @@ class _HttpClient(requests.Session):
     def __init__(self, *, ca_bundle: str | None, timeout_s: float) -> None:
         super().__init__()
         # requests merges REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE over `verify` unless told not to
-        # (GRAPH-NOTES §8): our settings decide what is trusted, not the environment.
+        # (docs/graph.md §8): our settings decide what is trusted, not the environment.
         self.trust_env = False
         self.verify = True
         self._timeout_s = timeout_s
@@ -371,7 +371,7 @@ def initiate_flow(
 ) -> dict[str, Any]:
     """Start an auth-code + PKCE flow; keep the whole dict server-side, send ``auth_uri``.
 
-    The default ``"query"`` puts the code in the callback URL, because CONTRACT §2 fixes
+    The default ``"query"`` puts the code in the callback URL, because docs/contract.md §2 fixes
     ``GET /auth/callback``; ``"form_post"`` (RFC 9700's advice) would make it a POST.
     Blocking (MSAL fetches the discovery document): on the loop use :func:`initiate_flow_async`.
     """

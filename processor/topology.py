@@ -21,7 +21,7 @@ from handlers.routing import OUTBOUND_EXCHANGE as OUTBOUND_EXCHANGE  # noqa: PLC
 from handlers.routing import shard_of as shard_of  # noqa: PLC0414
 from handlers.routing import shard_routing_key as shard_routing_key  # noqa: PLC0414
 
-# Contract names (CONTRACT §3).
+# Contract names (docs/contract.md §3).
 ONERELATION_OUTBOUND = "onerelation.outbound"
 ONERELATION_INBOUND_QUEUE = "onerelation.inbound"
 

@@ -1,11 +1,11 @@
-"""The receiver's aiohttp app: Graph webhooks, liveness, readiness and metrics (CONTRACT §2).
+"""The receiver's aiohttp app: Graph webhooks, liveness, readiness (docs/contract.md §2).
 
 Routes are registered by small ``add_*_routes`` functions so that other parts (connect,
 admin consent, ``/api/v1``) can add theirs to the same app. Every error answer is JSON
 ``{"error": {"code": "...", "message": "..."}}``, including unknown routes.
 
 The webhook answers 202 only after the broker confirmed every accepted item, and 503 with
-``Retry-After`` otherwise, so that Graph retries (DESIGN "What must always hold" 1). Items
+``Retry-After`` otherwise, so that Graph retries (docs/design.md "What must always hold" 1). Items
 that fail a check are dropped and counted; the sender still gets 202 and learns nothing.
 """
 

@@ -1,4 +1,4 @@
-"""Connect to Microsoft: ``GET /connect?token=JWT`` and ``GET /auth/callback`` (CONTRACT §2).
+"""Connect to Microsoft: ``GET /connect?token=JWT`` and ``GET /auth/callback`` (contract §2).
 
 ``/connect`` verifies the link (:mod:`subscriptions.links`), starts MSAL's authorization-code
 flow with PKCE and keeps the whole flow dict server-side: encrypted under the service's own
@@ -8,7 +8,7 @@ through MSAL, binds the Microsoft user (``oid``/``tid`` of the ID token) to the 
 account, stores the token cache encrypted under the account's key, makes sure a
 subscription exists, asks for a full resync and redirects to the link's ``return_url``.
 
-Every flow is bound to the browser that started it (CONTRACT §2): ``/connect`` sets a
+Every flow is bound to the browser that started it (docs/contract.md §2): ``/connect`` sets a
 random, HttpOnly, ``SameSite=Lax`` cookie (:func:`browser_binding`) and the flow keeps its
 keyed hash; a callback that does not present it is refused and leaves the flow for the
 right browser, so a sign-in URL passed to a colleague cannot bind the colleague's mailbox

@@ -1,11 +1,11 @@
-"""Organisation approval: ``GET /admin-consent?token=JWT`` and its callback (CONTRACT §2).
+"""Organisation approval: ``GET /admin-consent?token=JWT`` and its callback (docs/contract.md §2).
 
 The link is verified like a connect link; a random state is kept server-side (encrypted,
 expiring, taken once, see :class:`subscriptions.connect.FlowStore`) and the administrator
 is sent to the tenant's admin consent page. The callback records the tenant's approval only
 for a state we issued, and only for the tenant that state was started for when the link
 named one: the ``tenant`` parameter Microsoft appends is never trusted on its own
-(GRAPH-NOTES §8). Before anything is recorded, the approval is confirmed with Microsoft:
+(docs/graph.md §8). Before anything is recorded, the approval is confirmed with Microsoft:
 an app-only token (client credentials, ``.default``) is issued for a tenant only once its
 administrator approved the app, so a callback naming another tenant records nothing.
 Like a sign-in, the approval is bound to the browser that started it (a cookie, see

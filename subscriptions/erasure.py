@@ -50,7 +50,7 @@ LEASE_TTL_S: Final = 60.0
 
 
 def disconnected_document(account_id: str) -> dict[str, Any]:
-    """The last status document of an erased account (CONTRACT §2 shape)."""
+    """The last status document of an erased account (docs/contract.md §2 shape)."""
     return {
         "account_id": account_id,
         "status": "disconnected",

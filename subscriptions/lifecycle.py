@@ -32,9 +32,9 @@ from handlers.errors import (
     ReauthorizationRequired,
     TransientError,
 )
+from handlers.messages import LIFECYCLE_SCHEMA
 from handlers.outcome import Outcome, outcome_for
 from handlers.ports import Delivery
-from processor.messages import LIFECYCLE_SCHEMA
 from subscriptions.manager import SubscriptionManager
 from subscriptions.ports import Repositories
 

@@ -1,4 +1,4 @@
-"""Connect and consent links: the HS256 JWTs 1Relation signs (CONTRACT §2).
+"""Connect and consent links: the HS256 JWTs 1Relation signs (docs/contract.md §2).
 
 A link is checked completely (format, algorithm, signature under any configured secret,
 claims, ``return_url`` origin) before its ``jti`` is consumed, so a rejected token never
@@ -7,7 +7,7 @@ atomic on FerretDB too (an update would not be); the record expires a while afte
 token does, when a replay would fail on ``exp`` anyway, and the sweeper removes it.
 
 Each route has its own audience (:data:`CONNECT_AUDIENCE`, :data:`CONSENT_AUDIENCE`), so
-a connect link cannot start an admin consent or the other way round. CONTRACT §2 names no
+a connect link cannot start an admin consent or the other way round. docs/contract.md §2 names no
 ``aud``, so a link without one is accepted on either route unless the verifier is told
 to require it (``M365SYNC_LINK_AUDIENCE_REQUIRED``, once 1Relation's signer sets it); a
 link whose ``aud`` does not name the route is always refused.
@@ -57,7 +57,7 @@ ALGORITHM: Final = "HS256"
 MAX_TOKEN_CHARS: Final = 4096
 #: Clock skew tolerated between 1Relation and us on ``exp``/``nbf``/``iat``.
 LEEWAY_S: Final = 30
-#: Longest lifetime accepted: CONTRACT suggests 15 minutes; an hour allows for slow clocks
+#: Longest lifetime accepted: docs/contract.md suggests 15 minutes; an hour allows for slow clocks
 #: and keeps the used-link records (which live as long as the token) short-lived.
 MAX_LIFETIME_S: Final = 3600
 #: How long a used ``jti`` is kept beyond the token's expiry (more than the leeway).
@@ -158,7 +158,7 @@ def _forbidden(code: str, message: str) -> LinkRejected:
 
 
 class LinkVerifier:
-    """Verifies connect and consent tokens exactly as CONTRACT §2 says, then consumes them."""
+    """Verifies connect and consent tokens as docs/contract.md §2 says, then consumes them."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The 1Relation API (CONTRACT §2): bearer tokens, status, events window with paging, resync."""
+"""The 1Relation API (docs/contract.md §2): bearer tokens, status, events window with paging, resync."""
 
 from __future__ import annotations
 

@@ -140,7 +140,7 @@ async def test_racing_inserts_on_a_unique_key_have_exactly_one_winner(
 async def test_updates_are_not_atomic_against_concurrent_writers(
     mongo_db: AsyncDatabase[dict[str, object]],
 ) -> None:
-    """Pins FERRETDB-NOTES §3.3: concurrent $inc on one document may lose updates here.
+    """Pins docs/ferretdb.md §3.3: concurrent $inc on one document may lose updates here.
 
     The service never relies on update atomicity; this test documents the reason and
     tolerates a server (real MongoDB) where no update is lost.

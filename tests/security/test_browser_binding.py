@@ -216,7 +216,7 @@ async def test_links_only_work_on_the_route_their_aud_names(
 ) -> None:
     """A connect link with the consent aud, a consent link with the connect aud and a
     foreign aud are refused with 403 wrong_audience and consume nothing; a link with its
-    route's aud, or with no aud (CONTRACT §2 names none), works."""
+    route's aud, or with no aud (docs/contract.md §2 names none), works."""
     async with running_stack(
         tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=("receiver",)
     ) as stack:

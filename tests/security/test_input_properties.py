@@ -1,4 +1,4 @@
-"""Bad input, by property: whole webhook bodies and connect tokens (DESIGN "must hold" 6, 7).
+"""Bad input, by property: whole webhook bodies and connect tokens (docs/design.md "What must always hold" 6, 7).
 
 Item-level checks of notifications have their own properties in tests/unit; these go one
 level up: any body POSTed to either webhook route gets 202 or 400 and publishes exactly the

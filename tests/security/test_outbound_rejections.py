@@ -1,5 +1,5 @@
 """Invalid 1Relation messages at the outbound intake: dead-lettered with a reason, reported,
-counted, and nothing else happens (CONTRACT §3, DESIGN "must hold" 7)."""
+counted, and nothing else happens (docs/contract.md §3, docs/design.md "What must always hold" 7)."""
 
 from __future__ import annotations
 

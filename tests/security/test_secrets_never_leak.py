@@ -1,5 +1,5 @@
 """Secrets and content never leak: not into logs, not into the database, not into the
-service's own messages (DESIGN "must hold" 5, CONTRACT §4, STYLE 9).
+service's own messages (docs/design.md "What must always hold" 5, docs/contract.md §4).
 
 One scenario runs every path that touches a secret: an account connected through the real
 MSAL flow, Outlook changes with attendees, bodies and locations, 1Relation's outbound
@@ -335,7 +335,7 @@ async def test_no_secret_or_content_in_logs_documents_or_messages(
             secrets = tokens | _settings_secrets(stack) | client_states
             forbidden = {s for s in secrets | content if len(s) >= 6}
 
-            # Database: nothing in plaintext (Microsoft ids neither, CONTRACT §4).
+            # Database: nothing in plaintext (Microsoft ids neither, docs/contract.md §4).
             assert await plaintext_findings(stack.rt.store, forbidden | microsoft_ids) == []
 
             # The service's messages: announced, in flight, retried, dead-lettered, left over.

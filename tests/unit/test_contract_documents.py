@@ -1,5 +1,5 @@
 """The contract documents themselves: valid JSON Schema 2020-12 and OpenAPI references,
-examples that pass, and CONTRACT §3's own examples accepted."""
+examples that pass, and docs/contract.md §3's own examples accepted."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Connect and consent links (CONTRACT §2): what is accepted, what is refused, and with what."""
+"""Connect and consent links (docs/contract.md §2): what is accepted, what is refused, and with what."""
 
 from __future__ import annotations
 

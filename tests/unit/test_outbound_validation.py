@@ -99,7 +99,7 @@ def assert_no_content(reason: str) -> None:
 
 
 def test_the_contract_example_is_valid() -> None:
-    """CONTRACT §3's example validates; its IANA zone becomes the Windows name Graph accepts."""
+    """docs/contract.md §3's example validates; its IANA zone becomes the Windows name Graph accepts."""
     change = validate_message(secret_message())
     assert isinstance(change, OutboundChange)
     assert (change.account_id, change.relation_event_id, change.revision, change.op) == (

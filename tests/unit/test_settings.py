@@ -1,4 +1,4 @@
-"""Settings come from the environment exactly as CONTRACT §1 names them."""
+"""Settings come from the environment exactly as docs/contract.md §1 names them."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ FULL = {
 
 
 def test_defaults_follow_the_contract() -> None:
-    """Unset optional variables take the defaults CONTRACT §1 fixes."""
+    """Unset optional variables take the defaults docs/contract.md §1 fixes."""
     settings = load_settings(FULL)
     assert settings.amqp_url == "amqp://guest:guest@127.0.0.1:5672/"
     assert settings.mongodb_url == "mongodb://127.0.0.1:27017/m365sync"
