@@ -135,7 +135,8 @@ pg_bin() {
 
 as_pg() {  # PostgreSQL refuses to run as root: run as the package's `postgres` user then
   if [ "$(id -u)" = 0 ]; then
-    runuser -u postgres -- "$@"
+    # From /: the clone may sit in a directory the postgres user cannot enter.
+    (cd / && runuser -u postgres -- "$@")
   else
     "$@"
   fi
@@ -191,7 +192,8 @@ CONF
 }
 
 postgres_down() {
-  local data="$run_dir/postgres"
+  local data
+  data=$(readlink -f "$run_dir/postgres")  # the server's user may not reach it through .run/
   if [ -f "$data/postmaster.pid" ]; then
     as_pg "$(pg_bin)/pg_ctl" -D "$data" -m fast -w stop >/dev/null || true
   fi
