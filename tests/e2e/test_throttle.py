@@ -34,7 +34,8 @@ FAULTS: dict[str, Any] = {
     "deleted_ghosts": 0.3,
     "latency_ms": 15,
     "random_fault_kinds": "events.get",
-    "random_429_rate": 0.02,
+    # The issue's run had 2 %; 5 % makes "at least one 429 met" hold in every run.
+    "random_429_rate": 0.05,
     "random_429_retry_after_min_s": 0.5,
     "random_429_retry_after_max_s": 1.5,
     "random_503_rate": 0.03,
@@ -51,9 +52,11 @@ async def test_no_request_jumps_retry_after_and_the_account_converges(
     simulator counts no request that reached the mailbox before its Retry-After elapsed,
     and the database ends equal to Outlook (seconds from the last change reported)."""
     rng = random.Random(20261203)
+    # Per-event GETs (the faults are on them): a burst's one delta pass would meet few.
     async with running_stack(
         tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url,
         roles=("receiver", "worker", "outbound"),
+        extra_env={"M365SYNC_BURST_MIN_EVENTS": "1000"},
     ) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-t", user_id)
