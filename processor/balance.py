@@ -137,6 +137,7 @@ class Balancer:
         self._received_at_release: dict[str, int] = {}
         self._live_at_release: dict[str, frozenset[str]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.stats = {"rounds": 0, "releases": 0, "returned": 0}
 
     @property
@@ -150,10 +151,12 @@ class Balancer:
     async def start(self) -> None:
         """Announce this process (after its consumer subscribed) and start the rounds."""
         await self._registry.beat(self._role, self.member, self._consumer.report())
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"balancer:{self._role}")
 
     async def stop(self) -> None:
         """Stop the rounds and leave, so that the others take this process's shards now."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -163,7 +166,9 @@ class Balancer:
             log.info("balancer.leave_failed", role=self._role, error=type(exc).__name__)
 
     async def _run(self) -> None:
-        while True:
+        # The flag as well as the cancel: a cancel that lands inside a driver call which
+        # swallows it (seen once: a stack that never stopped) must not keep the rounds going.
+        while not self._stopping:
             try:
                 await self.round()
             except Exception as exc:  # the database or broker is away: try next round
