@@ -270,6 +270,17 @@ async def raw_publishes(
         await connection.close()
 
 
+async def purge_raw(backends: Backends) -> None:
+    """Empty the raw-publish queue (filled by the raw baseline and by ``bare+publish``)."""
+    connection = await aio_pika.connect(backends.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(RAW_QUEUE, passive=True)
+        await queue.purge()
+    finally:
+        await connection.close()
+
+
 async def queued_notifications(backends: Backends, shard_count: int) -> tuple[int, int]:
     """Messages in the inbound shard queues and the notifications they carry (read them all).
 
@@ -330,11 +341,12 @@ async def run(args: argparse.Namespace) -> None:
                     print(raw.line(f"r{round_no} raw publish"), flush=True)
                     print(f"   {'':<26} {cpu}", flush=True)
                     results.setdefault(("raw", items), []).append(raw)
-                    for kind in ("bare", "real"):
-                        if kind == "bare":
+                    for kind in ("bare", "bare+publish", "real"):
+                        if kind != "real":
+                            publish = [backends.amqp_url, RAW_QUEUE] if "publish" in kind else []
                             server = ChildProcess(
-                                "bare",
-                                [sys.executable, "-m", "bench._bare", str(port)],
+                                kind,
+                                [sys.executable, "-m", "bench._bare", str(port), *publish],
                                 {},
                                 log_dir,
                             )
@@ -363,7 +375,9 @@ async def run(args: argparse.Namespace) -> None:
                             )
                         finally:
                             await server.stop()
-                        name = "bare 202" if kind == "bare" else "receiver"
+                        name = {"bare": "bare 202", "real": "receiver"}.get(kind, kind)
+                        if kind == "bare+publish":
+                            await purge_raw(backends)
                         print(result.line(f"r{round_no} {name} x{items}"), flush=True)
                         per_post = meter.spent.get("server", 0.0) / max(result.requests, 1)
                         print(
@@ -380,6 +394,7 @@ async def run(args: argparse.Namespace) -> None:
     for items in items_list:
         raw = statistics.mean(r.rate for r in results[("raw", items)])
         bare = statistics.mean(r.rate for r in results[("bare", items)])
+        bare_publish = statistics.mean(r.rate for r in results[("bare+publish", items)])
         real = statistics.mean(r.rate for r in results[("real", items)])
         real_cpu = statistics.mean(cpu_per_post[("real", items)]) * 1000
         bare_cpu = statistics.mean(cpu_per_post[("bare", items)]) * 1000
@@ -387,6 +402,7 @@ async def run(args: argparse.Namespace) -> None:
         verdict = "met" if ratio >= 0.8 else "MISSED"
         print(
             f"   {items:>3} per POST: raw publish {raw:8.0f}  bare 202 {bare:8.0f}  "
+            f"bare+publish {bare_publish:8.0f} ({bare_publish / raw:.3f} of raw)  "
             f"receiver {real:8.0f}   receiver/raw {ratio:.3f} (goal >= 0.8: {verdict})   "
             f"server CPU per POST: receiver {real_cpu:.2f} ms, bare {bare_cpu:.2f} ms"
         )
