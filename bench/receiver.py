@@ -1,11 +1,14 @@
-"""``python -m bench.receiver``: notifications accepted per second, real receiver vs bare 202.
+"""``python -m bench.receiver``: notifications accepted per second, receiver vs raw publishes.
 
 The real receiver is ``python -m processor.cli receiver`` (production entry point): every
 POST is checked against the subscription store on FerretDB (briefly cached) and answered
-202 only after RabbitMQ confirmed the message into its quorum shard queue. The baseline
-is a bare aiohttp server (``bench._bare``) that reads the body and answers 202. Both are
-driven by the same client in this process (N concurrent posters, one notification per
-POST), one server at a time, alternating over several rounds.
+202 only after RabbitMQ confirmed the group-committed message(s) holding its items into the
+quorum shard queues. The goal's baseline is raw aio-pika confirmed publishes of the same
+notifications from this process, one message each, as many in flight as there are posters.
+For context, a bare aiohttp server (``bench._bare``) that answers 202, and the same server
+making one confirmed publish per POST (``bare+publish``). The servers are driven by the
+same client in this process (N concurrent posters), one at a time, for each number of
+notifications per POST.
 """
 
 from __future__ import annotations
