@@ -45,7 +45,6 @@ from bench._stack import connect_accounts, driver_runtime
 from graphsim.client import SimControl
 from handlers.delta import DeltaRunner, DeltaSettings
 from handlers.inbound import SyncWindow
-from processor.accounts import DeltaLinkStore
 from processor.app import Runtime
 from processor.topology import ONERELATION_INBOUND_QUEUE
 from processor.verify import diff_account, expected_events
@@ -93,7 +92,7 @@ async def _seed(
     runner = DeltaRunner(
         links=rt.links,
         store=rt.store,
-        delta_links=DeltaLinkStore(store=rt.store),
+        delta_links=rt.store.sync_state,
         events=rt.events,
         graph=rt.graph,
         statuses=rt.statuses,

@@ -378,12 +378,13 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         status_handler,
     )
     from processor.status import collect as collect_status  # noqa: PLC0415
-    from subscriptions.connect import CONNECT_FLOWS, add_connect_routes  # noqa: PLC0415
-    from subscriptions.consent import CONSENT_FLOWS, add_consent_routes  # noqa: PLC0415
-    from subscriptions.links import USED_LINKS, LinkVerifier, MongoUsedLinks  # noqa: PLC0415
+    from subscriptions.connect import add_connect_routes  # noqa: PLC0415
+    from subscriptions.consent import add_consent_routes  # noqa: PLC0415
+    from subscriptions.links import LinkVerifier  # noqa: PLC0415
 
-    for name in (USED_LINKS, CONNECT_FLOWS, CONSENT_FLOWS):
-        await rt.db[name].create_index("expires_at")
+    store = rt.store
+    for repository in (store.used_links, store.connect_flows, store.consent_flows):
+        await repository.ensure_indexes()
     settings = rt.settings
     apps = MsalApps(
         client_id=settings.client_id,
@@ -395,7 +396,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
     links = LinkVerifier(
         secrets=settings.connect_secrets,
         return_url_origins=settings.return_url_origins,
-        used=MongoUsedLinks(rt.db),
+        used=store.used_links,
         hasher=rt.hasher,
         require_audience=settings.link_audience_required,
     )
