@@ -8,6 +8,7 @@ measures.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -467,3 +468,36 @@ def quiet_driver_logs(log_dir: Path) -> None:
 
     stream = (log_dir / "driver.log").open("a")
     configure_logging("info", stream=stream)
+
+
+def bench_parser(
+    module: str, description: str | None, *, raw_description: bool = False
+) -> argparse.ArgumentParser:
+    """The command line of ``python -m bench.<module>``, described by its docstring."""
+    return argparse.ArgumentParser(
+        prog=f"python -m bench.{module}",
+        description=description,
+        formatter_class=(
+            argparse.RawDescriptionHelpFormatter if raw_description else argparse.HelpFormatter
+        ),
+    )
+
+
+def add_service_options(parser: argparse.ArgumentParser) -> None:
+    """``--shards`` and ``--prefetch``: the service settings a benchmark may vary."""
+    parser.add_argument("--shards", type=int, default=8, help="M365SYNC_SHARDS (default 8)")
+    parser.add_argument("--prefetch", type=int, default=32, help="M365SYNC_PREFETCH (default 32)")
+
+
+def run_bench(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, None]],
+    *,
+    drain_timeout_s: float | None = None,
+) -> None:
+    """Add ``--drain-timeout`` (for a benchmark that drains, its default given) and
+    ``--log-dir``, parse the command line and run the benchmark."""
+    if drain_timeout_s is not None:
+        parser.add_argument("--drain-timeout", type=float, default=drain_timeout_s)
+    parser.add_argument("--log-dir", default=None, help="keep the processes' logs here")
+    asyncio.run(run(parser.parse_args()))

@@ -30,12 +30,14 @@ import psutil
 
 from bench._common import (
     CpuMeter,
+    bench_parser,
     free_port,
     header,
     log_directory,
     private_backends,
     quiet_driver_logs,
     role_process,
+    run_bench,
     service_env,
     service_pids,
     simulator_process,
@@ -45,7 +47,6 @@ from bench._stack import connect_accounts, driver_runtime
 from graphsim.client import SimControl
 from handlers.delta import DeltaRunner, DeltaSettings
 from handlers.inbound import SyncWindow
-from processor.accounts import DeltaLinkStore
 from processor.app import Runtime
 from processor.topology import ONERELATION_INBOUND_QUEUE
 from processor.verify import diff_account, expected_events
@@ -93,7 +94,7 @@ async def _seed(
     runner = DeltaRunner(
         links=rt.links,
         store=rt.store,
-        delta_links=DeltaLinkStore(store=rt.store),
+        delta_links=rt.store.sync_state,
         events=rt.events,
         graph=rt.graph,
         statuses=rt.statuses,
@@ -266,13 +267,11 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.burst", description=__doc__)
+    parser = bench_parser("burst", __doc__)
     parser.add_argument("--sizes", default="1000,10000", help="mailbox sizes, comma-separated")
     parser.add_argument("--edits", type=int, default=500)
     parser.add_argument("--timeout", type=float, default=60.0, help="give up on a burst after")
-    parser.add_argument("--log-dir", default=None, help="keep the processes' logs here")
-    args = parser.parse_args()
-    asyncio.run(run(args))
+    run_bench(parser, run)
 
 
 if __name__ == "__main__":

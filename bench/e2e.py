@@ -25,6 +25,8 @@ from typing import Any
 from bench._common import (
     CpuMeter,
     RssSampler,
+    add_service_options,
+    bench_parser,
     free_port,
     header,
     log_directory,
@@ -34,6 +36,7 @@ from bench._common import (
     private_backends,
     quiet_driver_logs,
     role_process,
+    run_bench,
     service_env,
     service_pids,
     simulator_process,
@@ -205,16 +208,12 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__)
+    parser = bench_parser("e2e", __doc__)
     parser.add_argument("--rate", type=float, default=20.0, help="changes per second")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     parser.add_argument("--mailboxes", type=int, default=10)
-    parser.add_argument("--shards", type=int, default=8, help="M365SYNC_SHARDS (default 8)")
-    parser.add_argument("--prefetch", type=int, default=32, help="M365SYNC_PREFETCH (default 32)")
-    parser.add_argument("--drain-timeout", type=float, default=150.0)
-    parser.add_argument("--log-dir", default=None, help="keep the processes' logs here")
-    args = parser.parse_args()
-    asyncio.run(run(args))
+    add_service_options(parser)
+    run_bench(parser, run, drain_timeout_s=150.0)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ from bench._common import (
     ChildProcess,
     CpuMeter,
     RssSampler,
+    add_service_options,
+    bench_parser,
     command_delta,
     database_commands,
     free_port,
@@ -57,6 +59,7 @@ from bench._common import (
     private_backends,
     quiet_driver_logs,
     role_process,
+    run_bench,
     service_env,
     service_pids,
     simulator_process,
@@ -721,17 +724,12 @@ def _mix(text: str) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.load",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = bench_parser("load", __doc__, raw_description=True)
     parser.add_argument("--mailboxes", type=int, default=200)
     parser.add_argument("--rate", type=float, default=3.0, help="changes per second (default 3)")
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of load")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--shards", type=int, default=8, help="M365SYNC_SHARDS (default 8)")
-    parser.add_argument("--prefetch", type=int, default=32, help="M365SYNC_PREFETCH (default 32)")
+    add_service_options(parser)
     parser.add_argument(
         "--mix", type=_mix, default=[70.0, 20.0, 10.0], help="create,update,delete weights"
     )
@@ -749,10 +747,7 @@ def main() -> None:
         help=f"simulator fault knob during the load (graphsim.faults); defaults {DEFAULT_FAULTS}",
     )
     parser.add_argument("--seed", type=int, default=1, help="the load's random choices")
-    parser.add_argument("--drain-timeout", type=float, default=600.0)
-    parser.add_argument("--log-dir", default=None, help="keep the processes' logs here")
-    args = parser.parse_args()
-    asyncio.run(run(args))
+    run_bench(parser, run, drain_timeout_s=600.0)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from bench._common import (
     Backends,
     ChildProcess,
     CpuMeter,
+    bench_parser,
     free_port,
     header,
     log_directory,
@@ -43,6 +44,7 @@ from bench._common import (
     private_backends,
     quiet_driver_logs,
     role_process,
+    run_bench,
     service_env,
     service_pids,
     wait_ready,
@@ -417,7 +419,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.receiver", description=__doc__)
+    parser = bench_parser("receiver", __doc__)
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per phase")
     parser.add_argument("--warmup", type=float, default=1.0, help="untimed seconds before each")
     parser.add_argument(
@@ -433,9 +435,7 @@ def main() -> None:
         help="run the receiver under pyinstrument (must be installed), text report in this "
         "directory; the numbers are then distorted by the profiler",
     )
-    parser.add_argument("--log-dir", default=None, help="keep the processes' logs here")
-    args = parser.parse_args()
-    asyncio.run(run(args))
+    run_bench(parser, run)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pymongo import ASCENDING, AsyncMongoClient
 
 from bench._common import (
     CpuMeter,
+    add_service_options,
+    bench_parser,
     command_delta,
     database_commands,
     free_port,
@@ -36,14 +38,15 @@ from bench._common import (
     private_backends,
     quiet_driver_logs,
     role_process,
+    run_bench,
     service_env,
     service_pids,
     simulator_process,
 )
 from bench._stack import connect_accounts, driver_runtime
 from graphsim.client import SimControl
+from handlers.records import KEPT_FIELDS
 from processor.app import Runtime
-from processor.event_store import KEPT_FIELDS
 from processor.interfaces import OutgoingMessage
 from processor.messages import change_message
 from processor.timeutil import parse_graph_datetime, utcnow
@@ -276,7 +279,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__)
+    parser = bench_parser("worker", __doc__)
     parser.add_argument("--accounts", type=int, default=20)
     parser.add_argument(
         "--events-per-account",
@@ -285,13 +288,10 @@ def main() -> None:
         help="default 15 (300 events): guarded writes scan the collection on FerretDB, so "
         "2,000 events take well over ten minutes (see bench/README.md)",
     )
-    parser.add_argument("--shards", type=int, default=8, help="M365SYNC_SHARDS (default 8)")
-    parser.add_argument("--prefetch", type=int, default=32, help="M365SYNC_PREFETCH (default 32)")
+    add_service_options(parser)
     parser.add_argument("--log-level", default="info", help="the worker's M365SYNC_LOG_LEVEL")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after this long")
-    parser.add_argument("--log-dir", default=None, help="keep the processes' logs here")
-    args = parser.parse_args()
-    asyncio.run(run(args))
+    run_bench(parser, run)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,15 @@ KEPT_FIELDS: tuple[str, ...] = (
     "isOrganizer",
 )
 
+#: Kept fields the service decides from (versions, flags) but does not hand out.
+SYNC_ONLY_FIELDS: frozenset[str] = frozenset({"changeKey", "isCancelled", "isOrganizer"})
+
+#: The event fields ``GET /api/v1/accounts/{id}/events`` returns besides ``event_key`` and
+#: ``relation_event_id`` (docs/contract.md §3, docs/openapi.yaml's ``Event``).
+CONTRACT_EVENT_FIELDS: tuple[str, ...] = tuple(
+    name for name in KEPT_FIELDS if name not in SYNC_ONLY_FIELDS
+)
+
 
 #: A stored event's version: (``lm``, keyed hash of the changeKey, sequence of its last
 #: announcement), as read back.

@@ -7,13 +7,12 @@ from datetime import datetime
 from typing import Any, Final
 
 from contract.statuses import DEFAULT_REASONS, STATUSES
-from crypto import DataCipher
 from processor.errors import TransientError
 from processor.event_store import EventStore
 from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
 from processor.metrics import Metrics
-from processor.store import Store, aad
+from processor.store import Store
 from processor.timeutil import isoformat_z, utcnow
 from processor.topology import ONERELATION_INBOUND
 
@@ -37,8 +36,6 @@ FAILURES: Final = {
         "(POST /api/v1/accounts/{account_id}/resync) releases them.",
     ),
 }
-
-SYNC_STATE = "sync_state"
 
 
 def describe_failure(status: str, reason: str, *, at: datetime) -> str:
@@ -70,8 +67,8 @@ class AccountStatuses:
         self._timeout_s = timeout_s
 
     async def record_sync(self, account_id: str, *, error: str | None = None) -> None:
-        """Note a finished sync step (see :func:`record_sync`)."""
-        await record_sync(self._store, account_id, error=error)
+        """Note a finished sync step (written only by the account's shard owner)."""
+        await self._store.sync_state.record_sync(account_id, error=error)
 
     async def set(self, account_id: str, status: str, reason: str | None = None) -> bool:
         """Set the status; publish ``account.status`` if it changed. Returns whether it did.
@@ -85,8 +82,8 @@ class AccountStatuses:
         text = DEFAULT_REASONS[status] if reason is None else reason
         if status in FAILURES:
             # Written before the status so that the account.status it causes carries it.
-            await record_sync(
-                self._store, account_id, error=describe_failure(status, text, at=utcnow())
+            await self._store.sync_state.record_sync(
+                account_id, error=describe_failure(status, text, at=utcnow())
             )
         changed = await self._store.accounts.set_status(account_id, status, text)
         if changed:
@@ -129,7 +126,7 @@ class AccountStatuses:
         account = await self._store.accounts.get(account_id)
         if account is None:
             return None
-        sync = await self._store.db[SYNC_STATE].find_one({"_id": account_id}) or {}
+        sync = await self._store.sync_state.get(account_id)
         tenant_id = None
         if account.bound:
             tenant_id = (await self._store.accounts.decrypt_identity(account)).tenant_id
@@ -145,59 +142,3 @@ class AccountStatuses:
             "event_count": await self._events.count_live(account_id),
             "last_error": sync.get("last_error"),
         }
-
-
-async def record_sync(store: Store, account_id: str, *, error: str | None = None) -> None:
-    """Note a finished sync step (written only by the account's shard owner)."""
-    fields: dict[str, Any] = {"last_error": error, "updated_at": utcnow()}
-    if error is None:
-        fields["last_sync_at"] = utcnow()
-    await store.db[SYNC_STATE].update_one({"_id": account_id}, {"$set": fields}, upsert=True)
-
-
-class DeltaLinkStore:
-    """An account's calendarView delta link, encrypted, in its ``sync_state`` document."""
-
-    def __init__(self, *, store: Store) -> None:
-        self._state = store.db[SYNC_STATE]
-
-    async def load(self, account_id: str, cipher: DataCipher) -> tuple[str, datetime | None] | None:
-        """The decrypted link and its window's start; raises ``DecryptionError`` if unreadable."""
-        doc = await self._state.find_one({"_id": account_id})
-        if doc is None or "delta_ct" not in doc:
-            return None
-        window_start = doc.get("delta_window_start")
-        link = cipher.decrypt_str(doc["delta_ct"], aad(SYNC_STATE, account_id, "delta_link"))
-        return link, window_start if isinstance(window_start, datetime) else None
-
-    async def save(
-        self,
-        account_id: str,
-        cipher: DataCipher,
-        link: str,
-        *,
-        start: datetime,
-        end: datetime,
-        at: datetime,
-    ) -> None:
-        """Keep the link of a round over ``[start, end)`` that finished ``at``."""
-        await self._state.update_one(
-            {"_id": account_id},
-            {
-                "$set": {
-                    "delta_ct": cipher.encrypt_str(link, aad(SYNC_STATE, account_id, "delta_link")),
-                    "delta_window_start": start,
-                    "delta_window_end": end,
-                    "delta_at": at,
-                    "updated_at": utcnow(),
-                }
-            },
-            upsert=True,
-        )
-
-    async def clear(self, account_id: str) -> None:
-        """Forget the link: the next pass is a full round."""
-        await self._state.update_one(
-            {"_id": account_id},
-            {"$unset": {"delta_ct": "", "delta_window_start": "", "delta_window_end": ""}},
-        )

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from contract import openapi_document
 from crypto import DecryptionError
+from handlers.records import CONTRACT_EVENT_FIELDS
 from processor.accounts import AccountStatuses
 from processor.errors import AccountUnavailable, KeyUnreadable, TransientError
 from processor.event_links import LinkStore
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_PREFIX",
-    "CONTRACT_EVENT_FIELDS",
     "add_account_routes",
     "add_api_routes",
     "event_for_api",
@@ -66,26 +66,6 @@ MAX_WINDOW: Final = timedelta(days=732)
 MAX_CURSOR_CHARS: Final = 512
 #: The resync reason that also releases the mass-deletion brake (handlers.delta).
 OPERATOR_RESYNC_REASON: Final = "operator"
-#: The event fields the API returns (docs/contract.md §3), besides ``event_key`` and
-#: ``relation_event_id``.
-CONTRACT_EVENT_FIELDS: Final = (
-    "subject",
-    "body",
-    "start",
-    "end",
-    "isAllDay",
-    "location",
-    "attendees",
-    "organizer",
-    "showAs",
-    "sensitivity",
-    "recurrence",
-    "type",
-    "seriesMasterId",
-    "iCalUId",
-    "lastModifiedDateTime",
-    "webLink",
-)
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _LIMIT: Final = re.compile(r"[0-9]{1,7}")
 
@@ -378,12 +358,13 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
         status_handler,
     )
     from processor.status import collect as collect_status  # noqa: PLC0415
-    from subscriptions.connect import CONNECT_FLOWS, add_connect_routes  # noqa: PLC0415
-    from subscriptions.consent import CONSENT_FLOWS, add_consent_routes  # noqa: PLC0415
-    from subscriptions.links import USED_LINKS, LinkVerifier, MongoUsedLinks  # noqa: PLC0415
+    from subscriptions.connect import add_connect_routes  # noqa: PLC0415
+    from subscriptions.consent import add_consent_routes  # noqa: PLC0415
+    from subscriptions.links import LinkVerifier  # noqa: PLC0415
 
-    for name in (USED_LINKS, CONNECT_FLOWS, CONSENT_FLOWS):
-        await rt.db[name].create_index("expires_at")
+    store = rt.store
+    for repository in (store.used_links, store.connect_flows, store.consent_flows):
+        await repository.ensure_indexes()
     settings = rt.settings
     apps = MsalApps(
         client_id=settings.client_id,
@@ -395,7 +376,7 @@ async def add_account_routes(app: web.Application, rt: Runtime) -> Callable[[], 
     links = LinkVerifier(
         secrets=settings.connect_secrets,
         return_url_origins=settings.return_url_origins,
-        used=MongoUsedLinks(rt.db),
+        used=store.used_links,
         hasher=rt.hasher,
         require_audience=settings.link_audience_required,
     )

@@ -39,7 +39,7 @@ from handlers.outbound import (
     validate_shard,
 )
 from processor import broker as broker_mod
-from processor.accounts import AccountStatuses, DeltaLinkStore
+from processor.accounts import AccountStatuses
 from processor.announce import Announcer, OutboxRelay
 from processor.api import add_account_routes
 from processor.balance import Balancer, Registry
@@ -303,7 +303,7 @@ async def worker_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
         run_delta=DeltaRunner(
             links=rt.links,
             store=rt.store,
-            delta_links=DeltaLinkStore(store=rt.store),
+            delta_links=rt.store.sync_state,
             events=rt.events,
             graph=rt.graph,
             statuses=rt.statuses,

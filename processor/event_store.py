@@ -334,6 +334,11 @@ class EventStore:
                 found[key] = doc
         return found
 
+    async def live_documents(self, account_id: str) -> list[Document]:
+        """The account's live events, whole (for :meth:`decrypt`)."""
+        cursor = self.collection.find({"account_id": account_id, "deleted": False})
+        return [doc async for doc in cursor]
+
     def graph_id_of(self, account_id: str, doc: Mapping[str, Any], cipher: DataCipher) -> str:
         """Graph's id of a stored event of the account (a document of :meth:`live_docs`)."""
         key = str(doc["_id"])

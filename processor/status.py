@@ -30,6 +30,7 @@ from contract.statuses import STATUSES
 from processor.balance import Registry
 from processor.broker import DEAD_LETTERED_HEADER
 from processor.lag import merge_reports, published_ms
+from processor.repositories.readings import OperatorReadings
 from processor.timeutil import as_utc, isoformat_z, utcnow
 from processor.topology import (
     DEAD_QUEUE,
@@ -63,27 +64,27 @@ def queue_names(shard_count: int) -> list[str]:
     return names
 
 
-async def account_facts(db: AsyncDatabase[dict[str, Any]]) -> dict[str, int]:
+async def account_facts(readings: OperatorReadings) -> dict[str, int]:
     """Accounts by status (every status of the contract, zero included)."""
     counts: Counter[str] = Counter()
-    async for doc in db["accounts"].find({}, {"status": 1}):
-        counts[str(doc.get("status") or "unknown")] += 1
+    for status in await readings.account_statuses():
+        counts[str(status or "unknown")] += 1
     return {status: counts.get(status, 0) for status in sorted(STATUSES | set(counts))}
 
 
-async def subscription_facts(db: AsyncDatabase[dict[str, Any]], now: datetime) -> dict[str, Any]:
+async def subscription_facts(readings: OperatorReadings, now: datetime) -> dict[str, Any]:
     """Subscriptions expiring within 24 h (soonest first) and already expired ones."""
     expiring: list[tuple[datetime, str]] = []
     expired = total = 0
-    async for doc in db["subscriptions"].find({}, {"account_id": 1, "expires_at": 1}):
+    for account_id, expires_at in await readings.subscription_expiries():
         total += 1
-        if not isinstance(doc.get("expires_at"), datetime):
+        if expires_at is None:
             continue
-        expires = as_utc(doc["expires_at"])
+        expires = as_utc(expires_at)
         if expires <= now:
             expired += 1
         elif expires - now <= EXPIRING_WITHIN:
-            expiring.append((expires, str(doc.get("account_id"))))
+            expiring.append((expires, account_id))
     expiring.sort()
     return {
         "total": total,
@@ -156,6 +157,7 @@ async def collect(
     """Every fact of the operator's view, as JSON-ready data."""
     now = clock()
     registry = Registry(db, clock=clock)
+    readings = OperatorReadings(db=db)
     lag: dict[str, Any] = {}
     held_oldest: dict[str, datetime] = {}
     held_counts: Counter[str] = Counter()
@@ -196,8 +198,8 @@ async def collect(
         dead["oldest_age_s"] = round((now - oldest_dead).total_seconds(), 1)
     return {
         "generated_at": isoformat_z(now),
-        "accounts": await account_facts(db),
-        "subscriptions": await subscription_facts(db, now),
+        "accounts": await account_facts(readings),
+        "subscriptions": await subscription_facts(readings, now),
         "queues": queues,
         "dead_letters": {
             "count": int(dead.get("ready") or 0),

@@ -27,8 +27,12 @@ from processor.repositories.erasures import ErasureResweeps
 from processor.repositories.keys import KeyRepository
 from processor.repositories.leases import LEASE_RELEASE_MARGIN, LeaseRepository
 from processor.repositories.renewals import RenewalStateRepository
+from processor.repositories.sign_in import FlowRepository, TenantRepository, UsedLinkRepository
 from processor.repositories.subscriptions import SubscriptionRepository
+from processor.repositories.sync_state import SyncStateRepository
 from processor.repositories.token_caches import TokenCacheRepository
+from subscriptions.connect import CONNECT_FLOWS
+from subscriptions.consent import CONSENT_FLOWS
 from subscriptions.ports import AccountIdentity
 
 __all__ = [
@@ -46,7 +50,8 @@ __all__ = [
 
 class Store:
     """The repositories of one database: keys, accounts, erasure resweeps, token caches,
-    subscriptions, the manager's renewal state and leases."""
+    subscriptions, the manager's renewal state, leases, each account's sync state, and the
+    records of connect and admin consent (flows in progress, used links, approvals)."""
 
     def __init__(
         self,
@@ -74,6 +79,11 @@ class Store:
         )
         self.renewals = RenewalStateRepository(db=db)
         self.leases = LeaseRepository(db=db)
+        self.sync_state = SyncStateRepository(db=db)
+        self.connect_flows = FlowRepository(db=db, name=CONNECT_FLOWS)
+        self.consent_flows = FlowRepository(db=db, name=CONSENT_FLOWS)
+        self.used_links = UsedLinkRepository(db=db)
+        self.tenants = TenantRepository(db=db)
 
     async def ensure_indexes(self) -> None:
         """Create the indexes (idempotent). No TTL or partial indexes: FerretDB lacks them."""

@@ -16,6 +16,7 @@ from bson import Binary
 
 from handlers.records import KEPT_FIELDS
 from processor.event_store import EventStore
+from processor.repositories.readings import DatabaseScan
 from processor.store import Store
 
 
@@ -63,7 +64,7 @@ async def diff_account(
     cipher = await store.keys.cipher_for(account_id)
     diff = Diff()
     seen: set[str] = set()
-    async for doc in events.collection.find({"account_id": account_id, "deleted": False}):
+    for doc in await events.live_documents(account_id):
         graph_id, content = events.decrypt(doc, cipher)
         seen.add(graph_id)
         truth = expected.get(graph_id)
@@ -100,10 +101,9 @@ async def plaintext_findings(store: Store, secrets: Iterable[str]) -> list[tuple
     """(collection, needle) for every forbidden value found anywhere in the database."""
     needles = {s for s in secrets if s and len(s) >= 4}
     findings: list[tuple[str, str]] = []
-    for name in await store.db.list_collection_names():
-        async for doc in store.db[name].find({}):
-            text = "\x00".join(_strings(doc))
-            findings.extend((name, needle) for needle in needles if needle in text)
+    async for name, doc in DatabaseScan(db=store.db).documents():
+        text = "\x00".join(_strings(doc))
+        findings.extend((name, needle) for needle in needles if needle in text)
     return findings
 
 

@@ -33,7 +33,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import requests
 import structlog
 from aiohttp import web
-from pymongo.asynchronous.collection import AsyncCollection
 
 from contract.problems import json_error
 from contract.storage import SCHEMA_VERSION, aad
@@ -49,8 +48,8 @@ from subscriptions.links import (
 )
 from subscriptions.ports import (
     AccountStatusPublisher,
+    FlowRecords,
     GraphSubscriptionApi,
-    Record,
     Repositories,
     ResyncRequests,
     SignIn,
@@ -146,10 +145,12 @@ def browser_mismatch_page() -> web.Response:
 class FlowStore:
     """Server-side state of sign-ins in progress: encrypted, expiring, taken once."""
 
-    def __init__(self, *, store: Repositories, collection: str, ttl_s: float = FLOW_TTL_S) -> None:
+    def __init__(
+        self, *, store: Repositories, records: FlowRecords, ttl_s: float = FLOW_TTL_S
+    ) -> None:
         self._store = store
-        self._name = collection
-        self._collection: AsyncCollection[Record] = store.db[collection]
+        self._records = records
+        self._name = records.name
         self._ttl_s = ttl_s
 
     def _key(self, state: str) -> str:
@@ -165,7 +166,7 @@ class FlowStore:
         cipher = await self._store.keys.service_cipher(SERVICE_KEY_PURPOSE)
         key = self._key(state)
         now = utcnow()
-        await self._collection.insert_one(
+        await self._records.insert(
             {
                 "_id": key,
                 "schema": SCHEMA_VERSION,
@@ -190,7 +191,7 @@ class FlowStore:
         if not state or len(state) > MAX_STATE_CHARS:
             return None
         key = self._key(state)
-        doc = await self._collection.find_one({"_id": key})
+        doc = await self._records.get(key)
         if doc is None:
             return None
         bound = doc.get("browser_hash")
@@ -198,7 +199,7 @@ class FlowStore:
         if not isinstance(bound, str) or not hmac.compare_digest(bound, presented):
             raise BrowserMismatch
         # Whoever deletes it owns it: a replayed or concurrent callback finds nothing to delete.
-        if (await self._collection.delete_one({"_id": key})).deleted_count != 1:
+        if not await self._records.remove(key):
             return None
         expires_at: datetime = doc["expires_at"]
         if expires_at.tzinfo is None:
@@ -299,7 +300,7 @@ class _Connect:
         self._statuses = statuses
         self._sign_in = sign_in
         self._links = links
-        self._flows = FlowStore(store=store, collection=CONNECT_FLOWS)
+        self._flows = FlowStore(store=store, records=store.connect_flows)
         self._redirect_uri = f"{settings.public_url}{CALLBACK_PATH}"
 
     async def start(self, request: web.Request) -> web.Response:

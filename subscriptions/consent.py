@@ -23,10 +23,8 @@ from urllib.parse import quote, urlencode
 import requests
 import structlog
 from aiohttp import web
-from pymongo.errors import DuplicateKeyError
 
 from contract.problems import json_error
-from contract.storage import SCHEMA_VERSION
 from handlers.timeutil import utcnow
 from subscriptions.connect import (
     BrowserMismatch,
@@ -60,8 +58,7 @@ class _Consent:
         self._store = store
         self._links = links
         self._apps = apps
-        self._flows = FlowStore(store=store, collection=CONSENT_FLOWS)
-        self._tenants = store.db[TENANTS]
+        self._flows = FlowStore(store=store, records=store.consent_flows)
 
     async def start(self, request: web.Request) -> web.Response:
         """Verify the link, keep a state, send the administrator to Microsoft."""
@@ -153,20 +150,7 @@ class _Consent:
 
     async def _record(self, tenant_id: str) -> None:
         key = self._store.hasher.hash_id("tenant", tenant_id)
-        now = utcnow()
-        for _ in range(2):  # an upsert race ends in a duplicate key on FerretDB: retry once
-            try:
-                await self._tenants.update_one(
-                    {"_id": key},
-                    {
-                        "$set": {"approved_at": now, "schema": SCHEMA_VERSION},
-                        "$setOnInsert": {"first_approved_at": now},
-                    },
-                    upsert=True,
-                )
-            except DuplicateKeyError:
-                continue
-            return
+        await self._store.tenants.record_approval(key, at=utcnow())
 
     def _failed(self, account_id: str, return_url: str | None, reason: str) -> web.Response:
         log.info("consent.failed", account_id=account_id, reason=reason)

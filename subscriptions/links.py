@@ -24,13 +24,8 @@ from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import jwt
-from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
 
-from contract.storage import SCHEMA_VERSION
 from crypto import Hasher
-from handlers.timeutil import utcnow
-from subscriptions.ports import Record
 
 __all__ = [
     "ACCOUNT_ID_PATTERN",
@@ -40,7 +35,6 @@ __all__ = [
     "Link",
     "LinkRejected",
     "LinkVerifier",
-    "MongoUsedLinks",
     "UsedLinkStore",
     "is_account_id",
     "is_guid",
@@ -126,28 +120,6 @@ class UsedLinkStore(Protocol):
 
     async def consume(self, link_hash: str, *, expires_at: datetime) -> bool:
         """Record the id; False when it was recorded before (a replay)."""
-
-
-class MongoUsedLinks:
-    """``used_links``: one document per consumed ``jti`` (keyed hash), with ``expires_at``."""
-
-    def __init__(self, db: AsyncDatabase[Record]) -> None:
-        self._collection = db[USED_LINKS]
-
-    async def consume(self, link_hash: str, *, expires_at: datetime) -> bool:
-        """A unique-key insert: exactly one concurrent caller wins."""
-        try:
-            await self._collection.insert_one(
-                {
-                    "_id": link_hash,
-                    "schema": SCHEMA_VERSION,
-                    "used_at": utcnow(),
-                    "expires_at": expires_at,
-                }
-            )
-        except DuplicateKeyError:
-            return False
-        return True
 
 
 _MISSING: Final = object()

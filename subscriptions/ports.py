@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from pymongo.asynchronous.database import AsyncDatabase
-
 from crypto import DataCipher, Hasher
 from handlers.records import Account
 
@@ -117,12 +115,38 @@ class TokenCaches(Protocol):
     async def save(self, account_id: str, serialized: str, expected_version: int) -> bool: ...
 
 
-class Repositories(Protocol):
-    """The repositories together, and the database for the package's own collections
-    (connect and consent flows, used links)."""
+class FlowRecords(Protocol):
+    """One collection of sign-ins in progress (connect or admin consent), by keyed hash."""
 
     @property
-    def db(self) -> AsyncDatabase[Record]: ...
+    def name(self) -> str:
+        """The collection's name (it is part of each record's hash and associated data)."""
+        ...
+
+    async def insert(self, record: Record) -> None:
+        """Keep a new record (its ``_id`` is the keyed hash of the flow's state)."""
+        ...
+
+    async def get(self, key: str) -> Record | None:
+        """The record kept under ``key``, or None."""
+        ...
+
+    async def remove(self, key: str) -> bool:
+        """Remove the record; True only for the one caller that removed it."""
+        ...
+
+
+class TenantApprovals(Protocol):
+    """Organisations whose administrator approved the app (by keyed hash of the tenant id)."""
+
+    async def record_approval(self, tenant_hash: str, *, at: datetime) -> None:
+        """Note an approval ``at`` (the first one's time is kept as well)."""
+        ...
+
+
+class Repositories(Protocol):
+    """The repositories together."""
+
     @property
     def hasher(self) -> Hasher: ...
     @property
@@ -139,6 +163,12 @@ class Repositories(Protocol):
     def token_caches(self) -> TokenCaches: ...
     @property
     def erasures(self) -> ErasureResweeps: ...
+    @property
+    def connect_flows(self) -> FlowRecords: ...
+    @property
+    def consent_flows(self) -> FlowRecords: ...
+    @property
+    def tenants(self) -> TenantApprovals: ...
 
 
 class GraphSubscriptionApi(Protocol):

@@ -29,10 +29,10 @@ EXPIRING_COLLECTIONS: list[str] = [
     "leases",
     "lease_takeovers",
     "events",
-    # Connect and consent (subscriptions/connect.py, consent.py, links.py).
+    # Connect and consent (processor/repositories/sign_in.py).
     "used_links",
     "connect_flows",
     "consent_flows",
-    # Worker heartbeats (processor/balance.py).
+    # Worker heartbeats (processor/repositories/workers.py).
     "workers",
 ]

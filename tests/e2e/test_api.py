@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
-from processor.api import CONTRACT_EVENT_FIELDS
+from handlers.records import CONTRACT_EVENT_FIELDS
 from processor.timeutil import isoformat_z, parse_graph_datetime
 from processor.topology import INBOUND_QUEUE, shard_of
 from tests.e2e.harness import Stack, api, browser_connect, eventually, running_stack

@@ -19,6 +19,8 @@ from contract import (
     validator_for,
 )
 from handlers.outbound_validation import validate_message
+from handlers.records import CONTRACT_EVENT_FIELDS, KEPT_FIELDS
+from processor.api import event_for_api
 
 NAMES = sorted(p.name.removesuffix(".schema.json") for p in SCHEMA_DIR.glob("*.schema.json"))
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -67,3 +69,21 @@ def test_every_openapi_reference_resolves_inside_the_served_document() -> None:
         target: Any = document
         for part in ref.removeprefix("#/").split("/"):
             target = target[part]
+
+
+def test_the_api_returns_exactly_the_documented_event_fields() -> None:
+    """An event of ``GET /api/v1/accounts/{id}/events`` has exactly the properties of
+    docs/openapi.yaml's ``Event``, every one of them a field the service keeps."""
+    documented = openapi_document()["components"]["schemas"]["Event"]["properties"]
+    content = {name: f"value of {name}" for name in KEPT_FIELDS}
+    content |= {"start": None, "end": None, "isAllDay": False, "type": "occurrence"}
+    event = event_for_api("k_1", content, "rel-1")
+    assert set(event) == set(documented)
+    assert set(CONTRACT_EVENT_FIELDS) | {"event_key", "relation_event_id"} == set(documented)
+    assert set(CONTRACT_EVENT_FIELDS) <= set(KEPT_FIELDS)
+    assert {name: event[name] for name in ("subject", "webLink", "type")} == {
+        "subject": "value of subject",
+        "webLink": "value of webLink",
+        "type": "occurrence",
+    }
+    assert "changeKey" not in event

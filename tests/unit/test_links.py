@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pymongo.asynchronous.database import AsyncDatabase
 
 from crypto import Hasher, KeyRing, generate_master_key_spec, parse_master_keys
+from processor.repositories.sign_in import UsedLinkRepository
 from processor.store import Store
-from subscriptions.links import USED_LINKS, LinkRejected, LinkVerifier, MongoUsedLinks
+from subscriptions.links import USED_LINKS, LinkRejected, LinkVerifier
 
 SECRET = "s" * 32 + "first-connect-secret-of-64-characters-long-xx"
 SECOND = "t" * 32 + "second-connect-secret-of-64-characters-long-x"
@@ -291,7 +292,7 @@ async def test_used_links_on_ferretdb_are_once_only(
     mongo_db: AsyncDatabase[dict[str, object]],
 ) -> None:
     """On the real database the jti is consumed by a unique insert, with an expiry, once."""
-    v = verifier(MongoUsedLinks(mongo_db))  # type: ignore[arg-type]
+    v = verifier(UsedLinkRepository(db=mongo_db))  # type: ignore[arg-type]
     value = token()
     bad = token(secret="y" * 64)
     with pytest.raises(LinkRejected):
