@@ -23,8 +23,8 @@ from typing import Any, Final, Protocol
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from handlers.timeutil import as_utc, utcnow
 from processor.logs import get_logger
-from processor.timeutil import as_utc, utcnow
 
 log = get_logger(__name__)
 

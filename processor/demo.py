@@ -40,6 +40,7 @@ import aiohttp
 import jwt
 
 from crypto import generate_master_key_spec
+from handlers.timeutil import isoformat_z
 from processor.app import (
     build_runtime,
     internal_listener,
@@ -50,7 +51,6 @@ from processor.app import (
 )
 from processor.logs import configure_logging
 from processor.settings import Settings, database_name_from_url, load_settings
-from processor.timeutil import isoformat_z
 from processor.topology import ONERELATION_INBOUND_QUEUE, ONERELATION_OUTBOUND
 from processor.verify import diff_account, expected_events
 

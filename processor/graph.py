@@ -33,10 +33,9 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from handlers.errors import DeltaResetRequired as DeltaResetRequired  # noqa: PLC0414
-from handlers.records import DeltaPage as DeltaPage  # noqa: PLC0414
+from handlers.errors import DeltaResetRequired, PermanentError, ThrottledError, TransientError
+from handlers.records import DeltaPage
 from handlers.timeutil import isoformat_z
-from processor.errors import PermanentError, ThrottledError, TransientError
 from processor.interfaces import AccessTokens
 from processor.logs import get_logger
 

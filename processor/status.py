@@ -27,10 +27,10 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from pymongo.asynchronous.database import AsyncDatabase
 
 from contract.statuses import STATUSES
+from handlers.timeutil import as_utc, isoformat_z, utcnow
 from processor.balance import Registry
 from processor.broker import DEAD_LETTERED_HEADER
 from processor.lag import merge_reports, published_ms
-from processor.timeutil import as_utc, isoformat_z, utcnow
 from processor.topology import (
     DEAD_QUEUE,
     LIFECYCLE_QUEUE,

@@ -17,14 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from processor.errors import PermanentError, ThrottledError, TransientError
-from processor.graph import (
-    DeltaPage,
-    DeltaResetRequired,
-    GraphClient,
-    ResourceNotFound,
-    parse_retry_after,
-)
+from handlers.errors import DeltaResetRequired, PermanentError, ThrottledError, TransientError
+from handlers.records import DeltaPage
+from processor.graph import GraphClient, ResourceNotFound, parse_retry_after
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 START = datetime(2030, 1, 1, tzinfo=UTC)

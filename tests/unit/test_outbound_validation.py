@@ -19,7 +19,7 @@ from handlers.outbound_validation import (
     OutboundChange,
     validate_message,
 )
-from processor.timezones import windows_name
+from handlers.timezones import windows_name
 
 # Distinctive content: a rejection reason must never repeat any of it.
 SECRET_SUBJECT = "Confidential merger talk 7f3e91c2"
