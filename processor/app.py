@@ -34,11 +34,11 @@ from handlers.outbound import (
     OUTBOUND_SCHEMA,
     IntakeHandler,
     OutboundHandler,
-    Reporter,
     validate_intake,
     validate_shard,
 )
 from handlers.ports import OutgoingMessage
+from handlers.reports import Reporter
 from handlers.routing import OUTBOUND_EXCHANGE, shard_routing_key
 from handlers.timeutil import utcnow
 from processor import broker as broker_mod

@@ -19,7 +19,8 @@ from pymongo.errors import DuplicateKeyError
 
 from contract.storage import SCHEMA_VERSION, aad
 from crypto import DataCipher, DecryptionError, Hasher
-from handlers.records import Link, comparable
+from handlers.decisions import comparable
+from handlers.records import Link
 from handlers.timeutil import utcnow
 from processor.repositories.base import Document
 

@@ -18,7 +18,7 @@ from contract import (
     openapi_document,
     validator_for,
 )
-from handlers.outbound_validation import validate_message
+from handlers.outbound import validate_message
 
 NAMES = sorted(p.name.removesuffix(".schema.json") for p in SCHEMA_DIR.glob("*.schema.json"))
 DOCS = Path(__file__).resolve().parents[2] / "docs"

@@ -1,4 +1,4 @@
-"""Validation of 1Relation's outbound messages (handlers.outbound_validation), by example and by property."""
+"""Validation of 1Relation's outbound messages (handlers.outbound validate_message), by example and by property."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from handlers.outbound_validation import (
+from handlers.outbound import (
     MAX_ATTENDEES,
     MAX_SUBJECT,
     SCHEMA,
