@@ -1,11 +1,14 @@
-"""``python -m bench.receiver``: notifications accepted per second, real receiver vs bare 202.
+"""``python -m bench.receiver``: notifications accepted per second, receiver vs raw publishes.
 
 The real receiver is ``python -m processor.cli receiver`` (production entry point): every
 POST is checked against the subscription store on FerretDB (briefly cached) and answered
-202 only after RabbitMQ confirmed the message into its quorum shard queue. The baseline
-is a bare aiohttp server (``bench._bare``) that reads the body and answers 202. Both are
-driven by the same client in this process (N concurrent posters, one notification per
-POST), one server at a time, alternating over several rounds.
+202 only after RabbitMQ confirmed the group-committed message(s) holding its items into the
+quorum shard queues. The goal's baseline is raw aio-pika confirmed publishes of the same
+notifications from this process, one message each, as many in flight as there are posters.
+For context, a bare aiohttp server (``bench._bare``) that answers 202, and the same server
+making one confirmed publish per POST (``bare+publish``). The servers are driven by the
+same client in this process (N concurrent posters), one at a time, for each number of
+notifications per POST.
 """
 
 from __future__ import annotations
@@ -270,6 +273,17 @@ async def raw_publishes(
         await connection.close()
 
 
+async def purge_raw(backends: Backends) -> None:
+    """Empty the raw-publish queue (filled by the raw baseline and by ``bare+publish``)."""
+    connection = await aio_pika.connect(backends.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(RAW_QUEUE, passive=True)
+        await queue.purge()
+    finally:
+        await connection.close()
+
+
 async def queued_notifications(backends: Backends, shard_count: int) -> tuple[int, int]:
     """Messages in the inbound shard queues and the notifications they carry (read them all).
 
@@ -330,11 +344,12 @@ async def run(args: argparse.Namespace) -> None:
                     print(raw.line(f"r{round_no} raw publish"), flush=True)
                     print(f"   {'':<26} {cpu}", flush=True)
                     results.setdefault(("raw", items), []).append(raw)
-                    for kind in ("bare", "real"):
-                        if kind == "bare":
+                    for kind in ("bare", "bare+publish", "real"):
+                        if kind != "real":
+                            publish = [backends.amqp_url, RAW_QUEUE] if "publish" in kind else []
                             server = ChildProcess(
-                                "bare",
-                                [sys.executable, "-m", "bench._bare", str(port)],
+                                kind,
+                                [sys.executable, "-m", "bench._bare", str(port), *publish],
                                 {},
                                 log_dir,
                             )
@@ -363,7 +378,9 @@ async def run(args: argparse.Namespace) -> None:
                             )
                         finally:
                             await server.stop()
-                        name = "bare 202" if kind == "bare" else "receiver"
+                        name = {"bare": "bare 202", "real": "receiver"}.get(kind, kind)
+                        if kind == "bare+publish":
+                            await purge_raw(backends)
                         print(result.line(f"r{round_no} {name} x{items}"), flush=True)
                         per_post = meter.spent.get("server", 0.0) / max(result.requests, 1)
                         print(
@@ -380,6 +397,7 @@ async def run(args: argparse.Namespace) -> None:
     for items in items_list:
         raw = statistics.mean(r.rate for r in results[("raw", items)])
         bare = statistics.mean(r.rate for r in results[("bare", items)])
+        bare_publish = statistics.mean(r.rate for r in results[("bare+publish", items)])
         real = statistics.mean(r.rate for r in results[("real", items)])
         real_cpu = statistics.mean(cpu_per_post[("real", items)]) * 1000
         bare_cpu = statistics.mean(cpu_per_post[("bare", items)]) * 1000
@@ -387,6 +405,7 @@ async def run(args: argparse.Namespace) -> None:
         verdict = "met" if ratio >= 0.8 else "MISSED"
         print(
             f"   {items:>3} per POST: raw publish {raw:8.0f}  bare 202 {bare:8.0f}  "
+            f"bare+publish {bare_publish:8.0f} ({bare_publish / raw:.3f} of raw)  "
             f"receiver {real:8.0f}   receiver/raw {ratio:.3f} (goal >= 0.8: {verdict})   "
             f"server CPU per POST: receiver {real_cpu:.2f} ms, bare {bare_cpu:.2f} ms"
         )

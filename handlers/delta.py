@@ -190,8 +190,8 @@ class DeltaRunner:
                 await self._clear_link(account_id)
             # An incremental pass keeps the previous link: the next pass meets the same
             # deletions again, so the brake holds until an operator's resync.
+            # Setting a failure status also records last_error, in words and with its time.
             await self._statuses.set(account_id, "deletions_paused", brake)
-            await self._statuses.record_sync(account_id, error=brake)
             return changes
 
         changes += await self._delete(ctx, candidates, live, rnd)

@@ -32,6 +32,11 @@ FAILURES: Final = {
         "An administrator of the user's Microsoft 365 organisation must approve the app, "
         "then the user connects again.",
     ),
+    "deletions_paused": (
+        "Deleting events was paused because Microsoft reported far more deletions than usual",
+        "Check the calendar in Outlook; if the deletions are real, a resync "
+        "(POST /api/v1/accounts/{account_id}/resync) releases them.",
+    ),
 }
 
 SYNC_STATE = "sync_state"

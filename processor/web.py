@@ -200,6 +200,12 @@ async def _read_body(request: web.Request, *, limit: int, timeout_s: float) -> b
     declared = request.content_length
     if declared is not None and declared > limit:
         raise _BodyTooLarge
+    stream = request.content
+    if stream.is_eof():  # a small body usually arrives with the headers: no wait, no timer
+        whole = stream.read_nowait()
+        if len(whole) > limit:
+            raise _BodyTooLarge
+        return whole
     body = bytearray()
     async with asyncio.timeout(timeout_s):
         while chunk := await request.content.readany():
@@ -347,25 +353,23 @@ class _GraphWebhook:
         # One budget for checks and publish, so that the answer stays under Graph's 3 s.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.publish_timeout_s
+        batch: _Batch | None = None
         try:
             async with asyncio.timeout_at(deadline + _PUBLISH_GRACE_S):
                 batch = await self._collect(items, request[CORRELATION_ID])
-        except Exception as exc:  # the subscription store or key source failed: let Graph retry
-            log.exception("webhook.check_failed", route=self._route, error=type(exc).__name__)
-            return _unavailable("notifications could not be checked")
-        self._count_rejections(batch)
-
-        if batch.messages:
-            try:
-                async with asyncio.timeout_at(deadline + _PUBLISH_GRACE_S):
+                self._count_rejections(batch)
+                if batch.messages:
                     await self._publisher.publish_many(
                         batch.messages,
                         timeout_s=max(deadline - loop.time(), _MIN_PUBLISH_TIMEOUT_S),
                     )
-            except (PublishError, TimeoutError) as exc:
-                return self._publish_failed(exc, len(batch.messages), traceback=False)
-            except Exception as exc:  # a broken channel or a bug: no 2xx without a confirm
-                return self._publish_failed(exc, len(batch.messages), traceback=True)
+        except Exception as exc:
+            if batch is None:  # the subscription store or key source failed: let Graph retry
+                log.exception("webhook.check_failed", route=self._route, error=type(exc).__name__)
+                return _unavailable("notifications could not be checked")
+            # A broken channel or a bug gets a traceback; either way no 2xx without a confirm.
+            expected = isinstance(exc, PublishError | TimeoutError)
+            return self._publish_failed(exc, len(batch.messages), traceback=not expected)
 
         self._metrics.notifications_accepted.inc(batch.accepted)
         # Per-POST detail is for debugging only; the counters above are what operators watch.

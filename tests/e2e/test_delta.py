@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -150,6 +151,9 @@ async def test_mass_deletion_brake_holds_on_an_empty_calendar(
         statuses = [a for a in await stack.announcements() if a["routing_key"] == "account.status"]
         assert [s["status"] for s in statuses] == ["deletions_paused"]
         assert "paused" in statuses[0]["status_reason"]
+        # last_error says what happened, when, and what a person can do.
+        assert re.search(r"paused .* at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", statuses[0]["last_error"])
+        assert "resync" in statuses[0]["last_error"]
         assert not [a for a in await stack.announcements() if a["routing_key"] == "event.deleted"]
 
         await stack.request_resync("acc-m", full=True, reason="operator")
