@@ -68,8 +68,8 @@ from bench._common import (
 from bench._stack import connect_accounts, driver_runtime
 from graphsim.client import SimControl
 from graphsim.ids import parse_id
+from handlers.timeutil import isoformat_z
 from processor.app import Runtime
-from processor.timeutil import isoformat_z
 from processor.topology import (
     DEAD_QUEUE,
     INBOUND_QUEUE,

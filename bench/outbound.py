@@ -24,8 +24,8 @@ import aio_pika
 import aiohttp
 from pymongo import AsyncMongoClient
 
+from handlers.timeutil import parse_graph_datetime
 from processor.devsignin import sign_in_headless
-from processor.timeutil import parse_graph_datetime
 from processor.tokens import MsalApps
 from processor.topology import ONERELATION_OUTBOUND
 from subscriptions.registration import register_account

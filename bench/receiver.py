@@ -50,9 +50,9 @@ from bench._common import (
     wait_ready,
 )
 from crypto import CipherCache, Hasher, KeyRing
+from handlers.timeutil import utcnow
 from processor.settings import load_settings
 from processor.store import Store
-from processor.timeutil import utcnow
 from processor.topology import INBOUND_QUEUE
 
 TENANT_ID = "0c9d8e7f-6a5b-4c3d-2e1f-0a9b8c7d6e5f"

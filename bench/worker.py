@@ -45,18 +45,14 @@ from bench._common import (
 )
 from bench._stack import connect_accounts, driver_runtime
 from graphsim.client import SimControl
+from handlers.ports import OutgoingMessage
 from handlers.records import KEPT_FIELDS
+from handlers.routing import shard_routing_key
+from handlers.timeutil import parse_graph_datetime, utcnow
+from handlers.timezones import event_time_to_utc
 from processor.app import Runtime
-from processor.interfaces import OutgoingMessage
 from processor.messages import change_message
-from processor.timeutil import parse_graph_datetime, utcnow
-from processor.timezones import event_time_to_utc
-from processor.topology import (
-    INBOUND_EXCHANGE,
-    INBOUND_QUEUE,
-    ONERELATION_INBOUND_QUEUE,
-    shard_routing_key,
-)
+from processor.topology import INBOUND_EXCHANGE, INBOUND_QUEUE, ONERELATION_INBOUND_QUEUE
 
 
 def baseline_document(rt: Runtime, account_id: str, event: dict[str, Any]) -> tuple[dict, dict]:

@@ -1,7 +1,8 @@
 """Outbound: 1Relation's changes written to Microsoft 365, in order, once, without echo.
 
-Two consumers. The *intake* takes ``onerelation.outbound``, validates each message, turns
-an invalid one into a dead letter plus ``event.rejected``, encrypts a valid one under the
+Two consumers. The *intake* takes ``onerelation.outbound``, validates each message
+(``validate_message``: the published schema, then what a schema cannot say), turns an
+invalid one into a dead letter plus ``event.rejected``, encrypts a valid one under the
 account's key and routes it to the account's outbound shard. The *applier* is the single
 active consumer of that shard: it applies one account's changes in revision order.
 
@@ -12,6 +13,9 @@ Outlook has; a field group changed on both sides since the last sync goes to the
 change, and a lost 1Relation change is reported as ``event.conflict``; a meeting the
 account does not organise is not written; Graph's 404 on PATCH means the user deleted it
 in Outlook: it is not recreated, and 1Relation hears ``event.deleted`` from Microsoft.
+
+What to PATCH is decided by the pure functions of :mod:`handlers.decisions`; the PATCH
+itself is ``graph.update_event``, in the runtime :class:`processor.graph.GraphClient`.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import structlog
 
+from contract import load_schema, validator_for
+from contract.reasons import first_reason, show
 from crypto import SEAL_FIELD, DataCipher, DecryptionError, seal_message, seal_valid
-from handlers.decisions import plan_update
+from handlers.decisions import FIELD_GROUPS, comparable, outlook_view, plan_update
 from handlers.errors import (
     AccountUnavailable,
     KeyUnreadable,
@@ -34,15 +40,9 @@ from handlers.errors import (
     ReauthorizationRequired,
     TransientError,
 )
-from handlers.messages import OUTBOUND_SEAL, b64, event_change_body, unb64
-from handlers.outbound_validation import (
-    FIELD_GROUPS,
-    MAX_MESSAGE_BYTES,
-    InvalidMessage,
-    OutboundChange,
-    validate_message,
-)
+from handlers.messages import OUTBOUND_SEAL, b64, unb64
 from handlers.outcome import Outcome, outcome_for
+from handlers.parking import Parking
 from handlers.ports import (
     Accounts,
     AccountStatus,
@@ -54,9 +54,11 @@ from handlers.ports import (
     Publisher,
     SyncMetrics,
 )
-from handlers.records import Link, comparable, next_sequence
-from handlers.routing import ONERELATION_INBOUND, OUTBOUND_EXCHANGE, shard_routing_key
+from handlers.records import Link
+from handlers.reports import Reporter
+from handlers.routing import OUTBOUND_EXCHANGE, shard_routing_key
 from handlers.timeutil import isoformat_z, parse_graph_datetime
+from handlers.timezones import event_time_to_utc, windows_name, zone_for
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +78,35 @@ _CLEARED: Mapping[str, Any] = {
     "showAs": "busy",
     "sensitivity": "normal",
 }
+
+
+SCHEMA = "onerelation.event.v1"
+MAX_MESSAGE_BYTES = 1_048_576
+
+_DOCUMENT = load_schema(SCHEMA)
+_FIELDS: Mapping[str, Any] = _DOCUMENT["$defs"]["event"]["properties"]
+MAX_SUBJECT: int = _FIELDS["subject"]["maxLength"]
+MAX_ATTENDEES: int = _FIELDS["attendees"]["maxItems"]
+
+
+class InvalidMessage(ValueError):
+    """The message breaks ``onerelation.event.v1``; ``reason`` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class OutboundChange:
+    """A validated outbound change; ``event`` holds only the fields 1Relation sent."""
+
+    account_id: str
+    relation_event_id: str
+    revision: int
+    op: str
+    occurred_at: datetime
+    event: dict[str, Any] | None
 
 
 class UnauthenticatedMessage(Exception):
@@ -100,85 +131,97 @@ def to_graph(fields: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-class Reporter:
-    """Publishes ``event.rejected``, ``event.conflict`` and ``event.deleted`` to 1Relation."""
+# ---- parsing 1Relation's message --------------------------------------------------------
 
-    def __init__(self, *, publisher: Publisher, metrics: SyncMetrics, timeout_s: float) -> None:
-        self._publisher = publisher
-        self._metrics = metrics
-        self._timeout_s = timeout_s
-        self.rejected = metrics.counter(
-            "outbound_rejected_total", "Outbound messages rejected, by kind of problem.", ("kind",)
-        )
 
-    async def _send(self, routing_key: str, body: dict[str, Any]) -> None:
-        try:
-            await self._publisher.publish(
-                OutgoingMessage(
-                    exchange=ONERELATION_INBOUND,
-                    routing_key=routing_key,
-                    body=body,
-                    message_id=uuid.uuid4().hex,
-                ),
-                timeout_s=self._timeout_s,
-            )
-        except PublishError as exc:
-            raise TransientError(f"{routing_key} not confirmed") from exc
+def validate_message(body: Any) -> OutboundChange:
+    """Validate a decoded message; raises :class:`InvalidMessage` with the first problem."""
+    errors = list(validator_for(SCHEMA).iter_errors(body))
+    if errors:
+        raise InvalidMessage(first_reason(errors, _DOCUMENT, nested="event"))
+    occurred_at = _aware_timestamp(body["occurred_at"])
+    event = _graph_ready(body["event"]) if body["op"] == "upsert" else None
+    return OutboundChange(
+        body["account_id"],
+        body["relation_event_id"],
+        body["revision"],
+        body["op"],
+        occurred_at,
+        event,
+    )
 
-    async def rejected_change(
-        self,
-        account_id: str | None,
-        relation_event_id: str | None,
-        revision: Any,
-        reason: str,
-        kind: str,
-    ) -> None:
-        """``event.rejected``: the message could not be applied, and why."""
-        self.rejected.labels(kind=kind).inc()
-        if relation_event_id is None:
-            return  # nothing 1Relation could match it to; the dead letter keeps it
-        await self._send(
-            "event.rejected",
-            {
-                "schema": "m365sync.event-rejected.v1",
-                "account_id": account_id,
-                "relation_event_id": relation_event_id,
-                "revision": revision if isinstance(revision, int) else None,
-                "reason": reason,
-            },
-        )
 
-    async def conflict(
-        self, link: Link, change: OutboundChange, lost: Sequence[str], lm: Any
-    ) -> None:
-        """``event.conflict``: 1Relation's change to these fields lost to a newer Outlook one."""
-        body = event_change_body(
-            account_id=link.account_id,
-            event_key=link.event_key or "",
-            change="conflict",
-            origin="microsoft",
-            last_modified=lm,
-            relation_event_id=link.relation_event_id,
-            sequence=next_sequence(None),
-        )
-        body["lost_fields"] = sorted(lost)
-        body["revision"] = change.revision
-        await self._send("event.conflict", body)
+def _aware_timestamp(text: str) -> datetime:
+    try:
+        return parse_graph_datetime(text)
+    except (ValueError, OverflowError):
+        raise InvalidMessage(
+            f"occurred_at is not an ISO 8601 timestamp with a time zone: {show(text)}"
+        ) from None
 
-    async def deleted_in_outlook(self, link: Link) -> None:
-        """``event.deleted`` from Microsoft: the user deleted the event in Outlook."""
-        await self._send(
-            "event.deleted",
-            event_change_body(
-                account_id=link.account_id,
-                event_key=link.event_key or "",
-                change="deleted",
-                origin="microsoft",
-                last_modified=None,
-                relation_event_id=link.relation_event_id,
-                sequence=next_sequence(None),
-            ),
-        )
+
+def _graph_ready(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema-valid event with its dates and zones checked, zones in Windows names and
+    optional parts filled in as Graph expects them."""
+    out: dict[str, Any] = {}
+    for name, value in event.items():
+        if value is None:
+            out[name] = None
+        elif name in ("start", "end"):
+            out[name] = _time(name, value)
+        elif name == "body":
+            out[name] = {"contentType": value["contentType"], "content": value["content"]}
+        elif name == "location":
+            out[name] = {"displayName": value.get("displayName", "")}
+        elif name == "attendees":
+            out[name] = [
+                {
+                    "emailAddress": {
+                        "address": a["emailAddress"]["address"],
+                        "name": a["emailAddress"].get("name", ""),
+                    },
+                    "type": a.get("type", "required"),
+                }
+                for a in value
+            ]
+        elif isinstance(value, dict | list):
+            out[name] = type(value)(value)
+        else:
+            out[name] = value
+    if "start" in out:
+        _check_times(out["start"], out["end"], bool(out.get("isAllDay")))
+    return out
+
+
+def _time(name: str, value: Mapping[str, str]) -> dict[str, str]:
+    local = value["dateTime"]
+    try:
+        datetime.fromisoformat(local[:19])
+    except ValueError:
+        raise InvalidMessage(f"event.{name}.dateTime is not a real date") from None
+    zone = value["timeZone"]
+    windows = windows_name(zone)
+    if windows is None or zone_for(windows) is None:
+        raise InvalidMessage(f"event.{name}.timeZone is not a known time zone: {show(zone)}")
+    return {"dateTime": local, "timeZone": windows}
+
+
+def _check_times(start: Mapping[str, str], end: Mapping[str, str], all_day: bool) -> None:
+    start_utc = event_time_to_utc(start)
+    end_utc = event_time_to_utc(end)
+    if start_utc is None or end_utc is None:
+        raise InvalidMessage("event.start or event.end is outside the supported range of dates")
+    if end_utc <= start_utc:
+        raise InvalidMessage("event.end must be after event.start")
+    if (end_utc - start_utc).days > 366 * 5:
+        raise InvalidMessage("event lasts more than five years")
+    if all_day:
+        for name, value in (("start", start), ("end", end)):
+            if not value["dateTime"][11:].startswith("00:00"):
+                raise InvalidMessage(f"an all-day event's {name} must be at midnight")
+
+
+# ---- the intake and the applier ---------------------------------------------------------
 
 
 def validate_intake(body: dict[str, Any]) -> str | None:
@@ -303,8 +346,9 @@ class OutboundHandler:
         self._reporter = reporter
         self._metrics = metrics
         self._tombstone_ttl_s = tombstone_ttl_s
-        self._parked_ttl_s = parked_ttl_s
-        self._parked_max = parked_max
+        self._parking = Parking(
+            links=links, reporter=reporter, ttl_s=parked_ttl_s, max_per_account=parked_max
+        )
         self.writes = metrics.counter(
             "outbound_writes_total", "Graph writes made for 1Relation, by kind.", ("kind",)
         )
@@ -353,6 +397,27 @@ class OutboundHandler:
                 delivery.outcome = Outcome.ack()
             return
         account = await self._store.account(account_id)
+        todo = self._changes_of(deliveries, cipher)
+        if account is None or account.paused:
+            for item in todo:
+                await self._park(item, cipher)
+            return
+        await self._parking.drop_expired(account_id)
+        parked = [
+            _Pending(
+                None,
+                self._decode(doc["body"], cipher, from_queue=False),
+                parked_id=str(doc["_id"]),
+            )
+            for doc in await self._links.parked_for(account_id)
+        ]
+        ordered = sorted(
+            parked + todo, key=lambda p: (p.change.relation_event_id, p.change.revision)
+        )
+        await self._apply_in_order(account_id, ordered, cipher)
+
+    def _changes_of(self, deliveries: Sequence[Delivery], cipher: DataCipher) -> list[_Pending]:
+        """The changes a batch carries; a delivery that carries none is settled here."""
         todo: list[_Pending] = []
         for delivery in deliveries:
             if delivery.body.get("kind") != "change":
@@ -366,22 +431,12 @@ class OutboundHandler:
                 delivery.outcome = Outcome.dead_letter(
                     f"undecodable shard message: {type(exc).__name__}"
                 )
-        if account is None or account.paused:
-            for item in todo:
-                await self._park(item, cipher)
-            return
-        await self._drop_expired(account_id)
-        parked = [
-            _Pending(
-                None,
-                self._decode(doc["body"], cipher, from_queue=False),
-                parked_id=str(doc["_id"]),
-            )
-            for doc in await self._links.parked_for(account_id)
-        ]
-        ordered = sorted(
-            parked + todo, key=lambda p: (p.change.relation_event_id, p.change.revision)
-        )
+        return todo
+
+    async def _apply_in_order(
+        self, account_id: str, ordered: Sequence[_Pending], cipher: DataCipher
+    ) -> None:
+        """Apply each change and settle it; a lost authorization parks the rest."""
         user_id = (await self._store.identity(account_id)).user_id
         for index, item in enumerate(ordered):
             try:
@@ -413,57 +468,14 @@ class OutboundHandler:
             item.delivery.outcome = outcome
 
     async def _park(self, item: _Pending, cipher: DataCipher) -> None:
-        """Keep the change, encrypted, for replay after reconnect; ack it from the queue.
-
-        Parked changes are bounded per account in number and in age; a change past either
-        bound is dropped and reported to 1Relation as ``event.rejected``.
-        """
+        """Keep a delivered change for replay after reconnect (a parked one stays parked)."""
         if item.delivery is not None:
-            account_id = item.change.account_id
-            await self._drop_expired(account_id)
-            if await self._links.count_parked(account_id) >= self._parked_max:
-                reason = (
-                    f"the account cannot write to Outlook until its user reconnects and already "
-                    f"has {self._parked_max} changes waiting; this change was dropped: send it "
-                    f"again once the account is connected"
-                )
-                log.warning("outbound.parked_full", account_id=account_id)
-                await self._reporter.rejected_change(
-                    account_id,
-                    item.change.relation_event_id,
-                    item.change.revision,
-                    reason,
-                    "parked_full",
-                )
-                item.delivery.outcome = Outcome.dead_letter(reason)
-                return
-            await self._links.park(
-                item.change.account_id,
-                item.change.relation_event_id,
-                item.change.revision,
-                _shard_body(item.change, cipher),
-            )
-            item.delivery.outcome = Outcome.ack()
-
-    async def _drop_expired(self, account_id: str) -> None:
-        """Drop the account's changes parked longer than the limit, telling 1Relation."""
-        before = datetime.now(UTC) - timedelta(seconds=self._parked_ttl_s)
-        expired = await self._links.take_expired_parked(account_id, before)
-        if not expired:
-            return
-        days = self._parked_ttl_s / 86400
-        reason = (
-            f"this change waited more than {days:g} days for the account's user to reconnect "
-            f"and was dropped: send it again once the account is connected"
-        )
-        log.warning("outbound.parked_expired", account_id=account_id, count=len(expired))
-        for doc in expired:
-            await self._reporter.rejected_change(
-                account_id,
-                str(doc["relation_event_id"]),
-                doc.get("revision"),
-                reason,
-                "parked_expired",
+            change = item.change
+            item.delivery.outcome = await self._parking.park(
+                change.account_id,
+                change.relation_event_id,
+                change.revision,
+                _shard_body(change, cipher),
             )
 
     async def _apply(self, change: OutboundChange, cipher: DataCipher, user_id: str) -> None:
@@ -526,43 +538,24 @@ class OutboundHandler:
         assert link.graph_id is not None
         assert link.event_key is not None
         seen = await self._events.live_state(link.event_key, cipher)
-        outlook: dict[str, Any] = dict(link.state)
-        outlook_lm = link.base_lm
-        if seen is not None:
-            # Fields the store does not keep (categories) are as the service last wrote them.
-            outlook = {**link.state, **seen[0]}
-            outlook_lm = seen[1]
-            if outlook.get("isOrganizer") is False:
-                raise PermanentError(
-                    "the account does not organise this meeting, so the change is not written "
-                    "(it would fail or send attendees a misleading update)"
-                )
-            if (
-                link.base_lm is not None
-                and outlook_lm is not None
-                and _aware(outlook_lm) < _aware(link.base_lm)
-            ):
-                # The stored copy predates our last write (its notification is not handled
-                # yet): what we wrote is what Outlook shows for those fields.
-                outlook = {**outlook, **link.state}
-        outlook_changed = (
-            seen is not None
-            and link.base_lm is not None
-            and outlook_lm is not None
-            and outlook_lm > link.base_lm
-        )
+        outlook = outlook_view(last_written=link.state, written_at=link.base_lm, seen=seen)
+        if outlook.not_organiser:
+            raise PermanentError(
+                "the account does not organise this meeting, so the change is not written "
+                "(it would fail or send attendees a misleading update)"
+            )
         plan = plan_update(
-            outlook=outlook,
+            outlook=outlook.fields,
             last_written=link.state,
             wanted=change.event,
-            outlook_changed_at=outlook_lm if outlook_changed else None,
+            outlook_changed_at=outlook.changed_at,
             wanted_at=change.occurred_at,
             groups=FIELD_GROUPS,
             normalise=comparable,
         )
         patch, lost = plan.patch, list(plan.lost_fields)
         if lost:
-            await self._reporter.conflict(link, change, lost, outlook_lm)
+            await self._reporter.conflict(link, change.revision, lost, outlook.last_modified)
         if not patch:
             await self._links.record_revision(link, change.revision)
             return
@@ -592,10 +585,6 @@ class OutboundHandler:
             cipher=cipher,
             answer=updated,
         )
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _lm(event: Mapping[str, Any]) -> Any:

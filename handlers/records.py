@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from contract.statuses import PAUSED_STATUSES
-from handlers.timezones import event_time_to_utc
 
 
 @dataclass(frozen=True)
@@ -110,53 +108,6 @@ class Link:
     deleted: bool
     deleted_revision: int
     generation: int
-
-
-def comparable(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Field values normalised so that what we sent equals what Graph returns for it."""
-    out: dict[str, Any] = {}
-    for name, value in fields.items():
-        if name in ("start", "end"):
-            out[name] = event_time_to_utc(value) if value is not None else None
-        elif name == "body":
-            out[name] = (value or {}).get("content", "").strip() if value else None
-        elif name == "attendees":
-            out[name] = sorted(
-                ((a.get("emailAddress") or {}).get("address", "").lower(), a.get("type"))
-                for a in value or []
-            )
-        elif name == "location":
-            out[name] = (value or {}).get("displayName", "") if value else ""
-        elif name == "categories":
-            out[name] = sorted(value or [])
-        elif name == "recurrence":
-            out[name] = _recurrence(value)
-        else:
-            out[name] = value
-    return out
-
-
-def _recurrence(value: Any) -> tuple[Any, ...] | None:
-    """A recurrence as a comparable tuple: Graph answers with every default filled in
-    (``firstDayOfWeek``, ``index``, ``endDate`` ``0001-01-01`` for other range types, ...)."""
-    if not isinstance(value, Mapping):
-        return None
-    pattern = value.get("pattern") or {}
-    rng = value.get("range") or {}
-    rtype = rng.get("type")
-    return (
-        pattern.get("type"),
-        pattern.get("interval") or 1,
-        pattern.get("month") or 0,
-        pattern.get("dayOfMonth") or 0,
-        tuple(sorted(str(d).lower() for d in pattern.get("daysOfWeek") or [])),
-        str(pattern.get("firstDayOfWeek") or "sunday").lower(),
-        str(pattern.get("index") or "first").lower(),
-        rtype,
-        rng.get("startDate"),
-        rng.get("endDate") if rtype == "endDate" else None,
-        rng.get("numberOfOccurrences") if rtype == "numbered" else None,
-    )
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ from datetime import datetime
 from typing import Any, Final
 
 from contract.statuses import DEFAULT_REASONS, STATUSES
-from processor.errors import TransientError
+from handlers.errors import PublishError, TransientError
+from handlers.ports import OutgoingMessage, Publisher
+from handlers.routing import ONERELATION_INBOUND
+from handlers.timeutil import isoformat_z, utcnow
 from processor.event_store import EventStore
-from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
 from processor.metrics import Metrics
 from processor.store import Store
-from processor.timeutil import isoformat_z, utcnow
-from processor.topology import ONERELATION_INBOUND
 
 log = get_logger(__name__)
 

@@ -12,13 +12,16 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
+from handlers.errors import PublishError
+from handlers.messages import event_change_body
+from handlers.ports import OutgoingMessage, Publisher
 from handlers.records import Change
+from handlers.routing import ONERELATION_INBOUND, shard_routing_key
 from processor.event_store import EventStore
-from processor.interfaces import OutgoingMessage, Publisher, PublishError
 from processor.logs import get_logger
-from processor.messages import event_change_body, resync_message
+from processor.messages import resync_message
 from processor.metrics import Metrics
-from processor.topology import INBOUND_EXCHANGE, ONERELATION_INBOUND, shard_routing_key
+from processor.topology import INBOUND_EXCHANGE
 
 log = get_logger(__name__)
 

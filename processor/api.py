@@ -27,21 +27,21 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from contract import openapi_document
+from contract.problems import json_error
 from crypto import DecryptionError
+from handlers.errors import AccountUnavailable, KeyUnreadable, PublishError, TransientError
+from handlers.ports import Publisher
 from handlers.records import CONTRACT_EVENT_FIELDS
+from handlers.timeutil import parse_graph_datetime, to_millis
+from handlers.timezones import event_time_to_utc
 from processor.accounts import AccountStatuses
-from processor.errors import AccountUnavailable, KeyUnreadable, TransientError
 from processor.event_links import LinkStore
 from processor.event_store import EventStore
-from processor.interfaces import Publisher, PublishError
 from processor.logs import get_logger
 from processor.resync import ResyncPublisher
 from processor.settings import Settings
 from processor.store import Store
-from processor.timeutil import parse_graph_datetime, to_millis
-from processor.timezones import event_time_to_utc
 from processor.tokens import MsalApps, MsalSignIn
-from processor.web import json_error
 from subscriptions.erasure import Eraser
 from subscriptions.links import is_account_id
 from subscriptions.ports import SignInSettings

@@ -34,38 +34,39 @@ from handlers.outbound import (
     OUTBOUND_SCHEMA,
     IntakeHandler,
     OutboundHandler,
-    Reporter,
     validate_intake,
     validate_shard,
 )
+from handlers.ports import OutgoingMessage
+from handlers.reports import Reporter
+from handlers.routing import OUTBOUND_EXCHANGE, shard_routing_key
+from handlers.timeutil import utcnow
 from processor import broker as broker_mod
 from processor.accounts import AccountStatuses
 from processor.announce import Announcer, OutboxRelay
 from processor.api import add_account_routes
-from processor.balance import Balancer, Registry
+from processor.balance import Balancer
 from processor.broker import ConfirmPublisher
 from processor.consumer import ShardConsumer
 from processor.event_links import LinkStore
 from processor.event_store import EventStore
 from processor.graph import GraphClient, create_http_session
-from processor.interfaces import OutgoingMessage
 from processor.logs import configure_logging, get_logger
 from processor.messages import MAX_CHANGES_ITEMS, split_changes
 from processor.metrics import Metrics
+from processor.repositories.base import Document
+from processor.repositories.workers import Registry
 from processor.resync import ResyncPublisher
 from processor.settings import Settings, SettingsError
-from processor.store import Document, Store, wait_for_database
-from processor.timeutil import utcnow
+from processor.store import Store, wait_for_database
 from processor.tokens import MsalApps, MsalTokenProvider
 from processor.topology import (
     DEAD_QUEUE,
     LIFECYCLE_QUEUE,
-    OUTBOUND_EXCHANGE,
     OUTBOUND_INTAKE_QUEUE,
     TopologyConfig,
     declare_topology,
     shard_queue_names,
-    shard_routing_key,
 )
 from processor.web import build_app, build_internal_app
 from subscriptions.lifecycle import (

@@ -21,14 +21,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
 
 from processor.logs import get_logger
-from processor.repositories.workers import HEARTBEAT_TTL_S, WORKERS, Registry
+from processor.repositories.workers import Registry
 
 __all__ = [
     "HEARTBEAT_S",
-    "HEARTBEAT_TTL_S",
-    "WORKERS",
     "Balancer",
-    "Registry",
     "Releasable",
     "assign",
     "process_id",

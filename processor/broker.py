@@ -26,9 +26,10 @@ from aio_pika.abc import (
 from aio_pika.robust_connection import RobustConnection
 from yarl import URL
 
+from handlers.errors import PublishError
 from handlers.outcome import Action, Outcome
+from handlers.ports import OutgoingMessage
 from processor import lag
-from processor.interfaces import OutgoingMessage, PublishError
 from processor.logs import get_logger
 from processor.topology import DEAD_EXCHANGE, DELAY_HEADER, RETRY_EXCHANGE, retry_delay_bucket
 

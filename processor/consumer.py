@@ -27,13 +27,13 @@ from aio_pika.abc import (
 from pymongo.errors import ConnectionFailure
 
 from handlers.errors import KeyUnreadable
+from handlers.messages import INBOUND_SCHEMA
 from handlers.outcome import Action, Outcome, outcome_for
+from handlers.timeutil import utcnow
 from processor.broker import ConfirmPublisher, settle, settle_parts
 from processor.lag import LagTracker
 from processor.logs import correlation, get_logger
-from processor.messages import INBOUND_SCHEMA
 from processor.metrics import Metrics
-from processor.timeutil import utcnow
 
 log = get_logger(__name__)
 

@@ -28,11 +28,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import aio_pika
@@ -40,7 +41,9 @@ import aiohttp
 import jwt
 
 from crypto import generate_master_key_spec
+from handlers.timeutil import isoformat_z
 from processor.app import (
+    Runtime,
     build_runtime,
     internal_listener,
     mongo_client,
@@ -50,9 +53,12 @@ from processor.app import (
 )
 from processor.logs import configure_logging
 from processor.settings import Settings, database_name_from_url, load_settings
-from processor.timeutil import isoformat_z
 from processor.topology import ONERELATION_INBOUND_QUEUE, ONERELATION_OUTBOUND
-from processor.verify import diff_account, expected_events
+from processor.verify import Diff, diff_account, expected_events
+
+if TYPE_CHECKING:  # the simulator is a dev tool: imported when the demo runs
+    from graphsim.client import SimControl
+    from graphsim.server import Simulator
 
 DEMO_ACCOUNT = "demo-account-1"
 #: Exit code when the demo refuses to run (as for a configuration error).
@@ -199,175 +205,221 @@ async def _run(targets: DemoTargets, env: dict[str, str], *, changes: int) -> in
         stack.push_async_callback(sim.stop)
         _say(f"Graph and identity simulator on {sim.base_url} (CA {sim.ca_file})")
         control = await stack.enter_async_context(SimControl(sim.base_url, sim.ca_file))
-
-        port = int(env.get("M365SYNC_HTTP_PORT", "0")) or _free_port()
-        settings = load_settings(
-            {k: v for k, v in env.items() if k in _PASSED_THROUGH},
-            required=frozenset(),
-            overrides={
-                "M365SYNC_AMQP_URL": targets.amqp_url,
-                "M365SYNC_MONGODB_URL": targets.mongodb_url,
-                "M365SYNC_METRICS_PORT": "0",
-                "M365SYNC_GRAPH_URL": sim.graph_url,
-                "M365SYNC_AUTHORITY_HOST": sim.authority_host,
-                "M365SYNC_CA_BUNDLE": str(sim.ca_file),
-                "M365SYNC_CLIENT_ID": sim.client_id,
-                "M365SYNC_CLIENT_SECRET": sim.client_secret,
-                "M365SYNC_PUBLIC_URL": f"http://127.0.0.1:{port}",
-                "M365SYNC_HTTP_HOST": "127.0.0.1",
-                "M365SYNC_HTTP_PORT": str(port),
-                "M365SYNC_MASTER_KEYS": generate_master_key_spec("demo1"),
-                "M365SYNC_HASH_KEY": base64.b64encode(os.urandom(32)).decode(),
-                "M365SYNC_CONNECT_SECRET": base64.b64encode(os.urandom(32)).decode(),
-                "M365SYNC_API_TOKEN": base64.b64encode(os.urandom(24)).decode(),
-                "M365SYNC_RETURN_URL_ORIGINS": f"http://127.0.0.1:{port}",
-            },
-        )
+        settings = _demo_settings(targets, env, sim)
         _say("keys, secrets and tokens generated for this run")
-        rt = await build_runtime(settings, stack, mailbox_concurrency=3)
-        metrics_port = await stack.enter_async_context(internal_listener(rt))
-        _say(f"metrics on http://{settings.metrics_host}:{metrics_port}/metrics")
-        await stack.enter_async_context(receiver_role(rt))
-        await stack.enter_async_context(worker_role(rt))
-        await stack.enter_async_context(outbound_role(rt))
-        _say(f"receiver on {settings.public_url}, worker consuming {settings.shard_count} shards")
-
-        user = (await control.users())[0]
-        # Connect as a user would: 1Relation's signed link → /connect → Microsoft's sign-in →
-        # /auth/callback → the return URL (the simulator approves the sign-in).
-        await control.set_signin_user(user["id"])
-        token = jwt.encode(
-            {
-                "sub": DEMO_ACCOUNT,
-                "exp": int(time.time()) + 600,
-                "jti": uuid.uuid4().hex,
-                "return_url": f"{settings.public_url}/healthz",
-                "tenant": sim.tenant_id,
-            },
-            settings.connect_secrets[0],
-            algorithm="HS256",
-        )
-        url = f"{settings.public_url}/connect?token={quote(token)}"
-        tls = ssl.create_default_context(cafile=str(sim.ca_file))
-        # A browser keeps the sign-in cookie of /connect, also for an IP-address host.
-        jar = aiohttp.CookieJar(unsafe=True)
-        async with aiohttp.ClientSession(trust_env=False, cookie_jar=jar) as browser:
-            for _ in range(3):
-                async with browser.get(url, allow_redirects=False, ssl=tls) as resp:
-                    if resp.status != 302:
-                        raise RuntimeError(f"connect failed: {resp.status}")
-                    url = resp.headers["Location"]
-        if dict(parse_qsl(urlsplit(url).query)).get("status") != "connected":
-            raise RuntimeError(f"connect failed: {url}")
-        document = await rt.statuses.document(DEMO_ACCOUNT)
-        expires = (document or {}).get("subscription_expires_at") or "unknown"
-        _say(
-            f"{user['userPrincipalName']} connected through /connect and MSAL (auth code + PKCE); "
-            f"subscription valid until {expires}"
-        )
-
-        await control.set_faults(
-            seed=11,
-            duplicates=True,
-            reorder_ms=200,
-            batch_max_items=5,
-            batch_window_ms=30,
-            deleted_ghosts=0.3,
-            latency_ms=25,
-            max_concurrent_per_mailbox=2,
-            throttle_retry_after="0.25",
-            random_503_rate=0.03,
-            random_503_retry_after="0.2",
-        )
-        await control.reset_counters()
+        rt = await _start_service(stack, settings)
+        user = await _connect(rt, settings, sim, control)
+        await _switch_faults_on(control)
         script_started = time.monotonic()
-        ids: list[str] = []
-        made = 0
-        while made < changes:
-            roll = rng.random()
-            if not ids or roll < 0.5:
-                event = await control.create_event(
-                    user["id"], _script_event(rng, made), immutable=True
-                )
-                ids.append(event["id"])
-            elif roll < 0.85:
-                await control.update_event(
-                    user["id"],
-                    rng.choice(ids),
-                    {"subject": f"Moved meeting {made}"},
-                    immutable=True,
-                )
-            else:
-                await control.delete_event(user["id"], ids.pop(rng.randrange(len(ids))))
-            made += 1
-        _say(
-            f"made {made} changes in Outlook with duplicates, reordering, batching, "
-            "429s, 503s and late notifications switched on"
-        )
-
-        # The scripted 1Relation: creates, moves and deletes events of its own.
-        crm_messages = _crm_script(rng)
-        await _publish_to_onerelation_outbound(rt, crm_messages)
+        made = await _play_outlook(control, user["id"], rng, changes)
+        crm_messages = await _play_relation(rt, rng)
         crm_expected = _crm_final_subjects(crm_messages)
-        _say(
-            f"1Relation published {len(crm_messages)} outbound changes "
-            f"({len(crm_expected)} of its events should remain in Outlook)"
-        )
-
-        window_start = datetime.now(UTC) - timedelta(days=settings.sync_window_past_days)
-        window_end = datetime.now(UTC) + timedelta(days=settings.sync_window_future_days)
-        deadline = time.monotonic() + 120
-        while True:
-            expected = expected_events(
-                await control.events(user["id"], immutable=True),
-                await control.calendar_view(
-                    user["id"], isoformat_z(window_start), isoformat_z(window_end), immutable=True
-                ),
-            )
-            diff = await diff_account(rt.store, rt.events, DEMO_ACCOUNT, expected)
-            crm_in_outlook = sorted(
-                str(e["subject"])
-                for e in expected.values()
-                if str(e.get("subject", "")).startswith("CRM:")
-            )
-            done = diff.ok and crm_in_outlook == crm_expected and await control.is_idle()
-            if done or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.3)
+        outcome = await _await_convergence(rt, settings, control, user["id"], crm_expected)
         converged_s = time.monotonic() - script_started
+        summary = {
+            "converged": outcome.diff.ok,
+            "events_in_outlook": len(outcome.expected),
+            "events_in_database": outcome.diff.compared,
+            "outlook_changes": made,
+            "relation_changes": len(crm_messages),
+            "relation_events_in_outlook_as_intended": outcome.crm_in_outlook == crm_expected,
+            **await _observed(rt, control),
+            "seconds_to_converge": round(converged_s, 2),
+        }
+    summary["seconds_total"] = round(time.monotonic() - started, 2)
+    _say("summary " + json.dumps(summary))
+    if not outcome.diff.ok or outcome.crm_in_outlook != crm_expected:
+        _say(
+            f"NOT converged: {outcome.diff.summary()}; "
+            f"1Relation's events in Outlook: {outcome.crm_in_outlook}"
+        )
+        return 1
+    _say("the decrypted database equals Microsoft's ground truth, field by field")
+    return 0
 
-        # The scripted 1Relation: read what m365sync announced on onerelation.inbound.
-        channel = await rt.connection.channel()
-        queue = await channel.get_queue(ONERELATION_INBOUND_QUEUE, ensure=False)
-        announced: dict[str, int] = {}
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            if json.loads(message.body).get("account_id") == DEMO_ACCOUNT:
-                key = str(message.routing_key)
-                announced[key] = announced.get(key, 0) + 1
-        await channel.close()
-        counters = await control.counters()
-        echoes = int(sum(m.samples[0].value for m in rt.metrics.echoes_suppressed.collect()))
 
-    summary = {
-        "converged": diff.ok,
-        "events_in_outlook": len(expected),
-        "events_in_database": diff.compared,
-        "outlook_changes": made,
-        "relation_changes": len(crm_messages),
-        "relation_events_in_outlook_as_intended": crm_in_outlook == crm_expected,
+def _demo_settings(targets: DemoTargets, env: dict[str, str], sim: Simulator) -> Settings:
+    """The service's settings for this run: the simulator, fresh keys, this run's targets."""
+    port = int(env.get("M365SYNC_HTTP_PORT", "0")) or _free_port()
+    return load_settings(
+        {k: v for k, v in env.items() if k in _PASSED_THROUGH},
+        required=frozenset(),
+        overrides={
+            "M365SYNC_AMQP_URL": targets.amqp_url,
+            "M365SYNC_MONGODB_URL": targets.mongodb_url,
+            "M365SYNC_METRICS_PORT": "0",
+            "M365SYNC_GRAPH_URL": sim.graph_url,
+            "M365SYNC_AUTHORITY_HOST": sim.authority_host,
+            "M365SYNC_CA_BUNDLE": str(sim.ca_file),
+            "M365SYNC_CLIENT_ID": sim.client_id,
+            "M365SYNC_CLIENT_SECRET": sim.client_secret,
+            "M365SYNC_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "M365SYNC_HTTP_HOST": "127.0.0.1",
+            "M365SYNC_HTTP_PORT": str(port),
+            "M365SYNC_MASTER_KEYS": generate_master_key_spec("demo1"),
+            "M365SYNC_HASH_KEY": base64.b64encode(os.urandom(32)).decode(),
+            "M365SYNC_CONNECT_SECRET": base64.b64encode(os.urandom(32)).decode(),
+            "M365SYNC_API_TOKEN": base64.b64encode(os.urandom(24)).decode(),
+            "M365SYNC_RETURN_URL_ORIGINS": f"http://127.0.0.1:{port}",
+        },
+    )
+
+
+async def _start_service(stack: AsyncExitStack, settings: Settings) -> Runtime:
+    """The receiver, the worker and the outbound writer in this process, until ``stack`` closes."""
+    rt = await build_runtime(settings, stack, mailbox_concurrency=3)
+    metrics_port = await stack.enter_async_context(internal_listener(rt))
+    _say(f"metrics on http://{settings.metrics_host}:{metrics_port}/metrics")
+    await stack.enter_async_context(receiver_role(rt))
+    await stack.enter_async_context(worker_role(rt))
+    await stack.enter_async_context(outbound_role(rt))
+    _say(f"receiver on {settings.public_url}, worker consuming {settings.shard_count} shards")
+    return rt
+
+
+async def _connect(
+    rt: Runtime, settings: Settings, sim: Simulator, control: SimControl
+) -> dict[str, Any]:
+    """Connect the simulator's first user as a person would; the user."""
+    user: dict[str, Any] = (await control.users())[0]
+    # Connect as a user would: 1Relation's signed link → /connect → Microsoft's sign-in →
+    # /auth/callback → the return URL (the simulator approves the sign-in).
+    await control.set_signin_user(user["id"])
+    token = jwt.encode(
+        {
+            "sub": DEMO_ACCOUNT,
+            "exp": int(time.time()) + 600,
+            "jti": uuid.uuid4().hex,
+            "return_url": f"{settings.public_url}/healthz",
+            "tenant": sim.tenant_id,
+        },
+        settings.connect_secrets[0],
+        algorithm="HS256",
+    )
+    url = f"{settings.public_url}/connect?token={quote(token)}"
+    tls = ssl.create_default_context(cafile=str(sim.ca_file))
+    # A browser keeps the sign-in cookie of /connect, also for an IP-address host.
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(trust_env=False, cookie_jar=jar) as browser:
+        for _ in range(3):
+            async with browser.get(url, allow_redirects=False, ssl=tls) as resp:
+                if resp.status != 302:
+                    raise RuntimeError(f"connect failed: {resp.status}")
+                url = resp.headers["Location"]
+    if dict(parse_qsl(urlsplit(url).query)).get("status") != "connected":
+        raise RuntimeError(f"connect failed: {url}")
+    document = await rt.statuses.document(DEMO_ACCOUNT)
+    expires = (document or {}).get("subscription_expires_at") or "unknown"
+    _say(
+        f"{user['userPrincipalName']} connected through /connect and MSAL (auth code + PKCE); "
+        f"subscription valid until {expires}"
+    )
+    return user
+
+
+async def _switch_faults_on(control: SimControl) -> None:
+    """Graph's misbehaviour, as the simulator plays it, from here on; counters from zero."""
+    await control.set_faults(
+        seed=11,
+        duplicates=True,
+        reorder_ms=200,
+        batch_max_items=5,
+        batch_window_ms=30,
+        deleted_ghosts=0.3,
+        latency_ms=25,
+        max_concurrent_per_mailbox=2,
+        throttle_retry_after="0.25",
+        random_503_rate=0.03,
+        random_503_retry_after="0.2",
+    )
+    await control.reset_counters()
+
+
+async def _play_outlook(control: SimControl, user_id: str, rng: random.Random, changes: int) -> int:
+    """The user's side: ``changes`` creates, moves and deletes in Outlook; how many made."""
+    ids: list[str] = []
+    made = 0
+    while made < changes:
+        roll = rng.random()
+        if not ids or roll < 0.5:
+            event = await control.create_event(user_id, _script_event(rng, made), immutable=True)
+            ids.append(event["id"])
+        elif roll < 0.85:
+            await control.update_event(
+                user_id, rng.choice(ids), {"subject": f"Moved meeting {made}"}, immutable=True
+            )
+        else:
+            await control.delete_event(user_id, ids.pop(rng.randrange(len(ids))))
+        made += 1
+    _say(
+        f"made {made} changes in Outlook with duplicates, reordering, batching, "
+        "429s, 503s and late notifications switched on"
+    )
+    return made
+
+
+async def _play_relation(rt: Runtime, rng: random.Random) -> list[dict[str, Any]]:
+    """The scripted 1Relation: creates, moves and deletes events of its own; its messages."""
+    crm_messages = _crm_script(rng)
+    await _publish_to_onerelation_outbound(rt, crm_messages)
+    _say(
+        f"1Relation published {len(crm_messages)} outbound changes "
+        f"({len(_crm_final_subjects(crm_messages))} of its events should remain in Outlook)"
+    )
+    return crm_messages
+
+
+@dataclass(frozen=True)
+class _Convergence:
+    diff: Diff
+    expected: dict[str, Mapping[str, Any]]
+    crm_in_outlook: list[str]
+
+
+async def _await_convergence(
+    rt: Runtime, settings: Settings, control: SimControl, user_id: str, crm_expected: list[str]
+) -> _Convergence:
+    """Compare the database with Microsoft's ground truth until they agree (or 120 s pass)."""
+    window_start = datetime.now(UTC) - timedelta(days=settings.sync_window_past_days)
+    window_end = datetime.now(UTC) + timedelta(days=settings.sync_window_future_days)
+    deadline = time.monotonic() + 120
+    while True:
+        expected = expected_events(
+            await control.events(user_id, immutable=True),
+            await control.calendar_view(
+                user_id, isoformat_z(window_start), isoformat_z(window_end), immutable=True
+            ),
+        )
+        diff = await diff_account(rt.store, rt.events, DEMO_ACCOUNT, expected)
+        crm_in_outlook = sorted(
+            str(e["subject"])
+            for e in expected.values()
+            if str(e.get("subject", "")).startswith("CRM:")
+        )
+        done = diff.ok and crm_in_outlook == crm_expected and await control.is_idle()
+        if done or time.monotonic() > deadline:
+            return _Convergence(diff, expected, crm_in_outlook)
+        await asyncio.sleep(0.3)
+
+
+async def _observed(rt: Runtime, control: SimControl) -> dict[str, Any]:
+    """What the scripted 1Relation read on onerelation.inbound, and what Graph saw."""
+    channel = await rt.connection.channel()
+    queue = await channel.get_queue(ONERELATION_INBOUND_QUEUE, ensure=False)
+    announced: dict[str, int] = {}
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        if json.loads(message.body).get("account_id") == DEMO_ACCOUNT:
+            key = str(message.routing_key)
+            announced[key] = announced.get(key, 0) + 1
+    await channel.close()
+    counters = await control.counters()
+    echoes = int(sum(m.samples[0].value for m in rt.metrics.echoes_suppressed.collect()))
+    return {
         "announced_to_1relation": announced,
         "echoes_suppressed": echoes,
         "graph_requests": counters["total"],
         "graph_answers_by_status": counters["by_status"],
-        "seconds_to_converge": round(converged_s, 2),
-        "seconds_total": round(time.monotonic() - started, 2),
     }
-    _say("summary " + json.dumps(summary))
-    if not diff.ok or crm_in_outlook != crm_expected:
-        _say(f"NOT converged: {diff.summary()}; 1Relation's events in Outlook: {crm_in_outlook}")
-        return 1
-    _say("the decrypted database equals Microsoft's ground truth, field by field")
-    return 0
 
 
 def _crm_script(rng: random.Random) -> list[dict[str, Any]]:

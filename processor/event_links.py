@@ -17,10 +17,12 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from contract.storage import SCHEMA_VERSION, aad
 from crypto import DataCipher, DecryptionError, Hasher
-from handlers.records import Link, comparable
+from handlers.decisions import comparable
+from handlers.records import Link
 from handlers.timeutil import utcnow
-from processor.store import SCHEMA_VERSION, Document, aad
+from processor.repositories.base import Document
 
 #: How long a write in flight makes a matching notification count as our echo.
 PENDING_ECHO_WINDOW_S = 120.0

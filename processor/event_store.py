@@ -16,12 +16,13 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from contract.storage import SCHEMA_VERSION, aad
 from crypto import DataCipher, Hasher
 from handlers.decisions import Version, is_newer
 from handlers.records import KEPT_FIELDS, Change, StoredVersion, next_sequence
 from handlers.timeutil import parse_graph_datetime, utcnow
 from handlers.timezones import event_time_to_utc
-from processor.store import SCHEMA_VERSION, Document, aad
+from processor.repositories.base import Document
 
 
 class EventStore:

@@ -6,17 +6,14 @@ answers are retried inline when ``Retry-After`` is short, otherwise raised as
 :class:`ThrottledError` so that the caller parks the work in a retry queue instead of
 holding a message (docs/design.md "Waiting is never done by holding a message").
 
-Graph throttles a mailbox, not a request: a ``Retry-After`` on any answer for a mailbox
-closes that mailbox's gate in this client until it has elapsed, so every later request of
-the process to the mailbox (inbound fetches, outbound writes, their retries) waits too, or,
-when the wait is longer than an inline retry may take, fails at once with
-:class:`ThrottledError` carrying the time left, without reaching Graph.
+Graph throttles a mailbox, not a request: every request passes the mailbox's gate
+(:mod:`processor.mailbox_gates`), which a ``Retry-After`` on any answer for the mailbox
+closes until it has elapsed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import ssl
 import time
@@ -25,7 +22,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
@@ -33,12 +29,12 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from handlers.errors import DeltaResetRequired as DeltaResetRequired  # noqa: PLC0414
-from handlers.records import DeltaPage as DeltaPage  # noqa: PLC0414
+from handlers.errors import DeltaResetRequired, PermanentError, ThrottledError, TransientError
+from handlers.records import DeltaPage
 from handlers.timeutil import isoformat_z
-from processor.errors import PermanentError, ThrottledError, TransientError
 from processor.interfaces import AccessTokens
 from processor.logs import get_logger
+from processor.mailbox_gates import MailboxGates, parse_retry_after
 
 log = get_logger(__name__)
 
@@ -69,39 +65,6 @@ class _Answer:
     status: int
     body: Any
     headers: Mapping[str, str]
-
-
-class _Gate:
-    """A mailbox's semaphore, until when Graph told it to wait, and how many callers hold or
-    wait for it (to drop idle gates)."""
-
-    __slots__ = ("not_before", "semaphore", "users")
-
-    def __init__(self, limit: int) -> None:
-        self.semaphore = asyncio.Semaphore(limit)
-        self.users = 0
-        #: Monotonic time before which no request may be sent to the mailbox.
-        self.not_before = 0.0
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds (maybe fractional) or a date."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:  # an HTTP-date is always GMT
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
 
 
 def build_ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
@@ -180,21 +143,25 @@ class GraphClient:
         self._graph_url = graph_url.rstrip("/")
         self._base = URL(self._graph_url)
         self._tokens = tokens
-        self._limit = max_concurrency_per_mailbox
         self._inline_max_s = inline_retry_max_wait_s
         self._max_attempts = max_attempts
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._backoff_base_s = backoff_base_s
         self._backoff_max_s = backoff_max_s
         self._sleep = sleep
-        self._monotonic = monotonic
         self._rng = rng or random.Random()  # noqa: S311  jitter, not security
-        self._gates: dict[str, _Gate] = {}
         #: Counts by outcome, for the metrics module: requests (HTTP calls made), succeeded,
         #: not_found, throttled (429/503/504 answers), retries (inline), unauthorized,
         #: delta_resets, errors (calls that ended in an exception), gate_waits (requests
         #: held back by a mailbox's Retry-After), gate_refusals (failed without a request).
         self.stats: Counter[str] = Counter()
+        self._gates = MailboxGates(
+            limit=max_concurrency_per_mailbox,
+            inline_max_s=inline_retry_max_wait_s,
+            stats=self.stats,
+            sleep=sleep,
+            monotonic=monotonic,
+        )
 
     # ---- events -----------------------------------------------------------------------------
 
@@ -502,46 +469,8 @@ class GraphClient:
         headers: CIMultiDict[str],
         json_body: Mapping[str, Any] | None,
     ) -> _Answer:
-        entry = self._gates.get(gate)
-        if entry is None:
-            entry = self._gates[gate] = _Gate(self._limit)
-        entry.users += 1
-        try:
-            async with entry.semaphore:
-                # Checked with the slot held: a Retry-After that arrived while this caller
-                # queued for the slot still applies, and no request overtakes the wait.
-                await self._wait_gate(entry, method=method, template=template)
-                return await self._request(method, url, headers=headers, json_body=json_body)
-        finally:
-            entry.users -= 1
-            if (
-                entry.users == 0
-                and entry.not_before <= self._monotonic()
-                and self._gates.get(gate) is entry
-            ):
-                del self._gates[gate]
-
-    async def _wait_gate(self, entry: _Gate, *, method: str, template: str) -> None:
-        """Wait until the mailbox's Retry-After has elapsed, or raise :class:`ThrottledError`
-        with the time left when that is longer than an inline retry may wait."""
-        counted = False
-        while (left_s := entry.not_before - self._monotonic()) > 0:
-            if left_s > self._inline_max_s:
-                self.stats["gate_refusals"] += 1
-                raise ThrottledError(
-                    f"Graph {method} {template}: mailbox throttled", retry_after_s=left_s
-                )
-            if not counted:
-                counted = True
-                self.stats["gate_waits"] += 1
-            await self._sleep(left_s)
-
-    def _close_gate(self, gate: str, wait_s: float) -> None:
-        """Graph asked the mailbox to wait ``wait_s``: no request of this client goes before."""
-        entry = self._gates.get(gate)
-        if entry is None:
-            entry = self._gates[gate] = _Gate(self._limit)
-        entry.not_before = max(entry.not_before, self._monotonic() + wait_s)
+        async with self._gates.passage(gate, method=method, template=template):
+            return await self._request(method, url, headers=headers, json_body=json_body)
 
     async def _request(
         self,
@@ -588,15 +517,8 @@ class GraphClient:
         ctx: dict[str, Any] = {"account_id": account_id, "method": method, "path": template}
         while True:
             attempt += 1
-            token = await self._tokens.access_token(account_id)
             request_id = str(uuid.uuid4())
-            headers: CIMultiDict[str] = CIMultiDict()
-            headers["Authorization"] = f"Bearer {token}"
-            headers["Accept"] = "application/json"
-            headers["client-request-id"] = request_id
-            headers["return-client-request-id"] = "true"
-            for value in prefer:  # one Prefer header per preference, as Graph's docs show them
-                headers.add("Prefer", value)
+            headers = _headers(await self._tokens.access_token(account_id), request_id, prefer)
             try:
                 answer = await self._send(
                     method, url, gate=gate, template=template, headers=headers, json_body=json_body
@@ -646,7 +568,7 @@ class GraphClient:
                 retry_after = parse_retry_after(answer.headers.get("Retry-After"))
                 wait_s = self._backoff_s(attempt) if retry_after is None else retry_after
                 if retry_after is not None:
-                    self._close_gate(gate, retry_after)
+                    self._gates.close(gate, retry_after)
                 if await self._retry_inline(
                     attempt,
                     wait_s,
@@ -690,6 +612,17 @@ class GraphClient:
             if status == 404:
                 raise ResourceNotFound(reason)
             raise PermanentError(reason)
+
+
+def _headers(token: str, request_id: str, prefer: Sequence[str]) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers["Authorization"] = f"Bearer {token}"
+    headers["Accept"] = "application/json"
+    headers["client-request-id"] = request_id
+    headers["return-client-request-id"] = "true"
+    for value in prefer:  # one Prefer header per preference, as Graph's docs show them
+        headers.add("Prefer", value)
+    return headers
 
 
 def _q(segment: str) -> str:

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from processor.interfaces import OutgoingMessage, Publisher, PublishError
+from handlers.errors import PublishError
+from handlers.ports import OutgoingMessage, Publisher
 from processor.logs import get_logger
 from processor.messages import changes_message
 from processor.topology import INBOUND_EXCHANGE

@@ -7,36 +7,19 @@ from datetime import datetime
 from typing import Any, Literal
 
 from handlers.messages import (
-    EVENT_CHANGE_SCHEMA,
     INBOUND_SCHEMA,
-    INBOUND_SEAL,
     LIFECYCLE_SCHEMA,
-    OUTBOUND_SEAL,
     b64,
-    event_change_body,
-    event_ref_aad,
-    legacy_event_ref_aad,
-    unb64,
 )
 from handlers.timeutil import isoformat_z
 
 __all__ = [
-    "EVENT_CHANGE_SCHEMA",
-    "INBOUND_SCHEMA",
-    "INBOUND_SEAL",
-    "LIFECYCLE_SCHEMA",
     "MAX_CHANGES_ITEMS",
-    "OUTBOUND_SEAL",
-    "b64",
     "change_message",
     "changes_message",
-    "event_change_body",
-    "event_ref_aad",
-    "legacy_event_ref_aad",
     "lifecycle_message",
     "resync_message",
     "split_changes",
-    "unb64",
 ]
 
 InboundKind = Literal["change", "changes", "resync"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from processor.interfaces import OutgoingMessage, Publisher
+from handlers.ports import OutgoingMessage, Publisher
+from handlers.routing import shard_routing_key
+from handlers.timeutil import utcnow
 from processor.messages import resync_message
-from processor.timeutil import utcnow
-from processor.topology import INBOUND_EXCHANGE, shard_routing_key
+from processor.topology import INBOUND_EXCHANGE
 
 
 class ResyncPublisher:

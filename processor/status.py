@@ -27,11 +27,11 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from pymongo.asynchronous.database import AsyncDatabase
 
 from contract.statuses import STATUSES
-from processor.balance import Registry
+from handlers.timeutil import as_utc, isoformat_z, utcnow
 from processor.broker import DEAD_LETTERED_HEADER
 from processor.lag import merge_reports, published_ms
 from processor.repositories.readings import OperatorReadings
-from processor.timeutil import as_utc, isoformat_z, utcnow
+from processor.repositories.workers import Registry
 from processor.topology import (
     DEAD_QUEUE,
     LIFECYCLE_QUEUE,

@@ -16,16 +16,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from crypto import CipherCache, DataCipher, Hasher, KeyRing
 from handlers.records import Account
 from processor.repositories.accounts import AccountRepository
-from processor.repositories.base import (
-    ERASURE_RESWEEPS,
-    EXPIRING_COLLECTIONS,
-    SCHEMA_VERSION,
-    Document,
-    aad,
-)
+from processor.repositories.base import Document
 from processor.repositories.erasures import ErasureResweeps
 from processor.repositories.keys import KeyRepository
-from processor.repositories.leases import LEASE_RELEASE_MARGIN, LeaseRepository
+from processor.repositories.leases import LeaseRepository
 from processor.repositories.renewals import RenewalStateRepository
 from processor.repositories.sign_in import FlowRepository, TenantRepository, UsedLinkRepository
 from processor.repositories.subscriptions import SubscriptionRepository
@@ -36,14 +30,7 @@ from subscriptions.consent import CONSENT_FLOWS
 from subscriptions.ports import AccountIdentity
 
 __all__ = [
-    "ERASURE_RESWEEPS",
-    "EXPIRING_COLLECTIONS",
-    "LEASE_RELEASE_MARGIN",
-    "SCHEMA_VERSION",
-    "AccountIdentity",
-    "Document",
     "Store",
-    "aad",
     "wait_for_database",
 ]
 

@@ -21,8 +21,7 @@ import msal
 import requests
 from requests.adapters import HTTPAdapter
 
-from processor.errors import ReauthorizationRequired as ReauthorizationRequired  # noqa: PLC0414
-from processor.errors import TransientError
+from handlers.errors import ReauthorizationRequired, TransientError
 from processor.graph import build_ssl_context
 from processor.logs import get_logger
 from processor.settings import ClientCertificate

@@ -16,10 +16,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 # The domain owns these names; the runtime's topology declares what they address.
-from handlers.routing import ONERELATION_INBOUND as ONERELATION_INBOUND  # noqa: PLC0414
-from handlers.routing import OUTBOUND_EXCHANGE as OUTBOUND_EXCHANGE  # noqa: PLC0414
-from handlers.routing import shard_of as shard_of  # noqa: PLC0414
-from handlers.routing import shard_routing_key as shard_routing_key  # noqa: PLC0414
+from handlers.routing import ONERELATION_INBOUND, OUTBOUND_EXCHANGE
 
 # Contract names (docs/contract.md §3).
 ONERELATION_OUTBOUND = "onerelation.outbound"

@@ -24,8 +24,10 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from contract.problems import IS_PROBLEM, PROBLEM_CONTENT_TYPE, json_error, problem_type
+from contract.problems import IS_PROBLEM, PROBLEM_CONTENT_TYPE, json_error
 from crypto import DataCipher, Hasher, seal_message
+from handlers.errors import AccountUnavailable, PublishError
+from handlers.messages import INBOUND_SEAL, event_ref_aad
 from handlers.notifications import (
     DEFAULT_MAX_ITEMS,
     AcceptedLifecycle,
@@ -35,29 +37,22 @@ from handlers.notifications import (
     check_lifecycle,
     parse_collection,
 )
-from processor.errors import AccountUnavailable
+from handlers.ports import OutgoingMessage, Publisher, SubscriptionLookup, SubscriptionRecord
+from handlers.routing import shard_routing_key
+from handlers.timeutil import utcnow
 from processor.group_commit import GroupCommitter
-from processor.interfaces import (
-    CipherSource,
-    OutgoingMessage,
-    Publisher,
-    PublishError,
-    SubscriptionLookup,
-    SubscriptionRecord,
-)
+from processor.interfaces import CipherSource
 from processor.logs import correlation, get_logger
-from processor.messages import INBOUND_SEAL, change_message, event_ref_aad, lifecycle_message
+from processor.messages import change_message, lifecycle_message
 from processor.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from processor.metrics import Metrics
 from processor.settings import Settings
-from processor.timeutil import utcnow
-from processor.topology import INBOUND_EXCHANGE, LIFECYCLE_EXCHANGE, shard_routing_key
+from processor.topology import INBOUND_EXCHANGE, LIFECYCLE_EXCHANGE
 
 __all__ = [
     "CORRELATION_HEADER",
     "CORRELATION_ID",
     "METRICS_KEY",
-    "PROBLEM_CONTENT_TYPE",
     "SETTINGS_KEY",
     "add_graph_routes",
     "add_health_routes",
@@ -65,9 +60,7 @@ __all__ = [
     "build_internal_app",
     "correlation_middleware",
     "error_middleware",
-    "json_error",
     "problem_middleware",
-    "problem_type",
 ]
 
 log = get_logger(__name__)

@@ -8,12 +8,13 @@ import re
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from contract.storage import SCHEMA_VERSION, aad
 from crypto import DataCipher, Hasher
+from handlers.errors import AccountUnavailable
 from handlers.records import Account
-from processor.errors import AccountUnavailable
-from processor.repositories.base import ERASURE_RESWEEPS, SCHEMA_VERSION, Document, aad
+from handlers.timeutil import utcnow
+from processor.repositories.base import ERASURE_RESWEEPS, Document
 from processor.repositories.keys import KeyRepository
-from processor.timeutil import utcnow
 from subscriptions.ports import AccountIdentity
 
 #: The fields the subscription manager decides an account from.

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from contract.storage import SCHEMA_VERSION, aad
-
-__all__ = ["ERASURE_RESWEEPS", "EXPIRING_COLLECTIONS", "SCHEMA_VERSION", "Document", "aad"]
+__all__ = ["ERASURE_RESWEEPS", "EXPIRING_COLLECTIONS", "Document"]
 
 #: Erased accounts waiting for their second sweep (``ErasureResweeps.resweep_due``).
 ERASURE_RESWEEPS = "erasure_resweeps"

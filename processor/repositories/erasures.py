@@ -9,10 +9,10 @@ import structlog
 from pymongo.asynchronous.database import AsyncDatabase
 
 from crypto import DecryptionError
+from handlers.timeutil import utcnow
 from processor.repositories.accounts import AccountRepository
 from processor.repositories.base import ERASURE_RESWEEPS, Document
 from processor.repositories.keys import KeyRepository
-from processor.timeutil import utcnow
 
 log = structlog.get_logger(__name__)
 

@@ -9,10 +9,11 @@ import structlog
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from contract.storage import SCHEMA_VERSION
 from crypto import CipherCache, DataCipher, DecryptionError, KeyRing, WrappedKey
-from processor.errors import AccountUnavailable, KeyUnreadable
-from processor.repositories.base import SCHEMA_VERSION, Document
-from processor.timeutil import utcnow
+from handlers.errors import AccountUnavailable, KeyUnreadable
+from handlers.timeutil import utcnow
+from processor.repositories.base import Document
 
 log = structlog.get_logger(__name__)
 

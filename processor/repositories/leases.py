@@ -10,8 +10,8 @@ from datetime import timedelta
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from handlers.timeutil import as_utc, utcnow
 from processor.repositories.base import EXPIRING_COLLECTIONS, Document
-from processor.timeutil import as_utc, utcnow
 
 #: A lease of ours with longer than this to live cannot change hands before we delete or
 #: extend it (clocks of the processes sharing leases are assumed to agree to well within

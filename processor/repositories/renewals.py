@@ -6,8 +6,8 @@ from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from handlers.timeutil import utcnow
 from processor.repositories.base import Document
-from processor.timeutil import utcnow
 
 RENEWAL_STATE_COLLECTION = "subscription_state"
 

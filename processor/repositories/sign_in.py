@@ -11,8 +11,9 @@ from datetime import datetime
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from processor.repositories.base import SCHEMA_VERSION, Document
-from processor.timeutil import utcnow
+from contract.storage import SCHEMA_VERSION
+from handlers.timeutil import utcnow
+from processor.repositories.base import Document
 from subscriptions.consent import TENANTS
 from subscriptions.links import USED_LINKS
 

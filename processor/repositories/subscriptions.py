@@ -7,11 +7,12 @@ from datetime import datetime
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from contract.storage import SCHEMA_VERSION, aad
 from crypto import Hasher
-from processor.interfaces import SubscriptionRecord
-from processor.repositories.base import SCHEMA_VERSION, Document, aad
+from handlers.ports import SubscriptionRecord
+from handlers.timeutil import utcnow
+from processor.repositories.base import Document
 from processor.repositories.keys import KeyRepository
-from processor.timeutil import utcnow
 
 #: What deciding a renewal needs of a record.
 _RENEWAL_FIELDS = {"account_id": 1, "expires_at": 1, "granted_at": 1}

@@ -7,9 +7,10 @@ from typing import Any, Final
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from contract.storage import aad
 from crypto import DataCipher
-from processor.repositories.base import Document, aad
-from processor.timeutil import utcnow
+from handlers.timeutil import utcnow
+from processor.repositories.base import Document
 
 SYNC_STATE: Final = "sync_state"
 

@@ -8,9 +8,10 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from processor.repositories.base import Document, aad
+from contract.storage import aad
+from handlers.timeutil import utcnow
+from processor.repositories.base import Document
 from processor.repositories.keys import KeyRepository
-from processor.timeutil import utcnow
 
 
 def _token_cache_id(account_id: str, version: int) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from processor.timeutil import as_utc, utcnow
+from handlers.timeutil import as_utc, utcnow
 
 #: The heartbeat documents (``expires_at`` is swept like every other expiring record).
 WORKERS: Final = "workers"

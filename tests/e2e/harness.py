@@ -20,6 +20,9 @@ import aio_pika
 from crypto import generate_master_key_spec
 from graphsim.client import SimControl
 from graphsim.server import SimConfig, Simulator
+from handlers.ports import OutgoingMessage
+from handlers.routing import shard_routing_key
+from handlers.timeutil import isoformat_z, utcnow
 from processor.app import (
     Runtime,
     build_runtime,
@@ -30,12 +33,10 @@ from processor.app import (
     worker_role,
 )
 from processor.devsignin import sign_in_headless
-from processor.interfaces import OutgoingMessage
 from processor.messages import resync_message
 from processor.settings import Settings, load_settings
-from processor.timeutil import isoformat_z, utcnow
 from processor.tokens import MsalApps
-from processor.topology import INBOUND_EXCHANGE, ONERELATION_INBOUND_QUEUE, shard_routing_key
+from processor.topology import INBOUND_EXCHANGE, ONERELATION_INBOUND_QUEUE
 from processor.verify import diff_account, expected_events
 from subscriptions.manager import SubscriptionManager
 from subscriptions.registration import create_subscription, register_account

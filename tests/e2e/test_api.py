@@ -12,8 +12,9 @@ from urllib.parse import quote
 import pytest
 
 from handlers.records import CONTRACT_EVENT_FIELDS
-from processor.timeutil import isoformat_z, parse_graph_datetime
-from processor.topology import INBOUND_QUEUE, shard_of
+from handlers.routing import shard_of
+from handlers.timeutil import isoformat_z, parse_graph_datetime
+from processor.topology import INBOUND_QUEUE
 from tests.e2e.harness import Stack, api, browser_connect, eventually, running_stack
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from processor.timeutil import isoformat_z
+from handlers.timeutil import isoformat_z
 from tests.e2e.harness import (
     Stack,
     converged,

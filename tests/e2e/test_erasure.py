@@ -12,9 +12,10 @@ from urllib.parse import quote
 import pytest
 from bson import Binary
 
+from contract.storage import aad
 from crypto import CipherCache, DataCipher, DecryptionError, KeyRing, WrappedKey
-from processor.errors import AccountUnavailable
-from processor.store import Store, aad
+from handlers.errors import AccountUnavailable
+from processor.store import Store
 from subscriptions.connect import CONNECT_FLOWS
 from tests.e2e.harness import (
     Stack,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from processor.timeutil import isoformat_z
+from handlers.timeutil import isoformat_z
 from processor.verify import diff_account, plaintext_findings, sensitive_values
 from tests.e2e.harness import (
     WINDOW_END,

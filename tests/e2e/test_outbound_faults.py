@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from handlers.timezones import event_time_to_utc
 from processor.broker import REASON_HEADER
-from processor.timezones import event_time_to_utc
 from processor.topology import DEAD_QUEUE
 from tests.e2e.harness import Stack, eventually, running_stack
 from tests.e2e.outbound_support import message, publish_outbound, relation_event

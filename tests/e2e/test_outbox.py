@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from handlers.timeutil import utcnow
 from processor.announce import OutboxRelay
-from processor.timeutil import utcnow
 from tests.e2e.harness import eventually, running_stack
 
 pytestmark = pytest.mark.e2e

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
+from handlers.ports import OutgoingMessage
+from handlers.timeutil import parse_graph_datetime
 from processor.devsignin import sign_in_headless
-from processor.interfaces import OutgoingMessage
 from processor.messages import lifecycle_message
-from processor.timeutil import parse_graph_datetime
 from processor.tokens import MsalApps
 from processor.topology import LIFECYCLE_EXCHANGE
 from subscriptions.registration import register_account

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from processor.timeutil import isoformat_z
+from handlers.timeutil import isoformat_z
 from processor.verify import diff_account, expected_events
 from tests.e2e.harness import eventually, running_stack
 from tests.e2e.processes import RoleProcess

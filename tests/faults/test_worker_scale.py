@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from processor.topology import shard_of
+from handlers.routing import shard_of
 from tests.e2e.harness import Stack, running_stack
 from tests.e2e.outbound_support import message, relation_event
 from tests.e2e.processes import RoleProcess

@@ -9,9 +9,9 @@ from datetime import timedelta
 from pymongo.asynchronous.database import AsyncDatabase
 
 from crypto import Hasher, KeyRing, generate_master_key_spec, parse_master_keys
+from handlers.timeutil import utcnow
 from processor.event_store import EventStore
 from processor.store import Store
-from processor.timeutil import utcnow
 
 USER_ID = "6d2b7e10-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
 TENANT_ID = "0c9d8e7f-6a5b-4c3d-2e1f-0a9b8c7d6e5f"

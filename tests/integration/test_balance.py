@@ -19,17 +19,14 @@ import aio_pika
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from processor.balance import Balancer, Registry, assign
-from processor.broker import ConfirmPublisher, Outcome
+from handlers.outcome import Outcome
+from handlers.routing import shard_routing_key
+from processor.balance import Balancer, assign
+from processor.broker import ConfirmPublisher
 from processor.consumer import Delivery, ShardConsumer
 from processor.metrics import Metrics
-from processor.topology import (
-    INBOUND_EXCHANGE,
-    TopologyConfig,
-    declare_topology,
-    shard_queue_names,
-    shard_routing_key,
-)
+from processor.repositories.workers import Registry
+from processor.topology import INBOUND_EXCHANGE, TopologyConfig, declare_topology, shard_queue_names
 
 pytestmark = pytest.mark.integration
 

@@ -13,6 +13,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from handlers.outcome import Outcome
 from processor.broker import (
     MAX_PARKED_S,
     PARK_JITTER_FRACTION,
@@ -21,7 +22,6 @@ from processor.broker import (
     REASON_HEADER,
     RETRIES_HEADER,
     ConfirmPublisher,
-    Outcome,
     park_delay_s,
 )
 from processor.consumer import Delivery, ShardConsumer

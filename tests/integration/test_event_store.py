@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from processor.event_store import Change
+from handlers.records import Change
 from tests.integration.support import make_store
 
 pytestmark = pytest.mark.integration

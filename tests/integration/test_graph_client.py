@@ -15,14 +15,9 @@ from aiohttp import web
 
 from graphsim.client import SimControl
 from graphsim.server import SimConfig, Simulator
-from processor.errors import TransientError
-from processor.graph import (
-    DeltaPage,
-    DeltaResetRequired,
-    GraphClient,
-    build_ssl_context,
-    create_http_session,
-)
+from handlers.errors import DeltaResetRequired, TransientError
+from handlers.records import DeltaPage
+from processor.graph import GraphClient, build_ssl_context, create_http_session
 from processor.tokens import MsalApps, MsalTokenProvider, initiate_flow_async, redeem_auth_code
 
 ACCOUNT = "acc-ann"

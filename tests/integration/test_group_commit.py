@@ -17,10 +17,13 @@ from aiohttp.test_utils import TestServer
 from pymongo.asynchronous.database import AsyncDatabase
 
 from handlers.inbound import validate_inbound
+from handlers.messages import INBOUND_SCHEMA
+from handlers.outcome import Outcome
+from handlers.routing import shard_of
 from processor import broker as broker_mod
-from processor.broker import REASON_HEADER, ConfirmPublisher, Outcome
+from processor.broker import REASON_HEADER, ConfirmPublisher
 from processor.consumer import Delivery, ShardConsumer
-from processor.messages import INBOUND_SCHEMA, changes_message, split_changes
+from processor.messages import changes_message, split_changes
 from processor.metrics import Metrics
 from processor.settings import Settings
 from processor.topology import (
@@ -28,7 +31,6 @@ from processor.topology import (
     INBOUND_EXCHANGE,
     TopologyConfig,
     declare_topology,
-    shard_of,
     shard_queue_names,
 )
 from processor.web import build_app

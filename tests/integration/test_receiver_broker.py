@@ -14,11 +14,12 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pymongo.asynchronous.database import AsyncDatabase
 
+from handlers.routing import shard_routing_key
 from processor import broker as broker_mod
 from processor.broker import ConfirmPublisher
 from processor.metrics import Metrics
 from processor.settings import Settings
-from processor.topology import TopologyConfig, declare_topology, shard_routing_key
+from processor.topology import TopologyConfig, declare_topology
 from processor.web import build_app
 from tests.integration.support import make_store, notification, seed_account
 from tests.support.tcpproxy import TCPProxy

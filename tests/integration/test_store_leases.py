@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from processor.store import LEASE_RELEASE_MARGIN
-from processor.timeutil import utcnow
+from handlers.timeutil import utcnow
+from processor.repositories.leases import LEASE_RELEASE_MARGIN
 from tests.integration.support import make_store
 
 pytestmark = pytest.mark.integration

@@ -18,13 +18,12 @@ from structlog.testing import capture_logs
 
 from graphsim.client import SimControl
 from graphsim.server import SimConfig, Simulator
-from processor.errors import TransientError
+from handlers.errors import ReauthorizationRequired, TransientError
 from processor.graph import GraphClient, build_ssl_context
 from processor.tokens import (
     DEFAULT_SCOPES,
     MsalApps,
     MsalTokenProvider,
-    ReauthorizationRequired,
     initiate_flow_async,
     redeem_auth_code,
 )

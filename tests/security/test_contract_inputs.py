@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers.outbound_validation import InvalidMessage, validate_message
+from handlers.outbound import InvalidMessage, validate_message
 from tests.e2e.harness import api, running_stack
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,8 @@ import aiohttp
 import jwt
 import pytest
 
-from processor.topology import INBOUND_QUEUE, LIFECYCLE_QUEUE, shard_of
+from handlers.routing import shard_of
+from processor.topology import INBOUND_QUEUE, LIFECYCLE_QUEUE
 from processor.web import BODY_READ_TIMEOUT_S
 from tests.e2e.harness import Stack, mint_link, running_stack
 from tests.security.support import (

@@ -9,7 +9,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from graphsim.client import SimControl
-from processor.errors import PermanentError
+from handlers.errors import PermanentError
 from processor.graph import GraphClient
 from tests.integration.test_graph_client import (  # noqa: F401  pytest fixtures
     ACCOUNT,

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from pymongo.asynchronous.database import AsyncDatabase
 from structlog.testing import capture_logs
 
-from processor.interfaces import OutgoingMessage, SubscriptionRecord
+from handlers.ports import OutgoingMessage, SubscriptionRecord
 from processor.metrics import Metrics
 from processor.settings import Settings
 from processor.store import Store

@@ -13,9 +13,10 @@ import aio_pika
 import pytest
 
 from crypto import seal_message
+from handlers.routing import shard_of
 from processor.broker import REASON_HEADER
 from processor.messages import change_message
-from processor.topology import DEAD_QUEUE, INBOUND_QUEUE, OUTBOUND_QUEUE, shard_of
+from processor.topology import DEAD_QUEUE, INBOUND_QUEUE, OUTBOUND_QUEUE
 from tests.e2e.harness import Stack, eventually, running_stack
 from tests.e2e.outbound_support import message, publish_outbound, relation_event
 

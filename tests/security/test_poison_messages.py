@@ -11,16 +11,16 @@ from typing import Any
 import aio_pika
 import pytest
 
+from handlers.routing import shard_of
+from handlers.timeutil import utcnow
 from processor.broker import ORIGIN_QUEUE_HEADER, REASON_HEADER
 from processor.messages import lifecycle_message
-from processor.timeutil import utcnow
 from processor.topology import (
     DEAD_QUEUE,
     INBOUND_QUEUE,
     LIFECYCLE_QUEUE,
     OUTBOUND_INTAKE_QUEUE,
     OUTBOUND_QUEUE,
-    shard_of,
 )
 from tests.conftest import RabbitAdmin
 from tests.e2e.harness import Stack, eventually, running_stack

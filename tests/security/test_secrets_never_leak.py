@@ -29,12 +29,12 @@ import aiohttp
 import pytest
 import structlog
 
+from handlers.routing import ONERELATION_INBOUND
 from processor.broker import ORIGIN_QUEUE_HEADER
 from processor.logs import configure_logging
 from processor.topology import (
     DEAD_QUEUE,
     LIFECYCLE_QUEUE,
-    ONERELATION_INBOUND,
     OUTBOUND_INTAKE_QUEUE,
     RETRY_DELAYS_S,
     RETRY_QUEUE,

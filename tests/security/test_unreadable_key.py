@@ -12,11 +12,12 @@ import aiohttp
 import pytest
 
 from crypto import KeyRing, WrappedKey, generate_master_key_spec, parse_master_keys
+from handlers.routing import shard_of
 from processor.app import build_runtime
 from processor.broker import REASON_HEADER
 from processor.operations import rotate_keys
 from processor.settings import SettingsError
-from processor.topology import DEAD_QUEUE, INBOUND_QUEUE, OUTBOUND_INTAKE_QUEUE, shard_of
+from processor.topology import DEAD_QUEUE, INBOUND_QUEUE, OUTBOUND_INTAKE_QUEUE
 from tests.e2e.harness import Stack, eventually, running_stack
 from tests.e2e.outbound_support import message, publish_outbound, relation_event
 

@@ -39,10 +39,11 @@ from pymongo import AsyncMongoClient
 
 from crypto import CipherCache, Hasher, KeyRing
 from graphsim.client import SimControl
+from handlers.timeutil import isoformat_z
 from processor.event_store import EventStore
+from processor.repositories.base import Document
 from processor.settings import Settings
-from processor.store import Document, Store
-from processor.timeutil import isoformat_z
+from processor.store import Store
 from processor.topology import DEAD_QUEUE, ONERELATION_INBOUND_QUEUE, ONERELATION_OUTBOUND
 from processor.verify import Diff, diff_account, expected_events
 from tests.support.nodes import RabbitNode

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import aio_pika
 
 from contract import ROUTING_SCHEMAS, load_schema, validator_for
+from handlers.routing import ONERELATION_INBOUND
 from processor.broker import ConfirmPublisher
-from processor.topology import ONERELATION_INBOUND
 
 
 @dataclass

@@ -18,7 +18,7 @@ from contract import (
     openapi_document,
     validator_for,
 )
-from handlers.outbound_validation import validate_message
+from handlers.outbound import validate_message
 from handlers.records import CONTRACT_EVENT_FIELDS, KEPT_FIELDS
 from processor.api import event_for_api
 

@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from handlers.decisions import Version, is_newer, plan_update
-from handlers.outbound_validation import FIELD_GROUPS
+from handlers.decisions import FIELD_GROUPS, Version, is_newer, plan_update
 
 BASE = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 times = st.integers(min_value=0, max_value=10_000).map(lambda ms: BASE + timedelta(milliseconds=ms))

@@ -23,7 +23,7 @@ from handlers.notifications import (
     check_lifecycle,
     parse_collection,
 )
-from processor.interfaces import SubscriptionRecord
+from handlers.ports import SubscriptionRecord
 
 T = TypeVar("T")
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from handlers.messages import INBOUND_SCHEMA
 from processor.consumer import inbound_lag_s
-from processor.messages import INBOUND_SCHEMA
 from processor.metrics import Metrics
 from subscriptions.schedule import expiry_summary
 

@@ -7,9 +7,9 @@ from datetime import timedelta
 from typing import Any
 
 from handlers.errors import PermanentError, ReauthorizationRequired, ThrottledError
-from handlers.outbound import OutboundHandler, Reporter, _shard_body, transaction_id
-from handlers.outbound_validation import OutboundChange
+from handlers.outbound import OutboundChange, OutboundHandler, _shard_body, transaction_id
 from handlers.outcome import Action, Outcome
+from handlers.reports import Reporter
 from tests.unit.fakes import (
     ACCOUNT,
     NOW,

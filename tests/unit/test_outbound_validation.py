@@ -1,4 +1,4 @@
-"""Validation of 1Relation's outbound messages (handlers.outbound_validation), by example and by property."""
+"""Validation of 1Relation's outbound messages (handlers.outbound validate_message), by example and by property."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from handlers.outbound_validation import (
+from handlers.outbound import (
     MAX_ATTENDEES,
     MAX_SUBJECT,
     SCHEMA,
@@ -19,7 +19,7 @@ from handlers.outbound_validation import (
     OutboundChange,
     validate_message,
 )
-from processor.timezones import windows_name
+from handlers.timezones import windows_name
 
 # Distinctive content: a rejection reason must never repeat any of it.
 SECRET_SUBJECT = "Confidential merger talk 7f3e91c2"

@@ -17,12 +17,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
 from crypto import DataCipher, Hasher, seal_valid
-from processor.errors import AccountUnavailable
-from processor.interfaces import OutgoingMessage, PublishError, SubscriptionRecord
-from processor.messages import INBOUND_SEAL, event_ref_aad, unb64
+from handlers.errors import AccountUnavailable, PublishError
+from handlers.messages import INBOUND_SEAL, event_ref_aad, unb64
+from handlers.ports import OutgoingMessage, SubscriptionRecord
+from handlers.routing import shard_routing_key
 from processor.metrics import Metrics
 from processor.settings import Settings
-from processor.topology import INBOUND_EXCHANGE, LIFECYCLE_EXCHANGE, shard_routing_key
+from processor.topology import INBOUND_EXCHANGE, LIFECYCLE_EXCHANGE
 from processor.web import build_app, build_internal_app
 
 HASHER = Hasher(b"w" * 32)
