@@ -26,7 +26,7 @@ services:
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check processor subscriptions handlers crypto contract
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 unit: venv

@@ -29,18 +29,30 @@ from .client import SimControl
 
 async def _token(http: aiohttp.ClientSession, state: dict[str, str]) -> str:
     verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()) \
-        .rstrip(b"=").decode()
+    challenge = (
+        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    )
     redirect = "http://localhost/cb"
-    params = {"client_id": state["client_id"], "response_type": "code",
-              "redirect_uri": redirect, "scope": "Calendars.ReadWrite User.Read",
-              "code_challenge": challenge, "code_challenge_method": "S256"}
-    async with http.get(f"{state['authority']}/oauth2/v2.0/authorize", params=params,
-                        allow_redirects=False) as resp:
+    params = {
+        "client_id": state["client_id"],
+        "response_type": "code",
+        "redirect_uri": redirect,
+        "scope": "Calendars.ReadWrite User.Read",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    async with http.get(
+        f"{state['authority']}/oauth2/v2.0/authorize", params=params, allow_redirects=False
+    ) as resp:
         code = parse_qs(urlsplit(resp.headers["Location"]).query)["code"][0]
-    form = {"grant_type": "authorization_code", "client_id": state["client_id"],
-            "client_secret": state["client_secret"], "code": code, "redirect_uri": redirect,
-            "code_verifier": verifier}
+    form = {
+        "grant_type": "authorization_code",
+        "client_id": state["client_id"],
+        "client_secret": state["client_secret"],
+        "code": code,
+        "redirect_uri": redirect,
+        "code_verifier": verifier,
+    }
     async with http.post(f"{state['authority']}/oauth2/v2.0/token", data=form) as resp:
         return str((await resp.json())["access_token"])
 
@@ -48,21 +60,33 @@ async def _token(http: aiohttp.ClientSession, state: dict[str, str]) -> str:
 async def _bench(concurrency: int, duration_s: float, keep_limits: bool) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "graphsim", "--port", "0", "--state-dir", tmp,
-            stdout=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "graphsim",
+            "--port",
+            "0",
+            "--state-dir",
+            tmp,
+            stdout=asyncio.subprocess.PIPE,
+        )
         try:
             assert proc.stdout is not None
             state = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
             ctx = ssl.create_default_context(cafile=state["ca_file"])
             async with SimControl(state["base_url"], Path(state["ca_file"])) as ctl:
                 if not keep_limits:
-                    await ctl.set_faults(max_concurrent_per_mailbox=100_000,
-                                         mailbox_budget=10_000_000)
+                    await ctl.set_faults(
+                        max_concurrent_per_mailbox=100_000, mailbox_budget=10_000_000
+                    )
                 ann = state["users"][0]["id"]
-                event = await ctl.create_event(ann, {
-                    "subject": "bench", "start": {"dateTime": "2026-12-03T09:00:00",
-                                                  "timeZone": "UTC"},
-                    "end": {"dateTime": "2026-12-03T10:00:00", "timeZone": "UTC"}})
+                event = await ctl.create_event(
+                    ann,
+                    {
+                        "subject": "bench",
+                        "start": {"dateTime": "2026-12-03T09:00:00", "timeZone": "UTC"},
+                        "end": {"dateTime": "2026-12-03T10:00:00", "timeZone": "UTC"},
+                    },
+                )
             connector = aiohttp.TCPConnector(ssl=ctx, limit=concurrency)
             async with aiohttp.ClientSession(connector=connector, trust_env=False) as http:
                 token = await _token(http, state)
@@ -86,8 +110,10 @@ async def _bench(concurrency: int, duration_s: float, keep_limits: bool) -> dict
             latencies.sort()
             total = sum(statuses.values())
             return {
-                "route": "GET /v1.0/me/events/{id}", "concurrency": concurrency,
-                "duration_s": round(elapsed, 2), "requests": total,
+                "route": "GET /v1.0/me/events/{id}",
+                "concurrency": concurrency,
+                "duration_s": round(elapsed, 2),
+                "requests": total,
                 "rps": round(total / elapsed, 1),
                 "rps_2xx": round(sum(v for k, v in statuses.items() if k < 300) / elapsed, 1),
                 "statuses": dict(statuses),
@@ -105,8 +131,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m graphsim._bench")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--keep-limits", action="store_true",
-                        help="keep the 4-concurrent-per-mailbox limit (most requests get 429)")
+    parser.add_argument(
+        "--keep-limits",
+        action="store_true",
+        help="keep the 4-concurrent-per-mailbox limit (most requests get 429)",
+    )
     args = parser.parse_args()
     result = asyncio.run(_bench(args.concurrency, args.duration, args.keep_limits))
     sys.stdout.write(json.dumps(result) + "\n")

@@ -101,14 +101,21 @@ class ControlApi:
     async def create_user(self, request: web.Request) -> web.Response:
         body = await self._json(request)
         user = self.sim.store.add_user(
-            body["displayName"], upn=body.get("userPrincipalName"),
-            tenant_id=body.get("tenantId"), user_id=body.get("id"), mail=body.get("mail"))
+            body["displayName"],
+            upn=body.get("userPrincipalName"),
+            tenant_id=body.get("tenantId"),
+            user_id=body.get("id"),
+            mail=body.get("mail"),
+        )
         return _ok(user.to_json(), 201)
 
     async def create_tenant(self, request: web.Request) -> web.Response:
         body = await self._json(request)
-        tenant = self.sim.store.add_tenant(body.get("id"), body.get("domain", "fabrikam.example"),
-                                           body.get("displayName", "Fabrikam"))
+        tenant = self.sim.store.add_tenant(
+            body.get("id"),
+            body.get("domain", "fabrikam.example"),
+            body.get("displayName", "Fabrikam"),
+        )
         tenant.consented = bool(body.get("consented", True))
         return _ok(tenant.to_json(), 201)
 
@@ -148,7 +155,8 @@ class ControlApi:
         if user is None:
             raise GraphError(404, "ErrorInvalidUser", "unknown user")
         result: dict[str, Any] = self.sim.identity.revoke_user(
-            user.id, access_tokens=bool(body.get("accessTokens", False)))
+            user.id, access_tokens=bool(body.get("accessTokens", False))
+        )
         if body.get("removeSubscriptions"):
             result["subscriptions_removed"] = self.sim.subs.remove_user_subscriptions(user.id)
         return _ok(result)
@@ -160,8 +168,12 @@ class ControlApi:
 
     async def list_events(self, request: web.Request) -> web.Response:
         uid = self._user_id(request)
-        return _ok([self._render(self.sim.store.instance(r, None), request)
-                    for r in self.sim.store.list_events(uid)])
+        return _ok(
+            [
+                self._render(self.sim.store.instance(r, None), request)
+                for r in self.sim.store.list_events(uid)
+            ]
+        )
 
     async def calendar_view(self, request: web.Request) -> web.Response:
         uid = self._user_id(request)
@@ -176,8 +188,9 @@ class ControlApi:
 
     async def update_event(self, request: web.Request) -> web.Response:
         uid = self._user_id(request)
-        record, orig = self.sim.store.update_event(uid, request.match_info["eid"],
-                                                   await self._json(request))
+        record, orig = self.sim.store.update_event(
+            uid, request.match_info["eid"], await self._json(request)
+        )
         return _ok(self._render(self.sim.store.instance(record, orig), request))
 
     async def delete_event(self, request: web.Request) -> web.Response:
@@ -198,12 +211,16 @@ class ControlApi:
             prefix = gen.get("subjectPrefix", "Event")
             for n in range(int(gen["count"])):
                 s = start + n * spacing
-                events.append({
-                    "subject": f"{prefix} {n}",
-                    "start": {"dateTime": s.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
-                    "end": {"dateTime": (s + duration).strftime("%Y-%m-%dT%H:%M:%S"),
-                            "timeZone": "UTC"},
-                })
+                events.append(
+                    {
+                        "subject": f"{prefix} {n}",
+                        "start": {"dateTime": s.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
+                        "end": {
+                            "dateTime": (s + duration).strftime("%Y-%m-%dT%H:%M:%S"),
+                            "timeZone": "UTC",
+                        },
+                    }
+                )
         immutable = request.query.get("immutable") == "1"
         ids = []
         for event in events:
@@ -224,9 +241,11 @@ class ControlApi:
         since = int(request.query.get("since", 0))
         kind = request.query.get("kind")
         sub = request.query.get("subscriptionId")
-        out = [d for d in self.sim.delivery.log[since:]
-               if (kind is None or d["kind"] == kind)
-               and (sub is None or sub in d["subscription_ids"])]
+        out = [
+            d
+            for d in self.sim.delivery.log[since:]
+            if (kind is None or d["kind"] == kind) and (sub is None or sub in d["subscription_ids"])
+        ]
         return _ok(out)
 
     async def idle(self, request: web.Request) -> web.Response:

@@ -37,21 +37,25 @@ class _UrlQueue:
     items: deque[QueuedItem] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     slots: asyncio.Semaphore = field(
-        default_factory=lambda: asyncio.Semaphore(MAX_PARALLEL_POSTS_PER_URL))
+        default_factory=lambda: asyncio.Semaphore(MAX_PARALLEL_POSTS_PER_URL)
+    )
     worker: asyncio.Task[None] | None = None
 
 
 def validation_token() -> str:
     """A token shaped like Graph's: a sentence, not a JWT."""
-    return ("Validation: Testing client application reachability for subscription "
-            f"Request-Id: {uuid.uuid4()}")
+    return (
+        "Validation: Testing client application reachability for subscription "
+        f"Request-Id: {uuid.uuid4()}"
+    )
 
 
 class DeliveryEngine:
     """One queue and worker per notificationUrl; every attempt is recorded in `log`."""
 
-    def __init__(self, *, clock: SimClock, faults: Faults,
-                 ssl_context: ssl.SSLContext | bool = True) -> None:
+    def __init__(
+        self, *, clock: SimClock, faults: Faults, ssl_context: ssl.SSLContext | bool = True
+    ) -> None:
         self.clock = clock
         self.faults = faults
         self._ssl = ssl_context
@@ -107,8 +111,9 @@ class DeliveryEngine:
 
     # ---- enqueueing ------------------------------------------------------------------------
 
-    def enqueue(self, url: str, subscription_id: str, item: dict[str, Any], kind: str,
-                delay_s: float = 0.0) -> None:
+    def enqueue(
+        self, url: str, subscription_id: str, item: dict[str, Any], kind: str, delay_s: float = 0.0
+    ) -> None:
         """Queue one notification item for `url`, after `delay_s` (plus any reorder fault)."""
         queued = QueuedItem(subscription_id, item, kind, self.clock.now_s())
         self._pending[id(queued)] = queued
@@ -199,17 +204,27 @@ class DeliveryEngine:
                 oldest = min(b.enqueued_sim_s for b in batch)
                 if self.clock.now_s() - oldest >= self.faults.delivery_max_age_s:
                     self._forget(batch)
-                    self.log.append({"seq": len(self.log) + 1, "url": url, "kind": "dropped",
-                                     "attempt": attempt, "status": None, "delivered": False,
-                                     "sim_time": self.clock.now_s(), "real_time": time.time(),
-                                     "items": [b.item for b in batch],
-                                     "subscription_ids": sorted({b.subscription_id
-                                                                 for b in batch})})
+                    self.log.append(
+                        {
+                            "seq": len(self.log) + 1,
+                            "url": url,
+                            "kind": "dropped",
+                            "attempt": attempt,
+                            "status": None,
+                            "delivered": False,
+                            "sim_time": self.clock.now_s(),
+                            "real_time": time.time(),
+                            "items": [b.item for b in batch],
+                            "subscription_ids": sorted({b.subscription_id for b in batch}),
+                        }
+                    )
                     if self.on_dropped:
                         self.on_dropped([b for b in batch if b.kind == "change"])
                     return
-                backoff = min(self.faults.delivery_retry_base_s * 2 ** (attempt - 1),
-                              self.faults.delivery_retry_cap_s)
+                backoff = min(
+                    self.faults.delivery_retry_base_s * 2 ** (attempt - 1),
+                    self.faults.delivery_retry_cap_s,
+                )
                 await asyncio.sleep(backoff * self.faults.rng.uniform(0.8, 1.0))
         finally:
             slots.release()
@@ -223,7 +238,8 @@ class DeliveryEngine:
         started = time.monotonic()
         try:
             async with self._session.post(
-                URL(url, encoded=True), json=body,
+                URL(url, encoded=True),
+                json=body,
                 timeout=aiohttp.ClientTimeout(total=self.faults.delivery_timeout_s),
             ) as resp:
                 status = resp.status
@@ -233,15 +249,22 @@ class DeliveryEngine:
         except aiohttp.ClientError as exc:
             error = f"{type(exc).__name__}: {exc}"
         delivered = status is not None and 200 <= status < 300
-        self.log.append({
-            "seq": len(self.log) + 1, "url": url,
-            "kind": "lifecycle" if batch[0].kind == "lifecycle" else "change",
-            "attempt": attempt, "status": status, "error": error, "delivered": delivered,
-            "duration_ms": round((time.monotonic() - started) * 1000, 1),
-            "sim_time": self.clock.now_s(), "real_time": time.time(),
-            "items": body["value"],
-            "subscription_ids": sorted({b.subscription_id for b in batch}),
-        })
+        self.log.append(
+            {
+                "seq": len(self.log) + 1,
+                "url": url,
+                "kind": "lifecycle" if batch[0].kind == "lifecycle" else "change",
+                "attempt": attempt,
+                "status": status,
+                "error": error,
+                "delivered": delivered,
+                "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                "sim_time": self.clock.now_s(),
+                "real_time": time.time(),
+                "items": body["value"],
+                "subscription_ids": sorted({b.subscription_id for b in batch}),
+            }
+        )
         return delivered
 
     # ---- validation handshake --------------------------------------------------------------
@@ -257,7 +280,9 @@ class DeliveryEngine:
         reason = ""
         try:
             async with self._session.post(
-                target, data=b"", headers={"Content-Type": "text/plain; charset=utf-8"},
+                target,
+                data=b"",
+                headers={"Content-Type": "text/plain; charset=utf-8"},
                 timeout=aiohttp.ClientTimeout(total=self.faults.validation_timeout_s),
             ) as resp:
                 status = resp.status
@@ -273,11 +298,21 @@ class DeliveryEngine:
             reason = "timeout"
         except aiohttp.ClientError as exc:
             reason = f"{type(exc).__name__}: {exc}"
-        self.log.append({
-            "seq": len(self.log) + 1, "url": url, "kind": "validation", "attempt": 1,
-            "status": status, "error": reason or None, "delivered": not reason,
-            "duration_ms": round((time.monotonic() - started) * 1000, 1),
-            "sim_time": self.clock.now_s(), "real_time": time.time(), "items": [],
-            "subscription_ids": [], "token": token,
-        })
+        self.log.append(
+            {
+                "seq": len(self.log) + 1,
+                "url": url,
+                "kind": "validation",
+                "attempt": 1,
+                "status": status,
+                "error": reason or None,
+                "delivered": not reason,
+                "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                "sim_time": self.clock.now_s(),
+                "real_time": time.time(),
+                "items": [],
+                "subscription_ids": [],
+                "token": token,
+            }
+        )
         return not reason, reason

@@ -36,8 +36,11 @@ class PageSet:
 
 
 def _encode(data: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(data, separators=(",", ":")).encode()) \
-        .decode().rstrip("=")
+    return (
+        base64.urlsafe_b64encode(json.dumps(data, separators=(",", ":")).encode())
+        .decode()
+        .rstrip("=")
+    )
 
 
 def _decode(token: str) -> dict[str, Any]:
@@ -78,25 +81,40 @@ class DeltaEngine:
     @staticmethod
     def _fail(mode: str, restart_url: str) -> GraphError:
         if mode == "gone":
-            return GraphError(410, "resyncRequired",
-                              "The delta token is no longer valid; restart with a full sync.",
-                              headers={"Location": restart_url})
-        return GraphError(400, "syncStateNotFound",
-                          "The sync state generation is not found. The delta token expired.")
+            return GraphError(
+                410,
+                "resyncRequired",
+                "The delta token is no longer valid; restart with a full sync.",
+                headers={"Location": restart_url},
+            )
+        return GraphError(
+            400,
+            "syncStateNotFound",
+            "The sync state generation is not found. The delta token expired.",
+        )
 
     def _snapshot(self, user_id: str, ws: dt.datetime, we: dt.datetime) -> SyncState:
         current = self.store.calendar_view(user_id, ws, we)
-        state = SyncState(id=uuid.uuid4().hex, user_id=user_id, ws=ws, we=we,
-                          seq=self.store.mailbox(user_id).seq,
-                          versions={i.ikey: i.version for i in current})
+        state = SyncState(
+            id=uuid.uuid4().hex,
+            user_id=user_id,
+            ws=ws,
+            we=we,
+            seq=self.store.mailbox(user_id).seq,
+            versions={i.ikey: i.version for i in current},
+        )
         self.states[state.id] = state
         return state
 
     def initial(self, user_id: str, ws: dt.datetime, we: dt.datetime) -> PageSet:
         """First round: every instance in the window."""
         state = self._snapshot(user_id, ws, we)
-        pages = PageSet(id=uuid.uuid4().hex, user_id=user_id,
-                        entries=[("item", k) for k in state.versions], next_state=state.id)
+        pages = PageSet(
+            id=uuid.uuid4().hex,
+            user_id=user_id,
+            entries=[("item", k) for k in state.versions],
+            next_state=state.id,
+        )
         self.pages[pages.id] = pages
         return pages
 
@@ -109,8 +127,7 @@ class DeltaEngine:
         data = _decode(token)
         old = self.states.get(str(data.get("s")))
         if old is None or old.user_id != user_id:
-            raise GraphError(400, "syncStateNotFound",
-                             "The sync state generation is not found.")
+            raise GraphError(400, "syncStateNotFound", "The sync state generation is not found.")
         if old.expired:
             raise self._fail(old.expired, restart_url)
         new = self._snapshot(user_id, old.ws, old.we)
@@ -118,7 +135,8 @@ class DeltaEngine:
         seen: set[InstanceKey] = set()
         for key, version in new.versions.items():
             replay = bool(self.faults.delta_replay) and (
-                self.faults.rng.random() < self.faults.delta_replay)
+                self.faults.rng.random() < self.faults.delta_replay
+            )
             if old.versions.get(key) != version or replay:
                 entries.append(("item", key))
                 seen.add(key)
@@ -135,8 +153,7 @@ class DeltaEngine:
                     # As documented: out-of-window changes also arrive as @removed.
                     entries.append(("removed", key))
                     seen.add(key)
-        pages = PageSet(id=uuid.uuid4().hex, user_id=user_id, entries=entries,
-                        next_state=new.id)
+        pages = PageSet(id=uuid.uuid4().hex, user_id=user_id, entries=entries, next_state=new.id)
         self.pages[pages.id] = pages
         return pages
 

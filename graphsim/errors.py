@@ -24,7 +24,10 @@ class GraphError(Exception):
 
 
 def graph_error_response(
-    status: int, code: str, message: str, request_id: str | None = None,
+    status: int,
+    code: str,
+    message: str,
+    request_id: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     """`{"error": {"code", "message", "innerError": {date, request-id, client-request-id}}}`."""

@@ -31,7 +31,9 @@ PREFER_IMMUTABLE = re.compile(r'IdType\s*=\s*"?ImmutableId"?', re.IGNORECASE)
 EXPAND_EXT = re.compile(r"^singleValueExtendedProperties\(\$filter=(.+)\)$", re.IGNORECASE)
 FILTER_EXT = re.compile(
     r"^singleValueExtendedProperties/any\(\s*(\w+)\s*:\s*\1/id\s+eq\s+'([^']*)'"
-    r"(?:\s+and\s+\1/value\s+eq\s+'([^']*)')?\s*\)$", re.IGNORECASE)
+    r"(?:\s+and\s+\1/value\s+eq\s+'([^']*)')?\s*\)$",
+    re.IGNORECASE,
+)
 SELECT_MAP = {name.lower(): name for name in SELECTABLE}
 DEFAULT_PAGE = 10
 MAX_TOP = 1000
@@ -81,26 +83,41 @@ class Counters:
     retry_after_recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200))
 
     def to_json(self) -> dict[str, Any]:
-        return {"total": self.total, "by_kind": dict(self.by_kind),
-                "by_mailbox": dict(self.by_mailbox), "by_status": dict(self.by_status),
-                "throttled_429": self.throttled_429, "unavailable_503": self.unavailable_503,
-                "retry_after_violations": self.retry_after_violations,
-                "retry_after_violations_by_mailbox": dict(self.retry_after_violations_by_mailbox),
-                "retry_after_within_grace": self.retry_after_within_grace,
-                "retry_after_recent": list(self.retry_after_recent),
-                "recent": list(self.recent), "patch_fields": list(self.patch_fields)}
+        return {
+            "total": self.total,
+            "by_kind": dict(self.by_kind),
+            "by_mailbox": dict(self.by_mailbox),
+            "by_status": dict(self.by_status),
+            "throttled_429": self.throttled_429,
+            "unavailable_503": self.unavailable_503,
+            "retry_after_violations": self.retry_after_violations,
+            "retry_after_violations_by_mailbox": dict(self.retry_after_violations_by_mailbox),
+            "retry_after_within_grace": self.retry_after_within_grace,
+            "retry_after_recent": list(self.retry_after_recent),
+            "recent": list(self.recent),
+            "patch_fields": list(self.patch_fields),
+        }
 
 
 def _deny() -> GraphError:
-    return GraphError(403, "ErrorAccessDenied",
-                      "Access is denied. Check credentials and try again.")
+    return GraphError(
+        403, "ErrorAccessDenied", "Access is denied. Check credentials and try again."
+    )
 
 
 class GraphApi:
     """Dispatches /v1.0/... with auth, throttling and fault injection in front."""
 
-    def __init__(self, *, store: Store, identity: Identity, subs: SubscriptionManager,
-                 delta: DeltaEngine, faults: Faults, clock: SimClock) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        identity: Identity,
+        subs: SubscriptionManager,
+        delta: DeltaEngine,
+        faults: Faults,
+        clock: SimClock,
+    ) -> None:
         self.store = store
         self.identity = identity
         self.subs = subs
@@ -145,8 +162,7 @@ class GraphApi:
         if mailbox and resp.status in (429, 503, 504):
             self._watch_answer(app_id, mailbox, resp.headers.get("Retry-After"))
         resp.headers.setdefault("request-id", rid)
-        resp.headers.setdefault("client-request-id",
-                                request.headers.get("client-request-id", rid))
+        resp.headers.setdefault("client-request-id", request.headers.get("client-request-id", rid))
         c = self.counters
         c.total += 1
         c.by_kind[kind] += 1
@@ -157,9 +173,16 @@ class GraphApi:
             c.throttled_429 += 1
         if resp.status == 503:
             c.unavailable_503 += 1
-        c.recent.append({"method": request.method, "path": request.path, "kind": kind,
-                         "mailbox": mailbox, "status": resp.status,
-                         "sim_time": self.clock.now_s()})
+        c.recent.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "kind": kind,
+                "mailbox": mailbox,
+                "status": resp.status,
+                "sim_time": self.clock.now_s(),
+            }
+        )
         return resp
 
     def _watch_arrival(
@@ -179,10 +202,15 @@ class GraphApi:
             return
         c.retry_after_violations += 1
         c.retry_after_violations_by_mailbox[mailbox] += 1
-        c.retry_after_recent.append({
-            "mailbox": mailbox, "kind": kind, "method": method,
-            "after_answer_s": round(arrived - answered, 4),
-            "early_by_s": round(until - arrived, 4)})
+        c.retry_after_recent.append(
+            {
+                "mailbox": mailbox,
+                "kind": kind,
+                "method": method,
+                "after_answer_s": round(arrived - answered, 4),
+                "early_by_s": round(until - arrived, 4),
+            }
+        )
 
     def _watch_answer(self, app_id: str, mailbox: str, retry_after: str | None) -> None:
         """Remember until when a throttled answer told the mailbox's client to wait."""
@@ -203,17 +231,23 @@ class GraphApi:
         key = (ctx.app_id, mailbox)
         if mailbox:
             if self._in_flight[key] >= self.faults.max_concurrent_per_mailbox:
-                raise GraphError(429, "ApplicationThrottled",
-                                 "Application is over its MailboxConcurrency limit.",
-                                 headers={"Retry-After": self.faults.throttle_retry_after})
+                raise GraphError(
+                    429,
+                    "ApplicationThrottled",
+                    "Application is over its MailboxConcurrency limit.",
+                    headers={"Retry-After": self.faults.throttle_retry_after},
+                )
             window = self._budget.setdefault(key, deque())
             now = self.clock.now_s()
             while window and window[0] <= now - self.faults.mailbox_budget_window_s:
                 window.popleft()
             if len(window) >= self.faults.mailbox_budget:
-                raise GraphError(429, "ApplicationThrottled",
-                                 "Application is over its MailboxRequests limit.",
-                                 headers={"Retry-After": self.faults.throttle_retry_after})
+                raise GraphError(
+                    429,
+                    "ApplicationThrottled",
+                    "Application is over its MailboxRequests limit.",
+                    headers={"Retry-After": self.faults.throttle_retry_after},
+                )
             window.append(now)
         random_faults = self.faults.random_faults_apply(kind)
         rate_429 = self.faults.random_429_rate
@@ -221,16 +255,26 @@ class GraphApi:
             low = self.faults.random_429_retry_after_min_s
             high = max(low, self.faults.random_429_retry_after_max_s)
             wait_s = self.faults.rng.uniform(low, high)
-            raise GraphError(429, "TooManyRequests",
-                             "Too many requests; retry after the time in Retry-After.",
-                             headers={"Retry-After": f"{wait_s:.3f}"})
-        if (random_faults and self.faults.random_503_rate
-                and self.faults.rng.random() < self.faults.random_503_rate):
+            raise GraphError(
+                429,
+                "TooManyRequests",
+                "Too many requests; retry after the time in Retry-After.",
+                headers={"Retry-After": f"{wait_s:.3f}"},
+            )
+        if (
+            random_faults
+            and self.faults.random_503_rate
+            and self.faults.rng.random() < self.faults.random_503_rate
+        ):
             headers = {}
             if self.faults.random_503_retry_after and self.faults.rng.random() < 0.5:
                 headers["Retry-After"] = self.faults.random_503_retry_after
-            raise GraphError(503, "serviceNotAvailable",
-                             "The service is temporarily unavailable.", headers=headers)
+            raise GraphError(
+                503,
+                "serviceNotAvailable",
+                "The service is temporarily unavailable.",
+                headers=headers,
+            )
         if mailbox:
             self._in_flight[key] += 1
         try:
@@ -268,10 +312,17 @@ class GraphApi:
             except TimeZoneError:
                 tz_name = "UTC"  # Graph ignores a zone it does not know and answers in UTC
         page = PREFER_PAGE.search(prefer)
-        return Ctx(request=request, claims=claims, app_id=claims["appid"],
-                   tenant_id=claims["tid"], user=user,
-                   immutable=bool(PREFER_IMMUTABLE.search(prefer)), tz_name=tz_name,
-                   page_size=int(page.group(1)) if page else None, base=self.graph_url)
+        return Ctx(
+            request=request,
+            claims=claims,
+            app_id=claims["appid"],
+            tenant_id=claims["tid"],
+            user=user,
+            immutable=bool(PREFER_IMMUTABLE.search(prefer)),
+            tz_name=tz_name,
+            page_size=int(page.group(1)) if page else None,
+            base=self.graph_url,
+        )
 
     # ---- routing ---------------------------------------------------------------------------
 
@@ -279,17 +330,22 @@ class GraphApi:
         head = segs[0].lower()
         if head == "me":
             if ctx.user is None:
-                raise GraphError(400, "BadRequest", "/me request is only valid with delegated "
-                                 "authentication flow.")
+                raise GraphError(
+                    400,
+                    "BadRequest",
+                    "/me request is only valid with delegated authentication flow.",
+                )
             return ctx.user, segs[1:]
         if head == "users" and len(segs) >= 2:
             user = self.store.find_user(segs[1])
             if user is None or user.tenant_id != ctx.tenant_id:
-                raise GraphError(404, "ErrorInvalidUser",
-                                 f"The requested user '{segs[1]}' is invalid.")
+                raise GraphError(
+                    404, "ErrorInvalidUser", f"The requested user '{segs[1]}' is invalid."
+                )
             return user, segs[2:]
-        raise GraphError(400, "BadRequest", "Resource not found for the segment "
-                         f"'{segs[0] if segs else ''}'.")
+        raise GraphError(
+            400, "BadRequest", f"Resource not found for the segment '{segs[0] if segs else ''}'."
+        )
 
     def _route(self, ctx: Ctx, method: str, segs: list[str]) -> tuple[str, User | None, Any]:
         low = [s.lower() for s in segs]
@@ -302,25 +358,40 @@ class GraphApi:
                 raise GraphError(405, "Request_BadRequest", "Method not allowed.")
             if low == ["me"]:
                 if ctx.user is None:
-                    raise GraphError(400, "BadRequest", "/me request is only valid with "
-                                     "delegated authentication flow.")
+                    raise GraphError(
+                        400,
+                        "BadRequest",
+                        "/me request is only valid with delegated authentication flow.",
+                    )
                 target: User | None = ctx.user
             else:
                 target = self.store.find_user(segs[1])
                 if target is None or target.tenant_id != ctx.tenant_id:
-                    raise GraphError(404, "Request_ResourceNotFound",
-                                     f"Resource '{segs[1]}' does not exist or one of its "
-                                     "queried reference-property objects are not present.")
+                    raise GraphError(
+                        404,
+                        "Request_ResourceNotFound",
+                        f"Resource '{segs[1]}' does not exist or one of its "
+                        "queried reference-property objects are not present.",
+                    )
             assert target is not None
             perms = ctx.perms()
-            if ctx.delegated and target.id != ctx.user.id and not (  # type: ignore[union-attr]
-                    perms & {"User.ReadBasic.All", "User.Read.All"}):
-                raise GraphError(403, "Authorization_RequestDenied",
-                                 "Insufficient privileges to complete the operation.")
+            if (
+                ctx.delegated
+                and target.id != ctx.user.id
+                and not (  # type: ignore[union-attr]
+                    perms & {"User.ReadBasic.All", "User.Read.All"}
+                )
+            ):
+                raise GraphError(
+                    403,
+                    "Authorization_RequestDenied",
+                    "Insufficient privileges to complete the operation.",
+                )
             profile = target.to_graph()
 
             async def get_user() -> web.Response:
                 return self._json(profile)
+
             return "user.get", None, get_user
         user, rest = self._mailbox(ctx, segs)
         rest_low = [s.lower() for s in rest]
@@ -351,8 +422,9 @@ class GraphApi:
             if method == "GET":
                 return "calendarView.delta", user, lambda: self.delta_view(ctx, user)
         else:
-            raise GraphError(400, "BadRequest",
-                             f"Resource not found for the segment '{'/'.join(rest)}'.")
+            raise GraphError(
+                400, "BadRequest", f"Resource not found for the segment '{'/'.join(rest)}'."
+            )
         raise GraphError(405, "ErrorInvalidRequest", f"The {method} method is not allowed here.")
 
     def _check_mailbox_access(self, ctx: Ctx, user: User, write: bool) -> None:
@@ -366,8 +438,11 @@ class GraphApi:
             raise _deny()
 
     def _route_subs(self, ctx: Ctx, method: str, segs: list[str]) -> tuple[str, None, Any]:
-        ident = {"app_id": ctx.app_id, "tenant_id": ctx.tenant_id,
-                 "user_id": ctx.user.id if ctx.user else None}
+        ident = {
+            "app_id": ctx.app_id,
+            "tenant_id": ctx.tenant_id,
+            "user_id": ctx.user.id if ctx.user else None,
+        }
         perms = ctx.perms()
         if not perms & {"Calendars.Read", "Calendars.ReadWrite"}:
             raise _deny()
@@ -375,8 +450,10 @@ class GraphApi:
         async def create() -> web.Response:
             creator = ctx.user.id if ctx.user else self.identity.service_principal_id
             body = await self._body(ctx)
-            return self._json(await self.subs.create(
-                body, creator_id=creator, immutable=ctx.immutable, **ident), 201)
+            return self._json(
+                await self.subs.create(body, creator_id=creator, immutable=ctx.immutable, **ident),
+                201,
+            )
 
         async def update(sid: str) -> web.Response:
             return self._json(await self.subs.update(sid, await self._body(ctx), **ident))
@@ -415,10 +492,12 @@ class GraphApi:
     # ---- helpers ---------------------------------------------------------------------------
 
     @staticmethod
-    def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
-              ) -> web.Response:
-        return web.Response(status=status, text=json.dumps(body),
-                            content_type="application/json", headers=headers)
+    def _json(
+        body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        return web.Response(
+            status=status, text=json.dumps(body), content_type="application/json", headers=headers
+        )
 
     @staticmethod
     async def _body(ctx: Ctx) -> Any:
@@ -440,8 +519,12 @@ class GraphApi:
         for name in raw.split(","):
             canon = SELECT_MAP.get(name.strip().lower())
             if canon is None:
-                raise GraphError(400, "RequestBroken", f"Could not find a property named "
-                                 f"'{name.strip()}' on type 'microsoft.graph.event'.")
+                raise GraphError(
+                    400,
+                    "RequestBroken",
+                    f"Could not find a property named "
+                    f"'{name.strip()}' on type 'microsoft.graph.event'.",
+                )
             out.add(canon)
         return out
 
@@ -451,33 +534,49 @@ class GraphApi:
             return None
         match = EXPAND_EXT.match(raw.strip())
         if not match:
-            raise GraphError(400, "BadRequest", f"Unsupported $expand '{raw}'; use "
-                             "singleValueExtendedProperties($filter=id eq '...').")
+            raise GraphError(
+                400,
+                "BadRequest",
+                f"Unsupported $expand '{raw}'; use "
+                "singleValueExtendedProperties($filter=id eq '...').",
+            )
         ids = re.findall(r"id\s+eq\s+'([^']*)'", match.group(1), re.IGNORECASE)
         if not ids:
-            raise GraphError(400, "BadRequest", "$expand of extended properties needs a $filter "
-                             "on id.")
+            raise GraphError(
+                400, "BadRequest", "$expand of extended properties needs a $filter on id."
+            )
         return {i.lower() for i in ids}
 
     def _render(self, ctx: Ctx, inst: Instance, *, select: bool = True) -> dict[str, Any]:
-        return self.store.render(inst, immutable=ctx.immutable, tz_name=ctx.tz_name,
-                                 select=self._select(ctx) if select else None,
-                                 expand_ext=self._expand(ctx))
+        return self.store.render(
+            inst,
+            immutable=ctx.immutable,
+            tz_name=ctx.tz_name,
+            select=self._select(ctx) if select else None,
+            expand_ext=self._expand(ctx),
+        )
 
     def _window(self, ctx: Ctx) -> tuple[Any, Any]:
         q = self._query(ctx)
         if "startdatetime" not in q or "enddatetime" not in q:
-            raise GraphError(400, "ErrorInvalidParameter",
-                             "This request requires a time window specified by the query "
-                             "string parameters StartDateTime and EndDateTime.")
+            raise GraphError(
+                400,
+                "ErrorInvalidParameter",
+                "This request requires a time window specified by the query "
+                "string parameters StartDateTime and EndDateTime.",
+            )
         try:
             ws, we = parse_query_instant(q["startdatetime"]), parse_query_instant(q["enddatetime"])
         except ValueError as exc:
-            raise GraphError(400, "ErrorInvalidParameter",
-                             "The value of startDateTime or endDateTime is invalid.") from exc
+            raise GraphError(
+                400,
+                "ErrorInvalidParameter",
+                "The value of startDateTime or endDateTime is invalid.",
+            ) from exc
         if we < ws:
-            raise GraphError(400, "ErrorInvalidParameter",
-                             "endDateTime must not be before startDateTime.")
+            raise GraphError(
+                400, "ErrorInvalidParameter", "endDateTime must not be before startDateTime."
+            )
         return ws, we
 
     def _top_skip(self, ctx: Ctx) -> tuple[int, int]:
@@ -500,18 +599,19 @@ class GraphApi:
         """A nextLink/deltaLink as sent: under ``foreign_link_origin`` when that fault is on."""
         foreign = self.faults.foreign_link_origin
         if foreign and url.startswith(self.graph_url):
-            return foreign.rstrip("/") + url[len(self.graph_url):]
+            return foreign.rstrip("/") + url[len(self.graph_url) :]
         return url
 
     def _self_url(self, ctx: Ctx) -> str:
         path = ctx.request.path
-        return self.graph_url + path[len("/v1.0"):]
+        return self.graph_url + path[len("/v1.0") :]
 
     def _paged(self, ctx: Ctx, items: list[Any]) -> web.Response:
         """A page of dicts or Instances (rendered lazily), with @odata.nextLink."""
         top, skip = self._top_skip(ctx)
-        value = [self._render(ctx, i) if isinstance(i, Instance) else i
-                 for i in items[skip:skip + top]]
+        value = [
+            self._render(ctx, i) if isinstance(i, Instance) else i for i in items[skip : skip + top]
+        ]
         body: dict[str, Any] = {"@odata.context": f"{self.graph_url}/$metadata", "value": value}
         if skip + top < len(items):
             body["@odata.nextLink"] = self._next_link(ctx, skip + top)
@@ -528,16 +628,24 @@ class GraphApi:
         if raw_filter:
             match = FILTER_EXT.match(raw_filter.strip())
             if not match:
-                raise GraphError(400, "ErrorInvalidUrlQueryFilter",
-                                 "graphsim supports only singleValueExtendedProperties/any(ep: "
-                                 "ep/id eq '...' and ep/value eq '...') in $filter.")
+                raise GraphError(
+                    400,
+                    "ErrorInvalidUrlQueryFilter",
+                    "graphsim supports only singleValueExtendedProperties/any(ep: "
+                    "ep/id eq '...' and ep/value eq '...') in $filter.",
+                )
             pid, pval = match.group(2).lower(), match.group(3)
-            records = [r for r in records if pid in r.ext_props
-                       and (pval is None or r.ext_props[pid][1] == pval)]
+            records = [
+                r
+                for r in records
+                if pid in r.ext_props and (pval is None or r.ext_props[pid][1] == pval)
+            ]
         top, skip = self._top_skip(ctx)
-        page = [self._render(ctx, self.store.instance(r, None)) for r in records[skip:skip + top]]
-        body: dict[str, Any] = {"@odata.context": f"{self.graph_url}/$metadata#users('{user.id}')"
-                                                  "/events", "value": page}
+        page = [self._render(ctx, self.store.instance(r, None)) for r in records[skip : skip + top]]
+        body: dict[str, Any] = {
+            "@odata.context": f"{self.graph_url}/$metadata#users('{user.id}')/events",
+            "value": page,
+        }
         if skip + top < len(records):
             body["@odata.nextLink"] = self._next_link(ctx, skip + top)
         return self._json(body)
@@ -550,8 +658,9 @@ class GraphApi:
         body = await self._body(ctx)
         record, _ = self.store.create_event(user.id, body)
         out = self._render(ctx, self.store.instance(record, None), select=False)
-        return self._json(out, 201, {"Location": f"{self.graph_url}/users/{user.id}/events/"
-                                                 f"{out['id']}"})
+        return self._json(
+            out, 201, {"Location": f"{self.graph_url}/users/{user.id}/events/{out['id']}"}
+        )
 
     async def update_event(self, ctx: Ctx, user: User, eid: str) -> web.Response:
         body = await self._body(ctx)
@@ -567,8 +676,11 @@ class GraphApi:
     async def instances(self, ctx: Ctx, user: User, eid: str) -> web.Response:
         record, orig = self.store.resolve(user.id, eid)
         if orig is not None or not record.is_master:
-            raise GraphError(400, "ErrorInvalidRequest",
-                             "The instances of an event can be listed only for a series master.")
+            raise GraphError(
+                400,
+                "ErrorInvalidRequest",
+                "The instances of an event can be listed only for a series master.",
+            )
         ws, we = self._window(ctx)
         items = sorted(self.store.expand(record, ws, we), key=lambda i: i.start)
         return self._paged(ctx, items)
@@ -581,8 +693,11 @@ class GraphApi:
         q = self._query(ctx)
         for banned in ("$select", "$expand", "$filter", "$orderby", "$search"):
             if banned in q:
-                raise GraphError(400, "ErrorInvalidUrlQuery",
-                                 f"The query parameter '{banned}' is not supported with delta.")
+                raise GraphError(
+                    400,
+                    "ErrorInvalidUrlQuery",
+                    f"The query parameter '{banned}' is not supported with delta.",
+                )
         self_url = self._self_url(ctx)
         size = ctx.page_size or DEFAULT_PAGE
         if "$skiptoken" in q:
@@ -600,28 +715,44 @@ class GraphApi:
             ws, we = self._window(ctx)
             pages = self.delta.initial(user.id, ws, we)
             offset = 0
-        chunk = pages.entries[offset:offset + size]
+        chunk = pages.entries[offset : offset + size]
         value = []
         for what, (key, orig) in chunk:
             record = self.store.mailbox(user.id).events.get(key)
-            alive = (record is not None and not record.deleted
-                     and (orig is None or self.store.occurrence_exists(record, orig)))
+            alive = (
+                record is not None
+                and not record.deleted
+                and (orig is None or self.store.occurrence_exists(record, orig))
+            )
             if what == "item" and alive:
                 assert record is not None
-                value.append(self.store.render(self.store.instance(record, orig),
-                                               immutable=ctx.immutable, tz_name=ctx.tz_name))
+                value.append(
+                    self.store.render(
+                        self.store.instance(record, orig),
+                        immutable=ctx.immutable,
+                        tz_name=ctx.tz_name,
+                    )
+                )
             else:
-                value.append({"@odata.type": "#microsoft.graph.event",
-                              "id": make_id(key, orig, immutable=ctx.immutable),
-                              "@removed": {"reason": "deleted"}})
-        body: dict[str, Any] = {"@odata.context": f"{self.graph_url}/$metadata#Collection(event)",
-                                "value": value}
+                value.append(
+                    {
+                        "@odata.type": "#microsoft.graph.event",
+                        "id": make_id(key, orig, immutable=ctx.immutable),
+                        "@removed": {"reason": "deleted"},
+                    }
+                )
+        body: dict[str, Any] = {
+            "@odata.context": f"{self.graph_url}/$metadata#Collection(event)",
+            "value": value,
+        }
         if offset + size < len(pages.entries):
             body["@odata.nextLink"] = self._link(
-                f"{self_url}?$skiptoken={self.delta.skiptoken(pages, offset + size)}")
+                f"{self_url}?$skiptoken={self.delta.skiptoken(pages, offset + size)}"
+            )
         else:
             body["@odata.deltaLink"] = self._link(
-                f"{self_url}?$deltatoken={self.delta.deltatoken(pages)}")
+                f"{self_url}?$deltatoken={self.delta.deltatoken(pages)}"
+            )
         headers = {"Preference-Applied": f"odata.maxpagesize={size}"}
         if ctx.tz_name != "UTC":
             headers["Preference-Applied"] += f', outlook.timezone="{ctx.tz_name}"'

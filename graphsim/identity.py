@@ -72,9 +72,17 @@ class IdentityState:
 class Identity:
     """Issues and checks tokens for one registered app across the simulator's tenants."""
 
-    def __init__(self, *, store: Store, clock: SimClock, client_id: str, client_secret: str,
-                 delegated_scopes: list[str], app_roles: list[str],
-                 access_token_lifetime_s: int) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        clock: SimClock,
+        client_id: str,
+        client_secret: str,
+        delegated_scopes: list[str],
+        app_roles: list[str],
+        access_token_lifetime_s: int,
+    ) -> None:
         self.store = store
         self.clock = clock
         self.client_id = client_id
@@ -95,9 +103,13 @@ class Identity:
             return None
         tenant = self.store.find_tenant(segment)
         if tenant is None:
-            raise AadError(400, "invalid_request", 90002,
-                           f"Tenant '{segment}' not found. Check to make sure you have the "
-                           "correct tenant ID and are signing into the correct cloud.")
+            raise AadError(
+                400,
+                "invalid_request",
+                90002,
+                f"Tenant '{segment}' not found. Check to make sure you have the "
+                "correct tenant ID and are signing into the correct cloud.",
+            )
         return tenant
 
     def issuer(self, segment: str) -> str:
@@ -110,14 +122,28 @@ class Identity:
 
     def jwks(self) -> dict[str, Any]:
         numbers = self.key.public_key().public_numbers()
+
         def enc(n: int) -> str:
             return _b64url(n.to_bytes((n.bit_length() + 7) // 8, "big"))
-        return {"keys": [{"kty": "RSA", "use": "sig", "kid": self.kid, "x5t": self.kid,
-                          "n": enc(numbers.n), "e": enc(numbers.e), "alg": "RS256"}]}
+
+        return {
+            "keys": [
+                {
+                    "kty": "RSA",
+                    "use": "sig",
+                    "kid": self.kid,
+                    "x5t": self.kid,
+                    "n": enc(numbers.n),
+                    "e": enc(numbers.e),
+                    "alg": "RS256",
+                }
+            ]
+        }
 
     def _sign(self, claims: dict[str, Any]) -> str:
-        return jwt.encode(claims, self.key, algorithm="RS256",
-                          headers={"kid": self.kid, "typ": "JWT"})
+        return jwt.encode(
+            claims, self.key, algorithm="RS256", headers={"kid": self.kid, "typ": "JWT"}
+        )
 
     def _check_client(self, form: dict[str, str], request: web.Request) -> None:
         client_id = form.get("client_id")
@@ -128,22 +154,34 @@ class Identity:
                 raw = base64.b64decode(auth[6:].strip()).decode()
                 basic_id, _, basic_secret = raw.partition(":")
             except (ValueError, UnicodeDecodeError) as exc:
-                raise AadError(401, "invalid_client", 7000215,
-                               "Invalid client secret provided.") from exc
+                raise AadError(
+                    401, "invalid_client", 7000215, "Invalid client secret provided."
+                ) from exc
             client_id = client_id or basic_id
             secret = secret or basic_secret
         if client_id != self.client_id:
-            raise AadError(400, "unauthorized_client", 700016,
-                           f"Application with identifier '{client_id}' was not found in the "
-                           "directory.")
+            raise AadError(
+                400,
+                "unauthorized_client",
+                700016,
+                f"Application with identifier '{client_id}' was not found in the directory.",
+            )
         if not secret:
-            raise AadError(401, "invalid_client", 7000218,
-                           "The request body must contain the following parameter: "
-                           "'client_assertion' or 'client_secret'.")
+            raise AadError(
+                401,
+                "invalid_client",
+                7000218,
+                "The request body must contain the following parameter: "
+                "'client_assertion' or 'client_secret'.",
+            )
         if not hmac.compare_digest(secret.encode(), self.client_secret.encode()):
-            raise AadError(401, "invalid_client", 7000215,
-                           "Invalid client secret provided. Ensure the secret being sent in the "
-                           "request is the client secret value, not the client secret ID.")
+            raise AadError(
+                401,
+                "invalid_client",
+                7000215,
+                "Invalid client secret provided. Ensure the secret being sent in the "
+                "request is the client secret value, not the client secret ID.",
+            )
 
     def _split_scopes(self, scope: str) -> tuple[list[str], list[str]]:
         """(graph scopes as short names, oidc scopes) of a requested scope string."""
@@ -156,13 +194,17 @@ class Identity:
             short = item
             for prefix in (GRAPH_AUDIENCE + "/", GRAPH_APP_ID + "/"):
                 if item.lower().startswith(prefix):
-                    short = item[len(prefix):]
+                    short = item[len(prefix) :]
             if short == ".default":
                 graph.extend(s for s in self.delegated_scopes if s not in graph)
             elif "/" in short or ":" in short:
-                raise AadError(400, "invalid_scope", 70011,
-                               f"The provided value for the input parameter 'scope' is not "
-                               f"valid. The scope '{item}' is not valid.")
+                raise AadError(
+                    400,
+                    "invalid_scope",
+                    70011,
+                    f"The provided value for the input parameter 'scope' is not "
+                    f"valid. The scope '{item}' is not valid.",
+                )
             elif short not in graph:
                 graph.append(short)
         return graph, oidc
@@ -173,36 +215,71 @@ class Identity:
         now = int(self.clock.now_s())
         uti = _b64url(secrets.token_bytes(16))
         claims: dict[str, Any] = {
-            "aud": GRAPH_AUDIENCE, "iss": f"https://sts.windows.net/{tenant.id}/",
-            "iat": now, "nbf": now, "exp": now + self.access_token_lifetime_s,
-            "appid": self.client_id, "app_displayname": "m365sync", "tid": tenant.id,
-            "uti": uti, "ver": "1.0",
+            "aud": GRAPH_AUDIENCE,
+            "iss": f"https://sts.windows.net/{tenant.id}/",
+            "iat": now,
+            "nbf": now,
+            "exp": now + self.access_token_lifetime_s,
+            "appid": self.client_id,
+            "app_displayname": "m365sync",
+            "tid": tenant.id,
+            "uti": uti,
+            "ver": "1.0",
         }
         if user is not None:
-            claims.update({"oid": user.id, "sub": user.id, "scp": " ".join(scopes),
-                           "upn": user.upn, "unique_name": user.upn, "name": user.display_name,
-                           "idtyp": "user"})
+            claims.update(
+                {
+                    "oid": user.id,
+                    "sub": user.id,
+                    "scp": " ".join(scopes),
+                    "upn": user.upn,
+                    "unique_name": user.upn,
+                    "name": user.display_name,
+                    "idtyp": "user",
+                }
+            )
             self.state.access_tokens[uti] = user.id
         else:
-            claims.update({"oid": self.service_principal_id, "sub": self.service_principal_id,
-                           "roles": list(self.app_roles), "idtyp": "app"})
+            claims.update(
+                {
+                    "oid": self.service_principal_id,
+                    "sub": self.service_principal_id,
+                    "roles": list(self.app_roles),
+                    "idtyp": "app",
+                }
+            )
             self.state.access_tokens[uti] = "app"
         return self._sign(claims)
 
     def _id_token(self, *, user: User, segment: str, nonce: str | None) -> str:
         now = int(self.clock.now_s())
         claims: dict[str, Any] = {
-            "ver": "2.0", "iss": self.issuer(segment), "aud": self.client_id,
+            "ver": "2.0",
+            "iss": self.issuer(segment),
+            "aud": self.client_id,
             "sub": _b64url(hashlib.sha256(f"{self.client_id}:{user.id}".encode()).digest()),
-            "oid": user.id, "tid": user.tenant_id, "iat": now, "nbf": now, "exp": now + 3600,
-            "preferred_username": user.upn, "name": user.display_name,
+            "oid": user.id,
+            "tid": user.tenant_id,
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "preferred_username": user.upn,
+            "name": user.display_name,
         }
         if nonce:
             claims["nonce"] = nonce
         return self._sign(claims)
 
-    def _delegated_response(self, *, user: User, scopes: list[str], oidc: list[str],
-                            segment: str, nonce: str | None, client_info: bool) -> dict[str, Any]:
+    def _delegated_response(
+        self,
+        *,
+        user: User,
+        scopes: list[str],
+        oidc: list[str],
+        segment: str,
+        nonce: str | None,
+        client_info: bool,
+    ) -> dict[str, Any]:
         tenant = self.store.tenants[user.tenant_id]
         body: dict[str, Any] = {
             "token_type": "Bearer",
@@ -214,27 +291,37 @@ class Identity:
         if "offline_access" in oidc:
             rt = _b64url(secrets.token_bytes(48))
             self.state.refresh_tokens[rt] = RefreshToken(
-                user_id=user.id, client_id=self.client_id, scopes=scopes + oidc,
-                tenant_segment=segment, expires_s=self.clock.now_s() + REFRESH_LIFETIME_S)
+                user_id=user.id,
+                client_id=self.client_id,
+                scopes=scopes + oidc,
+                tenant_segment=segment,
+                expires_s=self.clock.now_s() + REFRESH_LIFETIME_S,
+            )
             body["refresh_token"] = rt
         if "openid" in oidc:
             body["id_token"] = self._id_token(user=user, segment=segment, nonce=nonce)
         if client_info:
             body["client_info"] = _b64url(
-                json.dumps({"uid": user.id, "utid": user.tenant_id}).encode())
+                json.dumps({"uid": user.id, "utid": user.tenant_id}).encode()
+            )
         return body
 
     def verify_access_token(self, token: str) -> dict[str, Any]:
         """Claims of a Graph access token this simulator issued; GraphError 401 otherwise."""
+
         def fail(message: str) -> GraphError:
             return GraphError(401, "InvalidAuthenticationToken", message)
+
         try:
             claims: dict[str, Any] = jwt.decode(
-                token, self.key.public_key(), algorithms=["RS256"], audience=GRAPH_AUDIENCE,
-                options={"verify_exp": False, "verify_nbf": False, "verify_iat": False})
+                token,
+                self.key.public_key(),
+                algorithms=["RS256"],
+                audience=GRAPH_AUDIENCE,
+                options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
+            )
         except jwt.InvalidTokenError as exc:
-            raise fail("Access token validation failure. Invalid audience or signature.") \
-                from exc
+            raise fail("Access token validation failure. Invalid audience or signature.") from exc
         if claims["exp"] <= self.clock.now_s():
             raise fail("Lifetime validation failed, the token is expired.")
         if claims.get("uti") in self.state.revoked_utis:
@@ -277,32 +364,48 @@ class Identity:
         except AadError as err:
             return err.response()
         base = f"{self.base_url}/{segment}"
-        return web.json_response({
-            "token_endpoint": f"{base}/oauth2/v2.0/token",
-            "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
-            "jwks_uri": f"{base}/discovery/v2.0/keys",
-            "response_modes_supported": ["query", "fragment", "form_post"],
-            "subject_types_supported": ["pairwise"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
-            "scopes_supported": ["openid", "profile", "email", "offline_access"],
-            "issuer": self.issuer(segment),
-            "request_uri_parameter_supported": False,
-            "userinfo_endpoint": "https://graph.microsoft.com/oidc/userinfo",
-            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
-            "http_logout_supported": True,
-            "frontchannel_logout_supported": True,
-            "end_session_endpoint": f"{base}/oauth2/v2.0/logout",
-            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "nonce",
-                                 "preferred_username", "name", "tid", "ver", "oid"],
-            "kerberos_endpoint": f"{base}/kerberos",
-            "tenant_region_scope": "EU",
-            "cloud_instance_name": "microsoftonline.com",
-            "cloud_graph_host_name": "graph.windows.net",
-            "msgraph_host": "graph.microsoft.com",
-            "rbac_url": "https://pas.windows.net",
-        })
+        return web.json_response(
+            {
+                "token_endpoint": f"{base}/oauth2/v2.0/token",
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_post",
+                    "client_secret_basic",
+                ],
+                "jwks_uri": f"{base}/discovery/v2.0/keys",
+                "response_modes_supported": ["query", "fragment", "form_post"],
+                "subject_types_supported": ["pairwise"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+                "scopes_supported": ["openid", "profile", "email", "offline_access"],
+                "issuer": self.issuer(segment),
+                "request_uri_parameter_supported": False,
+                "userinfo_endpoint": "https://graph.microsoft.com/oidc/userinfo",
+                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+                "http_logout_supported": True,
+                "frontchannel_logout_supported": True,
+                "end_session_endpoint": f"{base}/oauth2/v2.0/logout",
+                "claims_supported": [
+                    "sub",
+                    "iss",
+                    "aud",
+                    "exp",
+                    "iat",
+                    "nonce",
+                    "preferred_username",
+                    "name",
+                    "tid",
+                    "ver",
+                    "oid",
+                ],
+                "kerberos_endpoint": f"{base}/kerberos",
+                "tenant_region_scope": "EU",
+                "cloud_instance_name": "microsoftonline.com",
+                "cloud_graph_host_name": "graph.windows.net",
+                "msgraph_host": "graph.microsoft.com",
+                "rbac_url": "https://pas.windows.net",
+            }
+        )
 
     async def h_keys(self, request: web.Request) -> web.Response:
         return web.json_response(self.jwks())
@@ -327,9 +430,11 @@ class Identity:
 
     @staticmethod
     def _error_page(status: int, aadsts: int, message: str) -> web.Response:
-        return web.Response(status=status, content_type="text/html",
-                            text=f"<html><body><h1>Sign in</h1><p>AADSTS{aadsts}: {message}</p>"
-                                 "</body></html>")
+        return web.Response(
+            status=status,
+            content_type="text/html",
+            text=f"<html><body><h1>Sign in</h1><p>AADSTS{aadsts}: {message}</p></body></html>",
+        )
 
     async def h_authorize(self, request: web.Request) -> web.Response:
         q = request.query
@@ -339,13 +444,21 @@ class Identity:
         except AadError as err:
             return self._error_page(400, err.aadsts, err.description)
         if q.get("client_id") != self.client_id:
-            return self._error_page(400, 700016, f"Application with identifier "
-                                    f"'{q.get('client_id')}' was not found in the directory.")
+            return self._error_page(
+                400,
+                700016,
+                f"Application with identifier "
+                f"'{q.get('client_id')}' was not found in the directory.",
+            )
         redirect_uri = q.get("redirect_uri", "")
         if not self._redirect_ok(redirect_uri):
-            return self._error_page(400, 50011, f"The redirect URI '{redirect_uri}' specified "
-                                    "in the request does not match the redirect URIs "
-                                    "configured for the application.")
+            return self._error_page(
+                400,
+                50011,
+                f"The redirect URI '{redirect_uri}' specified "
+                "in the request does not match the redirect URIs "
+                "configured for the application.",
+            )
         state = q.get("state")
         if q.get("response_mode", "query") != "query":
             return self._error_page(400, 900144, "graphsim answers with response_mode=query only.")
@@ -364,11 +477,15 @@ class Identity:
             return fail("invalid_request", 90023, f"Invalid value '{prompt}' for 'prompt'.")
         self.state.prompts.append(prompt)
         if q.get("response_type") != "code":
-            return fail("unsupported_response_type", 700054,
-                        "response_type 'code' is required by graphsim.")
+            return fail(
+                "unsupported_response_type", 700054, "response_type 'code' is required by graphsim."
+            )
         if not q.get("scope"):
-            return fail("invalid_request", 900144,
-                        "The request body must contain the following parameter: 'scope'.")
+            return fail(
+                "invalid_request",
+                900144,
+                "The request body must contain the following parameter: 'scope'.",
+            )
         try:
             graph_scopes, oidc = self._split_scopes(q["scope"])
         except AadError as err:
@@ -377,33 +494,46 @@ class Identity:
         if not challenge:
             return fail("invalid_request", 501491, "Must have a code_challenge for PKCE.")
         if q.get("code_challenge_method", "plain") != "S256":
-            return fail("invalid_request", 501481,
-                        "The code_challenge_method must be S256 in graphsim.")
+            return fail(
+                "invalid_request", 501481, "The code_challenge_method must be S256 in graphsim."
+            )
         user_id = self.state.signin_user_id or next(iter(self.store.mailboxes), None)
         user = self.store.find_user(user_id) if user_id else None
         if user is None:
             return fail("access_denied", 50034, "The user account does not exist.")
         if path_tenant is not None and path_tenant.id != user.tenant_id:
-            return fail("invalid_request", 50020,
-                        "User account from identity provider does not exist in tenant.")
+            return fail(
+                "invalid_request",
+                50020,
+                "User account from identity provider does not exist in tenant.",
+            )
         if not self.store.tenants[user.tenant_id].consented:
-            return fail("consent_required", 65001,
-                        f"The user or administrator has not consented to use the application "
-                        f"with ID '{self.client_id}' named 'm365sync'. Send an interactive "
-                        "authorization request for this user and resource.")
+            return fail(
+                "consent_required",
+                65001,
+                f"The user or administrator has not consented to use the application "
+                f"with ID '{self.client_id}' named 'm365sync'. Send an interactive "
+                "authorization request for this user and resource.",
+            )
         code = _b64url(secrets.token_bytes(32))
         self.state.codes[code] = AuthCode(
-            client_id=self.client_id, redirect_uri=redirect_uri,
-            scopes=graph_scopes + oidc, user_id=user.id, tenant_segment=segment,
-            nonce=q.get("nonce"), code_challenge=challenge,
-            expires_s=self.clock.now_s() + CODE_LIFETIME_S)
+            client_id=self.client_id,
+            redirect_uri=redirect_uri,
+            scopes=graph_scopes + oidc,
+            user_id=user.id,
+            tenant_segment=segment,
+            nonce=q.get("nonce"),
+            code_challenge=challenge,
+            expires_s=self.clock.now_s() + CODE_LIFETIME_S,
+        )
         params = {"code": code}
         if state is not None:
             params["state"] = state
         params["session_state"] = str(uuid.uuid4())
         if q.get("client_info") == "1":
             params["client_info"] = _b64url(
-                json.dumps({"uid": user.id, "utid": user.tenant_id}).encode())
+                json.dumps({"uid": user.id, "utid": user.tenant_id}).encode()
+            )
         raise web.HTTPFound(self._with_query(redirect_uri, params))
 
     async def h_admin_consent(self, request: web.Request) -> web.Response:
@@ -424,7 +554,8 @@ class Identity:
             return self._error_page(400, 900144, "The request must contain 'scope'.")
         if tenant is None:
             user = self.store.find_user(self.state.signin_user_id or "") or next(
-                (b.user for b in self.store.mailboxes.values()), None)
+                (b.user for b in self.store.mailboxes.values()), None
+            )
             if user is None:
                 return self._error_page(400, 50034, "No user to sign in.")
             tenant = self.store.tenants[user.tenant_id]
@@ -433,9 +564,11 @@ class Identity:
             tenant.consented = True
             params = {"admin_consent": "True", "tenant": tenant.id, "scope": q["scope"]}
         else:
-            params = {"admin_consent": "True", "error": "access_denied",
-                      "error_description": "AADSTS65004: User declined to consent to access "
-                                           "the app."}
+            params = {
+                "admin_consent": "True",
+                "error": "access_denied",
+                "error_description": "AADSTS65004: User declined to consent to access the app.",
+            }
         if "state" in q:
             params["state"] = q["state"]
         raise web.HTTPFound(self._with_query(redirect_uri, params))
@@ -456,78 +589,139 @@ class Identity:
         if grant == "authorization_code":
             code = self.state.codes.get(form.get("code", ""))
             if code is None:
-                raise AadError(400, "invalid_grant", 9002313,
-                               "Invalid request. Request is malformed or invalid.")
+                raise AadError(
+                    400,
+                    "invalid_grant",
+                    9002313,
+                    "Invalid request. Request is malformed or invalid.",
+                )
             if code.used:
-                raise AadError(400, "invalid_grant", 54005,
-                               "OAuth2 Authorization code was already redeemed, please retry "
-                               "with a new valid code or use an existing refresh token.")
+                raise AadError(
+                    400,
+                    "invalid_grant",
+                    54005,
+                    "OAuth2 Authorization code was already redeemed, please retry "
+                    "with a new valid code or use an existing refresh token.",
+                )
             code.used = True
             if code.expires_s < self.clock.now_s():
-                raise AadError(400, "invalid_grant", 70008,
-                               "The provided authorization code or refresh token has expired "
-                               "due to inactivity.")
+                raise AadError(
+                    400,
+                    "invalid_grant",
+                    70008,
+                    "The provided authorization code or refresh token has expired "
+                    "due to inactivity.",
+                )
             if form.get("redirect_uri") != code.redirect_uri:
-                raise AadError(400, "invalid_grant", 50148,
-                               "The redirect_uri does not match the one used in the "
-                               "authorization request.")
+                raise AadError(
+                    400,
+                    "invalid_grant",
+                    50148,
+                    "The redirect_uri does not match the one used in the authorization request.",
+                )
             verifier = form.get("code_verifier", "")
             digest = _b64url(hashlib.sha256(verifier.encode()).digest())
             if not verifier or not hmac.compare_digest(digest, code.code_challenge):
-                raise AadError(400, "invalid_grant", 501481,
-                               "The Code_Verifier does not match the code_challenge supplied in "
-                               "the authorization request.")
+                raise AadError(
+                    400,
+                    "invalid_grant",
+                    501481,
+                    "The Code_Verifier does not match the code_challenge supplied in "
+                    "the authorization request.",
+                )
             user = self.store.find_user(code.user_id)
             assert user is not None
             graph = [s for s in code.scopes if s not in OIDC_SCOPES]
             oidc = [s for s in code.scopes if s in OIDC_SCOPES]
-            return self._delegated_response(user=user, scopes=graph, oidc=oidc, segment=segment,
-                                            nonce=code.nonce, client_info=want_info)
+            return self._delegated_response(
+                user=user,
+                scopes=graph,
+                oidc=oidc,
+                segment=segment,
+                nonce=code.nonce,
+                client_info=want_info,
+            )
         if grant == "refresh_token":
             rt = self.state.refresh_tokens.get(form.get("refresh_token", ""))
             if rt is None or rt.revoked:
-                raise AadError(400, "invalid_grant", 50173,
-                               "The provided grant has expired due to it being revoked, a "
-                               "fresh auth token is needed. The user might have changed or "
-                               "reset their password.")
+                raise AadError(
+                    400,
+                    "invalid_grant",
+                    50173,
+                    "The provided grant has expired due to it being revoked, a "
+                    "fresh auth token is needed. The user might have changed or "
+                    "reset their password.",
+                )
             if rt.expires_s < self.clock.now_s():
-                raise AadError(400, "invalid_grant", 700082,
-                               "The refresh token has expired due to inactivity.")
+                raise AadError(
+                    400, "invalid_grant", 700082, "The refresh token has expired due to inactivity."
+                )
             user = self.store.find_user(rt.user_id)
             assert user is not None
             if path_tenant is not None and path_tenant.id != user.tenant_id:
                 raise AadError(400, "invalid_grant", 50020, "User does not exist in tenant.")
             if not self.store.tenants[user.tenant_id].consented:
-                raise AadError(400, "invalid_grant", 65001,
-                               "The user or administrator has not consented to use the "
-                               f"application with ID '{self.client_id}'.")
+                raise AadError(
+                    400,
+                    "invalid_grant",
+                    65001,
+                    "The user or administrator has not consented to use the "
+                    f"application with ID '{self.client_id}'.",
+                )
             granted = [s for s in rt.scopes if s not in OIDC_SCOPES]
             requested, oidc_req = self._split_scopes(form.get("scope", ""))
             if any(s not in granted for s in requested):
-                raise AadError(400, "invalid_grant", 65001,
-                               "The user or administrator has not consented to use the "
-                               "application for the requested scopes.")
+                raise AadError(
+                    400,
+                    "invalid_grant",
+                    65001,
+                    "The user or administrator has not consented to use the "
+                    "application for the requested scopes.",
+                )
             oidc = sorted({s for s in rt.scopes if s in OIDC_SCOPES} | set(oidc_req))
-            return self._delegated_response(user=user, scopes=requested or granted,
-                                            oidc=oidc, segment=rt.tenant_segment, nonce=None,
-                                            client_info=want_info)
+            return self._delegated_response(
+                user=user,
+                scopes=requested or granted,
+                oidc=oidc,
+                segment=rt.tenant_segment,
+                nonce=None,
+                client_info=want_info,
+            )
         if grant == "client_credentials":
             if path_tenant is None:
-                raise AadError(400, "invalid_request", 90002,
-                               "Use a tenant-specific endpoint for client credentials.")
+                raise AadError(
+                    400,
+                    "invalid_request",
+                    90002,
+                    "Use a tenant-specific endpoint for client credentials.",
+                )
             scope = form.get("scope", "")
             if not scope.endswith("/.default"):
-                raise AadError(400, "invalid_scope", 1002012,
-                               f"The provided value for scope {scope} is not valid. Client "
-                               "credential flows must have a scope value with /.default "
-                               "suffixed to the resource identifier (application ID URI).")
+                raise AadError(
+                    400,
+                    "invalid_scope",
+                    1002012,
+                    f"The provided value for scope {scope} is not valid. Client "
+                    "credential flows must have a scope value with /.default "
+                    "suffixed to the resource identifier (application ID URI).",
+                )
             if not path_tenant.consented:
-                raise AadError(400, "invalid_grant", 65001,
-                               "The user or administrator has not consented to use the "
-                               f"application with ID '{self.client_id}'.")
-            return {"token_type": "Bearer", "expires_in": self.access_token_lifetime_s,
-                    "ext_expires_in": self.access_token_lifetime_s,
-                    "access_token": self._access_token(tenant=path_tenant, user=None,
-                                                       scopes=[])}
-        raise AadError(400, "unsupported_grant_type", 70003,
-                       f"The app requested an unsupported grant type '{grant}'.")
+                raise AadError(
+                    400,
+                    "invalid_grant",
+                    65001,
+                    "The user or administrator has not consented to use the "
+                    f"application with ID '{self.client_id}'.",
+                )
+            return {
+                "token_type": "Bearer",
+                "expires_in": self.access_token_lifetime_s,
+                "ext_expires_in": self.access_token_lifetime_s,
+                "access_token": self._access_token(tenant=path_tenant, user=None, scopes=[]),
+            }
+        raise AadError(
+            400,
+            "unsupported_grant_type",
+            70003,
+            f"The app requested an unsupported grant type '{grant}'.",
+        )

@@ -28,7 +28,7 @@ def parse_id(event_id: str) -> tuple[bytes, int | None] | None:
     else:
         return None
     try:
-        raw = base64.urlsafe_b64decode(event_id[len(REST_PREFIX):].encode("ascii"))
+        raw = base64.urlsafe_b64decode(event_id[len(REST_PREFIX) :].encode("ascii"))
     except (binascii.Error, ValueError, UnicodeEncodeError):
         return None
     if not raw.startswith(marker) or len(raw) not in (17, 25):

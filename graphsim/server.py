@@ -71,19 +71,33 @@ class Simulator:
         self.faults = Faults(seed=self.config.seed)
         self.store = Store(self.clock)
         self.identity = Identity(
-            store=self.store, clock=self.clock, client_id=self.config.client_id,
+            store=self.store,
+            clock=self.clock,
+            client_id=self.config.client_id,
             client_secret=self.config.client_secret,
             delegated_scopes=list(self.config.delegated_scopes),
             app_roles=list(self.config.app_roles),
-            access_token_lifetime_s=self.config.access_token_lifetime_s)
-        self.delivery = DeliveryEngine(clock=self.clock, faults=self.faults,
-                                       ssl_context=self._notification_ssl())
+            access_token_lifetime_s=self.config.access_token_lifetime_s,
+        )
+        self.delivery = DeliveryEngine(
+            clock=self.clock, faults=self.faults, ssl_context=self._notification_ssl()
+        )
         self.subs = SubscriptionManager(
-            store=self.store, clock=self.clock, faults=self.faults, delivery=self.delivery,
-            allow_http_loopback=self.config.allow_http_loopback_notifications)
+            store=self.store,
+            clock=self.clock,
+            faults=self.faults,
+            delivery=self.delivery,
+            allow_http_loopback=self.config.allow_http_loopback_notifications,
+        )
         self.delta = DeltaEngine(self.store, self.faults)
-        self.graph = GraphApi(store=self.store, identity=self.identity, subs=self.subs,
-                              delta=self.delta, faults=self.faults, clock=self.clock)
+        self.graph = GraphApi(
+            store=self.store,
+            identity=self.identity,
+            subs=self.subs,
+            delta=self.delta,
+            faults=self.faults,
+            clock=self.clock,
+        )
         self.control = ControlApi(self)
         self._runner: web.AppRunner | None = None
         self._port = 0
@@ -108,18 +122,25 @@ class Simulator:
 
     async def start(self) -> None:
         """Generate TLS material, bind, and start the background tasks."""
-        self._tls = tls.generate(self.config.state_dir,
-                                 (self.config.host, *self.config.extra_hosts,
-                                  *((self.config.public_host,) if self.config.public_host else ())))
-        app = web.Application(middlewares=[self.control.middleware],
-                              client_max_size=50 * 1024 * 1024)
+        self._tls = tls.generate(
+            self.config.state_dir,
+            (
+                self.config.host,
+                *self.config.extra_hosts,
+                *((self.config.public_host,) if self.config.public_host else ()),
+            ),
+        )
+        app = web.Application(
+            middlewares=[self.control.middleware], client_max_size=50 * 1024 * 1024
+        )
         app.add_routes(self.control.routes())
         app.add_routes(self.graph.routes())
         app.add_routes(self.identity.routes())
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port,
-                           ssl_context=self._tls.server_context())
+        site = web.TCPSite(
+            self._runner, self.config.host, self.config.port, ssl_context=self._tls.server_context()
+        )
         await site.start()
         server = site._server
         assert server is not None
@@ -142,8 +163,12 @@ class Simulator:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.stop()
 
     def reset(self) -> None:
@@ -207,10 +232,13 @@ class Simulator:
     def describe(self) -> dict[str, Any]:
         """The JSON `python -m graphsim` prints and GET /_sim/state returns."""
         return {
-            "base_url": self.base_url, "graph_url": self.graph_url,
-            "authority_host": self.authority_host, "authority": self.authority,
+            "base_url": self.base_url,
+            "graph_url": self.graph_url,
+            "authority_host": self.authority_host,
+            "authority": self.authority,
             "ca_file": str(self._tls.ca_file) if self._tls else None,
-            "tenant_id": self.tenant_id, "client_id": self.client_id,
+            "tenant_id": self.tenant_id,
+            "client_id": self.client_id,
             "client_secret": self.client_secret,
             "tenants": [t.to_json() for t in self.store.tenants.values()],
             "users": [b.user.to_json() for b in self.store.mailboxes.values()],

@@ -30,17 +30,51 @@ InstanceKey = tuple[bytes, int | None]
 ChangeListener = Callable[[str, str, "EventRecord"], None]
 
 WRITABLE = {
-    "subject", "body", "start", "end", "isAllDay", "location", "locations", "attendees",
-    "showAs", "sensitivity", "recurrence", "categories", "importance", "isReminderOn",
-    "reminderMinutesBeforeStart", "responseRequested", "allowNewTimeProposals",
-    "isOnlineMeeting", "onlineMeetingProvider", "hideAttendees", "transactionId",
+    "subject",
+    "body",
+    "start",
+    "end",
+    "isAllDay",
+    "location",
+    "locations",
+    "attendees",
+    "showAs",
+    "sensitivity",
+    "recurrence",
+    "categories",
+    "importance",
+    "isReminderOn",
+    "reminderMinutesBeforeStart",
+    "responseRequested",
+    "allowNewTimeProposals",
+    "isOnlineMeeting",
+    "onlineMeetingProvider",
+    "hideAttendees",
+    "transactionId",
     "singleValueExtendedProperties",
 }
 READ_ONLY = {
-    "id", "createdDateTime", "lastModifiedDateTime", "changeKey", "iCalUId", "type",
-    "seriesMasterId", "webLink", "organizer", "isOrganizer", "bodyPreview", "isCancelled",
-    "originalStart", "originalStartTimeZone", "originalEndTimeZone", "responseStatus",
-    "hasAttachments", "isDraft", "onlineMeeting", "onlineMeetingUrl", "uid",
+    "id",
+    "createdDateTime",
+    "lastModifiedDateTime",
+    "changeKey",
+    "iCalUId",
+    "type",
+    "seriesMasterId",
+    "webLink",
+    "organizer",
+    "isOrganizer",
+    "bodyPreview",
+    "isCancelled",
+    "originalStart",
+    "originalStartTimeZone",
+    "originalEndTimeZone",
+    "responseStatus",
+    "hasAttachments",
+    "isDraft",
+    "onlineMeeting",
+    "onlineMeetingUrl",
+    "uid",
 }
 SELECTABLE = (WRITABLE | READ_ONLY) - {"singleValueExtendedProperties"}
 ENUMS = {
@@ -60,8 +94,12 @@ class Tenant:
     display_name: str = "Contoso"
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "domains": self.domains, "consented": self.consented,
-                "displayName": self.display_name}
+        return {
+            "id": self.id,
+            "domains": self.domains,
+            "consented": self.consented,
+            "displayName": self.display_name,
+        }
 
 
 @dataclass
@@ -75,15 +113,27 @@ class User:
     def to_graph(self) -> dict[str, Any]:
         given, _, surname = self.display_name.partition(" ")
         return {
-            "businessPhones": [], "displayName": self.display_name, "givenName": given or None,
-            "jobTitle": None, "mail": self.mail, "mobilePhone": None, "officeLocation": None,
-            "preferredLanguage": "en-US", "surname": surname or None,
-            "userPrincipalName": self.upn, "id": self.id,
+            "businessPhones": [],
+            "displayName": self.display_name,
+            "givenName": given or None,
+            "jobTitle": None,
+            "mail": self.mail,
+            "mobilePhone": None,
+            "officeLocation": None,
+            "preferredLanguage": "en-US",
+            "surname": surname or None,
+            "userPrincipalName": self.upn,
+            "id": self.id,
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "userPrincipalName": self.upn, "mail": self.mail,
-                "displayName": self.display_name, "tenantId": self.tenant_id}
+        return {
+            "id": self.id,
+            "userPrincipalName": self.upn,
+            "mail": self.mail,
+            "displayName": self.display_name,
+            "tenantId": self.tenant_id,
+        }
 
 
 @dataclass
@@ -168,8 +218,9 @@ def overlaps(start: dt.datetime, end: dt.datetime, ws: dt.datetime, we: dt.datet
 
 def _parse_dtz(value: Any, name: str) -> tuple[dt.datetime, str]:
     if not isinstance(value, dict) or not isinstance(value.get("dateTime"), str):
-        raise _bad(f"The property '{name}' must be a dateTimeTimeZone with a dateTime.",
-                   "RequestBodyRead")
+        raise _bad(
+            f"The property '{name}' must be a dateTimeTimeZone with a dateTime.", "RequestBodyRead"
+        )
     tz_name = value.get("timeZone") or "UTC"
     if not isinstance(tz_name, str):
         raise _bad("A valid TimeZone value must be specified.", "ErrorTimeZoneNotSupported")
@@ -199,8 +250,10 @@ def validate_recurrence(value: Any) -> dict[str, Any] | None:
     rng = dict(value.get("range") or {})
     ptype = pattern.get("type")
     if ptype not in {"daily", "weekly", "absoluteMonthly", "absoluteYearly"}:
-        raise _bad(f"The recurrence pattern type '{ptype}' is not supported (graphsim supports "
-                   "daily, weekly, absoluteMonthly, absoluteYearly).")
+        raise _bad(
+            f"The recurrence pattern type '{ptype}' is not supported (graphsim supports "
+            "daily, weekly, absoluteMonthly, absoluteYearly)."
+        )
     interval = pattern.get("interval", 1)
     if not isinstance(interval, int) or interval < 1 or interval > 99:
         raise _bad("The recurrence pattern interval must be between 1 and 99.")
@@ -235,13 +288,20 @@ def validate_recurrence(value: Any) -> dict[str, Any] | None:
     rtz = rng.get("recurrenceTimeZone") or ""
     return {
         "pattern": {
-            "type": ptype, "interval": interval, "month": month, "dayOfMonth": day_of_month,
-            "daysOfWeek": days, "firstDayOfWeek": first, "index": "first",
+            "type": ptype,
+            "interval": interval,
+            "month": month,
+            "dayOfMonth": day_of_month,
+            "daysOfWeek": days,
+            "firstDayOfWeek": first,
+            "index": "first",
         },
         "range": {
-            "type": rtype, "startDate": start_date.isoformat(),
+            "type": rtype,
+            "startDate": start_date.isoformat(),
             "endDate": end_date.isoformat() if end_date else "0001-01-01",
-            "recurrenceTimeZone": rtz, "numberOfOccurrences": number,
+            "recurrenceTimeZone": rtz,
+            "numberOfOccurrences": number,
         },
     }
 
@@ -319,10 +379,15 @@ class Store:
 
     # ---- directory -------------------------------------------------------------------------
 
-    def add_tenant(self, tenant_id: str | None = None, domain: str = "contoso.example",
-                   display_name: str = "Contoso") -> Tenant:
-        tenant = Tenant(id=tenant_id or str(uuid.uuid4()), domains=[domain.lower()],
-                        display_name=display_name)
+    def add_tenant(
+        self,
+        tenant_id: str | None = None,
+        domain: str = "contoso.example",
+        display_name: str = "Contoso",
+    ) -> Tenant:
+        tenant = Tenant(
+            id=tenant_id or str(uuid.uuid4()), domains=[domain.lower()], display_name=display_name
+        )
         self.tenants[tenant.id] = tenant
         return tenant
 
@@ -336,16 +401,27 @@ class Store:
                 return tenant
         return None
 
-    def add_user(self, display_name: str, upn: str | None = None, tenant_id: str | None = None,
-                 user_id: str | None = None, mail: str | None = None) -> User:
+    def add_user(
+        self,
+        display_name: str,
+        upn: str | None = None,
+        tenant_id: str | None = None,
+        user_id: str | None = None,
+        mail: str | None = None,
+    ) -> User:
         tenant = self.tenants[tenant_id] if tenant_id else next(iter(self.tenants.values()))
         if upn is None:
             local = re.sub(r"[^a-z0-9.]", "", display_name.lower().replace(" ", "."))
             upn = f"{local or 'user'}@{tenant.domains[0]}"
         if any(m.user.upn.lower() == upn.lower() for m in self.mailboxes.values()):
             raise ValueError(f"user {upn} exists")
-        user = User(id=user_id or str(uuid.uuid4()), upn=upn, display_name=display_name,
-                    tenant_id=tenant.id, mail=mail or upn)
+        user = User(
+            id=user_id or str(uuid.uuid4()),
+            upn=upn,
+            display_name=display_name,
+            tenant_id=tenant.id,
+            mail=mail or upn,
+        )
         self.mailboxes[user.id] = Mailbox(user=user)
         return user
 
@@ -376,8 +452,9 @@ class Store:
 
     # ---- writes ----------------------------------------------------------------------------
 
-    def _apply(self, target: dict[str, Any], payload: dict[str, Any], *, occurrence: bool,
-               creating: bool) -> dict[str, Any]:
+    def _apply(
+        self, target: dict[str, Any], payload: dict[str, Any], *, occurrence: bool, creating: bool
+    ) -> dict[str, Any]:
         """Validate `payload` and merge it into `target`; returns parsed start/end if given."""
         parsed: dict[str, Any] = {}
         for name, value in payload.items():
@@ -387,18 +464,24 @@ class Store:
                 raise _bad(
                     f"The property '{name}' does not exist on type 'microsoft.graph.event'. "
                     "Make sure to only use property names that are defined by the type or mark "
-                    "the type as open type.", "RequestBodyRead")
+                    "the type as open type.",
+                    "RequestBodyRead",
+                )
             if name == "transactionId":
                 if not creating:
-                    raise _bad("The property 'transactionId' cannot be changed after creation.",
-                               "ErrorInvalidPropertyForOperation")
+                    raise _bad(
+                        "The property 'transactionId' cannot be changed after creation.",
+                        "ErrorInvalidPropertyForOperation",
+                    )
                 continue
             if name in ("start", "end"):
                 parsed[name] = _parse_dtz(value, name)
             elif name == "recurrence":
                 if occurrence:
-                    raise _bad("An occurrence of a recurring series cannot have a recurrence.",
-                               "ErrorPropertyValidationFailure")
+                    raise _bad(
+                        "An occurrence of a recurring series cannot have a recurrence.",
+                        "ErrorPropertyValidationFailure",
+                    )
                 target["recurrence"] = validate_recurrence(value)
             elif name == "singleValueExtendedProperties":
                 parsed[name] = self._parse_ext(value)
@@ -407,20 +490,28 @@ class Store:
                     raise _bad(f"Requested value '{value}' was not found.", "RequestBodyRead")
                 target[name] = value
             elif name == "body":
-                if not isinstance(value, dict) or str(value.get("contentType", "text")).lower() \
-                        not in {"text", "html"}:
-                    raise _bad("body must be an itemBody with contentType text or html.",
-                               "RequestBodyRead")
-                target["body"] = {"contentType": str(value.get("contentType", "text")).lower(),
-                                  "content": str(value.get("content") or "")}
+                if not isinstance(value, dict) or str(
+                    value.get("contentType", "text")
+                ).lower() not in {"text", "html"}:
+                    raise _bad(
+                        "body must be an itemBody with contentType text or html.", "RequestBodyRead"
+                    )
+                target["body"] = {
+                    "contentType": str(value.get("contentType", "text")).lower(),
+                    "content": str(value.get("content") or ""),
+                }
             elif name == "attendees":
                 target["attendees"] = self._parse_attendees(value)
             elif name == "location":
                 loc = value or {}
                 if not isinstance(loc, dict):
                     raise _bad("location must be an object.", "RequestBodyRead")
-                target["location"] = {"displayName": "", "locationType": "default",
-                                      "uniqueIdType": "unknown", **loc}
+                target["location"] = {
+                    "displayName": "",
+                    "locationType": "default",
+                    "uniqueIdType": "unknown",
+                    **loc,
+                }
             elif name == "categories":
                 if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
                     raise _bad("categories must be a list of strings.", "RequestBodyRead")
@@ -446,16 +537,17 @@ class Store:
             email = (item or {}).get("emailAddress") or {}
             address = email.get("address")
             if not isinstance(address, str) or "@" not in address:
-                raise _bad("An attendee needs emailAddress.address.",
-                           "ErrorInvalidRecipients")
+                raise _bad("An attendee needs emailAddress.address.", "ErrorInvalidRecipients")
             kind = item.get("type", "required")
             if kind not in {"required", "optional", "resource"}:
                 raise _bad(f"Requested value '{kind}' was not found.", "RequestBodyRead")
-            out.append({
-                "type": kind,
-                "status": {"response": "none", "time": "0001-01-01T00:00:00Z"},
-                "emailAddress": {"name": email.get("name") or address, "address": address},
-            })
+            out.append(
+                {
+                    "type": kind,
+                    "status": {"response": "none", "time": "0001-01-01T00:00:00Z"},
+                    "emailAddress": {"name": email.get("name") or address, "address": address},
+                }
+            )
         return out
 
     @staticmethod
@@ -468,23 +560,30 @@ class Store:
             if not isinstance(pid, str) or not pid.strip():
                 raise _bad("An extended property needs an id.", "ErrorInvalidExtendedProperty")
             if pval is not None and not isinstance(pval, str):
-                raise _bad("An extended property value must be a string.",
-                           "ErrorInvalidExtendedPropertyValue")
+                raise _bad(
+                    "An extended property value must be a string.",
+                    "ErrorInvalidExtendedPropertyValue",
+                )
             out[pid.lower()] = (pid, pval or "")
         return out
 
     @staticmethod
     def _check_times(start: dt.datetime, end: dt.datetime, all_day: bool) -> None:
         if end < start:
-            raise _bad("The end date occurs before the start date.",
-                       "ErrorCalendarEndDateIsEarlierThanStartDate")
-        if all_day and (start.time() != dt.time(0) or end.time() != dt.time(0)
-                        or end <= start):
-            raise _bad("If the event is an all-day event, start and end must be at midnight "
-                       "and span at least one day.", "ErrorPropertyValidationFailure")
+            raise _bad(
+                "The end date occurs before the start date.",
+                "ErrorCalendarEndDateIsEarlierThanStartDate",
+            )
+        if all_day and (start.time() != dt.time(0) or end.time() != dt.time(0) or end <= start):
+            raise _bad(
+                "If the event is an all-day event, start and end must be at midnight "
+                "and span at least one day.",
+                "ErrorPropertyValidationFailure",
+            )
 
-    def create_event(self, user_id: str, payload: dict[str, Any], *,
-                     notify: bool = True) -> tuple[EventRecord, bool]:
+    def create_event(
+        self, user_id: str, payload: dict[str, Any], *, notify: bool = True
+    ) -> tuple[EventRecord, bool]:
         """Create an event (or series); returns (record, created). transactionId de-duplicates."""
         if not isinstance(payload, dict):
             raise _bad("The request body must be a JSON object.", "RequestBodyRead")
@@ -499,13 +598,23 @@ class Store:
         if "start" not in payload or "end" not in payload:
             raise _bad("Both start and end are required.", "ErrorPropertyValidationFailure")
         fields: dict[str, Any] = {
-            "subject": "", "body": {"contentType": "html", "content": ""},
+            "subject": "",
+            "body": {"contentType": "html", "content": ""},
             "location": {"displayName": "", "locationType": "default", "uniqueIdType": "unknown"},
-            "attendees": [], "showAs": "busy", "sensitivity": "normal", "importance": "normal",
-            "categories": [], "isAllDay": False, "recurrence": None, "isReminderOn": True,
-            "reminderMinutesBeforeStart": 15, "responseRequested": True,
-            "allowNewTimeProposals": True, "isOnlineMeeting": False,
-            "onlineMeetingProvider": "unknown", "hideAttendees": False,
+            "attendees": [],
+            "showAs": "busy",
+            "sensitivity": "normal",
+            "importance": "normal",
+            "categories": [],
+            "isAllDay": False,
+            "recurrence": None,
+            "isReminderOn": True,
+            "reminderMinutesBeforeStart": 15,
+            "responseRequested": True,
+            "allowNewTimeProposals": True,
+            "isOnlineMeeting": False,
+            "onlineMeetingProvider": "unknown",
+            "hideAttendees": False,
         }
         parsed = self._apply(fields, payload, occurrence=False, creating=True)
         (start, start_tz), (end, end_tz) = parsed["start"], parsed["end"]
@@ -514,10 +623,20 @@ class Store:
         key = uuid.uuid4().bytes
         ck = self._bump("create")
         record = EventRecord(
-            key=key, user_id=user_id, created=now, modified=now, change_key=ck,
-            series_modified=now, series_change_key=ck, fields=fields, start=start, end=end,
-            start_tz=start_tz, end_tz=end_tz,
-            ext_props=parsed.get("singleValueExtendedProperties", {}), transaction_id=txn,
+            key=key,
+            user_id=user_id,
+            created=now,
+            modified=now,
+            change_key=ck,
+            series_modified=now,
+            series_change_key=ck,
+            fields=fields,
+            start=start,
+            end=end,
+            start_tz=start_tz,
+            end_tz=end_tz,
+            ext_props=parsed.get("singleValueExtendedProperties", {}),
+            transaction_id=txn,
         )
         box.events[key] = record
         if txn is not None:
@@ -532,12 +651,14 @@ class Store:
         box = self.mailboxes.get(user_id)
         record = box.events.get(parsed[0]) if parsed and box else None
         if record is None or record.deleted or parsed is None:
-            raise GraphError(404, "ErrorItemNotFound",
-                             "The specified object was not found in the store.")
+            raise GraphError(
+                404, "ErrorItemNotFound", "The specified object was not found in the store."
+            )
         orig = parsed[1]
         if orig is not None and not self.occurrence_exists(record, orig):
-            raise GraphError(404, "ErrorItemNotFound",
-                             "The specified object was not found in the store.")
+            raise GraphError(
+                404, "ErrorItemNotFound", "The specified object was not found in the store."
+            )
         return record, orig
 
     def occurrence_exists(self, record: EventRecord, orig: int) -> bool:
@@ -549,8 +670,9 @@ class Store:
         probe_end = at + dt.timedelta(seconds=1)
         return any(o == orig for o, _, _ in pattern_starts(record, at, probe_end))
 
-    def update_event(self, user_id: str, event_id: str, payload: dict[str, Any], *,
-                     notify: bool = True) -> tuple[EventRecord, int | None]:
+    def update_event(
+        self, user_id: str, event_id: str, payload: dict[str, Any], *, notify: bool = True
+    ) -> tuple[EventRecord, int | None]:
         """PATCH semantics; an occurrence becomes an exception and only the master is notified."""
         if not isinstance(payload, dict):
             raise _bad("The request body must be a JSON object.", "RequestBodyRead")
@@ -564,18 +686,27 @@ class Store:
             merged = {**record.fields, **fields}
             parsed = self._apply(merged, payload, occurrence=True, creating=False)
             if "singleValueExtendedProperties" in parsed:
-                raise _bad("Extended properties of an occurrence are set on its series master.",
-                           "ErrorInvalidPropertyForOperation")
+                raise _bad(
+                    "Extended properties of an occurrence are set on its series master.",
+                    "ErrorInvalidPropertyForOperation",
+                )
             for name in payload:
                 if name in merged and name in WRITABLE and name != "recurrence":
                     fields[name] = merged[name]
-            start, start_tz = parsed.get("start", (inst.start, ov.start_tz if ov else
-                                                   record.start_tz))
+            start, start_tz = parsed.get(
+                "start", (inst.start, ov.start_tz if ov else record.start_tz)
+            )
             end, end_tz = parsed.get("end", (inst.end, ov.end_tz if ov else record.end_tz))
             self._check_times(start, end, merged.get("isAllDay", False))
             record.exceptions[orig] = Override(
-                fields=fields, start=start, end=end, start_tz=start_tz, end_tz=end_tz,
-                modified=now, change_key=self._bump("exception"))
+                fields=fields,
+                start=start,
+                end=end,
+                start_tz=start_tz,
+                end_tz=end_tz,
+                modified=now,
+                change_key=self._bump("exception"),
+            )
             record.modified = now
             record.change_key = self._bump("master-by-exception")
             self._log(box, [(record.key, orig)])
@@ -586,8 +717,11 @@ class Store:
         start, start_tz = parsed.get("start", (record.start, record.start_tz))
         end, end_tz = parsed.get("end", (record.end, record.end_tz))
         self._check_times(start, end, fields["isAllDay"])
-        pattern_changed = (fields.get("recurrence") != record.fields.get("recurrence")
-                           or start != record.start or end != record.end)
+        pattern_changed = (
+            fields.get("recurrence") != record.fields.get("recurrence")
+            or start != record.start
+            or end != record.end
+        )
         record.fields = fields
         record.start, record.start_tz, record.end, record.end_tz = start, start_tz, end, end_tz
         if "singleValueExtendedProperties" in parsed:
@@ -667,9 +801,15 @@ class Store:
 
     # ---- rendering -------------------------------------------------------------------------
 
-    def render(self, inst: Instance, *, immutable: bool = False, tz_name: str = "UTC",
-               select: set[str] | None = None,
-               expand_ext: set[str] | None = None) -> dict[str, Any]:
+    def render(
+        self,
+        inst: Instance,
+        *,
+        immutable: bool = False,
+        tz_name: str = "UTC",
+        select: set[str] | None = None,
+        expand_ext: set[str] | None = None,
+    ) -> dict[str, Any]:
         """The Graph JSON of an instance, as GET would return it."""
         rec = inst.record
         box = self.mailbox(rec.user_id)
@@ -689,8 +829,11 @@ class Store:
         shown_start_tz = start_tz if all_day else tz_name
         shown_end_tz = end_tz if all_day else tz_name
         body = fields["body"]
-        text = re.sub(r"<[^>]+>", " ", body["content"]) if body["contentType"] == "html" \
+        text = (
+            re.sub(r"<[^>]+>", " ", body["content"])
+            if body["contentType"] == "html"
             else body["content"]
+        )
         out: dict[str, Any] = {
             "@odata.etag": f'W/"{ck}"',
             "id": event_id,
@@ -714,12 +857,14 @@ class Store:
             "isCancelled": False,
             "isOrganizer": True,
             "responseRequested": fields["responseRequested"],
-            "seriesMasterId": make_id(rec.key, immutable=immutable) if inst.orig is not None
+            "seriesMasterId": make_id(rec.key, immutable=immutable)
+            if inst.orig is not None
             else None,
             "showAs": fields["showAs"],
             "type": kind,
             "webLink": "https://outlook.office365.com/owa/?itemid="
-            + quote(event_id, safe="") + "&exvsurl=1&path=/calendar/item",
+            + quote(event_id, safe="")
+            + "&exvsurl=1&path=/calendar/item",
             "onlineMeetingUrl": None,
             "isOnlineMeeting": fields["isOnlineMeeting"],
             "onlineMeetingProvider": fields["onlineMeetingProvider"],
@@ -734,8 +879,9 @@ class Store:
             "locations": [fields["location"]] if fields["location"].get("displayName") else [],
             "recurrence": fields["recurrence"] if inst.orig is None else None,
             "attendees": fields["attendees"],
-            "organizer": {"emailAddress": {"name": box.user.display_name,
-                                           "address": box.user.mail}},
+            "organizer": {
+                "emailAddress": {"name": box.user.display_name, "address": box.user.mail}
+            },
             "onlineMeeting": None,
         }
         if rec.transaction_id is None:
@@ -746,8 +892,11 @@ class Store:
             keep = {"@odata.etag", "id"} | select
             out = {k: v for k, v in out.items() if k in keep}
         if expand_ext is not None:
-            props = [{"id": pid, "value": val} for low, (pid, val) in rec.ext_props.items()
-                     if low in expand_ext]
+            props = [
+                {"id": pid, "value": val}
+                for low, (pid, val) in rec.ext_props.items()
+                if low in expand_ext
+            ]
             if props:
                 out["singleValueExtendedProperties"] = props
         return out

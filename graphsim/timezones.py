@@ -62,8 +62,9 @@ def canonical_windows_name(name: str) -> str:
     """The canonical spelling of a Windows zone name; raises TimeZoneError for anything else."""
     canon = _LOWER.get(name.strip().lower())
     if canon is None:
-        raise TimeZoneError(f"A valid TimeZone value must be specified. The time zone '{name}' "
-                            "is not supported.")
+        raise TimeZoneError(
+            f"A valid TimeZone value must be specified. The time zone '{name}' is not supported."
+        )
     return "UTC" if canon == "Coordinated Universal Time" else canon
 
 
@@ -84,8 +85,9 @@ def parse_local(date_time: str, tz_name: str) -> dt.datetime:
     try:
         naive = dt.datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ValueError(f"Cannot convert the literal '{date_time}' to the expected type "
-                         "'Edm.DateTime'.") from exc
+        raise ValueError(
+            f"Cannot convert the literal '{date_time}' to the expected type 'Edm.DateTime'."
+        ) from exc
     if naive.tzinfo is not None:
         naive = naive.astimezone(zi).replace(tzinfo=None)
     return naive.replace(tzinfo=zi)
@@ -104,7 +106,7 @@ def parse_query_instant(text: str) -> dt.datetime:
                 digits += ch
             else:
                 break
-        raw = f"{head}.{digits[:6]}{rest[len(digits):]}"
+        raw = f"{head}.{digits[:6]}{rest[len(digits) :]}"
     value = dt.datetime.fromisoformat(raw)
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
@@ -114,8 +116,10 @@ def parse_query_instant(text: str) -> dt.datetime:
 def format_local(value: dt.datetime, tz_name: str) -> dict[str, str]:
     """Graph's dateTimeTimeZone for `value` shown in the Windows zone `tz_name`."""
     local = value.astimezone(zone(tz_name))
-    return {"dateTime": local.strftime("%Y-%m-%dT%H:%M:%S") + f".{local.microsecond:06d}0",
-            "timeZone": canonical_windows_name(tz_name)}
+    return {
+        "dateTime": local.strftime("%Y-%m-%dT%H:%M:%S") + f".{local.microsecond:06d}0",
+        "timeZone": canonical_windows_name(tz_name),
+    }
 
 
 def format_utc(value: dt.datetime) -> str:

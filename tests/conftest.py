@@ -118,7 +118,9 @@ async def mongodb_url() -> AsyncIterator[str]:
     """A private database's URL; the database is dropped afterwards, whoever used it."""
     url = with_database(base_mongodb_url(), f"m365sync_test_{uuid.uuid4().hex[:12]}")
     yield url
-    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(url, serverSelectionTimeoutMS=5000)
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+        url, serverSelectionTimeoutMS=5000
+    )
     await client.drop_database(client.get_default_database().name)
     await client.close()
 

@@ -39,7 +39,9 @@ def _kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def _deployments(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in _kind(docs, "Deployment")}
+    return {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in _kind(docs, "Deployment")
+    }
 
 
 def _shards(docs: list[dict[str, Any]]) -> int:
@@ -92,7 +94,8 @@ def test_keda_scales_workers_and_outbound_on_exactly_the_shard_queues_the_code_d
     declared = declared_queues(shards)
     deployments = {d["metadata"]["name"]: d for d in _kind(docs, "Deployment")}
     scaled = {
-        s["metadata"]["labels"]["app.kubernetes.io/component"]: s for s in _kind(docs, "ScaledObject")
+        s["metadata"]["labels"]["app.kubernetes.io/component"]: s
+        for s in _kind(docs, "ScaledObject")
     }
     assert sorted(scaled) == ["outbound", "worker"]
     for role, queues in (("worker", "inbound"), ("outbound", "outbound")):
@@ -195,7 +198,9 @@ def test_receiver_is_exposed_and_every_role_has_a_budget_and_a_network_policy(re
     deployments = _deployments(docs)
     for kind in ("PodDisruptionBudget", "NetworkPolicy"):
         selectors = {
-            d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"].get("selector", d["spec"].get("podSelector"))
+            d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"].get(
+                "selector", d["spec"].get("podSelector")
+            )
             for d in _kind(docs, kind)
         }
         assert sorted(selectors) == sorted(ROLES), kind
@@ -230,7 +235,9 @@ def test_alerts_and_dashboard_read_only_metrics_the_code_exports(rendered):
         "M365SyncInboundLagHigh",
         "M365SyncGraphThrottling",
     } <= names
-    dashboards = [d for d in _kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    dashboards = [
+        d for d in _kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")
+    ]
     (dashboard,) = dashboards
     panels = json.loads(dashboard["data"]["m365sync.json"])["panels"]
     for panel in panels:

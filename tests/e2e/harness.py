@@ -192,7 +192,9 @@ WINDOW_START = datetime.now(UTC) - timedelta(days=30)
 WINDOW_END = datetime.now(UTC) + timedelta(days=365)
 
 
-def timed_event(subject: str, *, days: float = 2, hours: float = 0, minutes: int = 30) -> dict[str, Any]:
+def timed_event(
+    subject: str, *, days: float = 2, hours: float = 0, minutes: int = 30
+) -> dict[str, Any]:
     """An Outlook event body (UTC) starting ``days`` and ``hours`` after the current hour."""
     start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(
         days=days, hours=hours

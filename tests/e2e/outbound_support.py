@@ -13,14 +13,21 @@ from processor.topology import ONERELATION_OUTBOUND
 from tests.e2e.harness import Stack
 
 
-def relation_event(subject: str, *, day: int = 3, hour: int = 10, tz: str = "Europe/Copenhagen") -> dict[str, Any]:
+def relation_event(
+    subject: str, *, day: int = 3, hour: int = 10, tz: str = "Europe/Copenhagen"
+) -> dict[str, Any]:
     """An event as 1Relation sends it (IANA time zone, local times)."""
-    start = (datetime.now(UTC) + timedelta(days=day)).replace(hour=hour, minute=0, second=0, microsecond=0)
+    start = (datetime.now(UTC) + timedelta(days=day)).replace(
+        hour=hour, minute=0, second=0, microsecond=0
+    )
     return {
         "subject": subject,
         "body": {"contentType": "text", "content": f"Notes for {subject}"},
         "start": {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": tz},
-        "end": {"dateTime": (start + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": tz},
+        "end": {
+            "dateTime": (start + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S"),
+            "timeZone": tz,
+        },
         "isAllDay": False,
         "location": {"displayName": "Room 4"},
         "showAs": "busy",
@@ -29,7 +36,11 @@ def relation_event(subject: str, *, day: int = 3, hour: int = 10, tz: str = "Eur
 
 
 def message(
-    account_id: str, relation_event_id: str, revision: int, event: dict[str, Any] | None, *,
+    account_id: str,
+    relation_event_id: str,
+    revision: int,
+    event: dict[str, Any] | None,
+    *,
     occurred_at: datetime | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -53,9 +64,17 @@ async def publish_outbound(stack: Stack, bodies: list[dict[str, Any] | bytes]) -
         exchange = await channel.get_exchange(ONERELATION_OUTBOUND, ensure=False)
         for body in bodies:
             raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-            key = "event.delete" if isinstance(body, dict) and body.get("op") == "delete" else "event.upsert"
+            key = (
+                "event.delete"
+                if isinstance(body, dict) and body.get("op") == "delete"
+                else "event.upsert"
+            )
             await exchange.publish(
-                aio_pika.Message(raw, content_type="application/json", message_id=uuid.uuid4().hex,
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                aio_pika.Message(
+                    raw,
+                    content_type="application/json",
+                    message_id=uuid.uuid4().hex,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
                 routing_key=key,
             )

@@ -21,8 +21,14 @@ class RoleProcess:
     async def start(self) -> RoleProcess:
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "processor.cli", self.role,
-            env={**os.environ, **self.env}, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+            sys.executable,
+            "-m",
+            "processor.cli",
+            self.role,
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=log,
+            stdin=asyncio.subprocess.DEVNULL,
         )
         log.close()
         return self

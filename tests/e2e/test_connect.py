@@ -84,14 +84,18 @@ async def test_connect_end_to_end_through_real_msal(
         identity = await stack.rt.store.accounts.identity("acc-c1")
         assert identity.user_id == user_id
         assert identity.tenant_id == stack.sim.tenant_id
-        [cache_doc] = await stack.rt.store.db["token_caches"].find({"account_id": "acc-c1"}).to_list()
+        [cache_doc] = (
+            await stack.rt.store.db["token_caches"].find({"account_id": "acc-c1"}).to_list()
+        )
         assert b"RefreshToken" not in bytes(cache_doc["cache_ct"])
         loaded = await stack.rt.store.token_caches.load("acc-c1")
         assert loaded is not None
         assert "RefreshToken" in loaded[0]
         assert await _count(stack, CONNECT_FLOWS) == 0  # taken once, not left behind
         assert len(await stack.control.subscriptions()) == 1
-        assert await stack.rt.store.db["subscriptions"].count_documents({"account_id": "acc-c1"}) == 1
+        assert (
+            await stack.rt.store.db["subscriptions"].count_documents({"account_id": "acc-c1"}) == 1
+        )
 
         created = await stack.control.create_event(
             user_id, _event("First after connect"), immutable=True

@@ -46,7 +46,12 @@ def _shuffled_mix(account_id: str, rng: random.Random) -> tuple[list[dict[str, A
     for n in range(20):
         for revision in (1, 2, 3):
             bodies.append(
-                message(account_id, f"burst-{n}", revision, relation_event(f"C{n} r{revision}", day=n + 15))
+                message(
+                    account_id,
+                    f"burst-{n}",
+                    revision,
+                    relation_event(f"C{n} r{revision}", day=n + 15),
+                )
             )
         remain.append(f"C{n} r3")
     bodies += rng.sample(bodies, 10)  # redelivery
@@ -72,7 +77,9 @@ async def test_the_service_never_announces_its_own_writes_as_microsoft_changes(
     """1Relation's shuffled creates, updates and deletes (with redeliveries) reach Outlook,
     the database follows Graph's notifications of them, and onerelation.inbound carries
     no event.upserted or event.deleted from Microsoft for any of them."""
-    async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=ROLES) as stack:
+    async with running_stack(
+        tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=ROLES
+    ) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-e", user_id)
         await stack.control.set_faults(seed=11, **delivery)
@@ -89,8 +96,13 @@ async def test_the_service_never_announces_its_own_writes_as_microsoft_changes(
         announced = await stack.announcements()
         echoes = [a for a in announced if a["routing_key"] in ("event.upserted", "event.deleted")]
         counters = await stack.control.counters()
-        print({"echoes": len(echoes), "announcements": Counter(a["routing_key"] for a in announced),
-               "graph_requests": counters["by_kind"]})
+        print(
+            {
+                "echoes": len(echoes),
+                "announcements": Counter(a["routing_key"] for a in announced),
+                "graph_requests": counters["by_kind"],
+            }
+        )
         assert echoes == []
 
 
@@ -115,25 +127,39 @@ async def test_a_change_notified_three_times_costs_at_most_one_get(
         # The copies of one change arrive up to a second apart, in different batches.
         await stack.control.set_faults(notify_copies=3, reorder_ms=1000, seed=4)
         ids = [
-            (await stack.control.create_event(user_id, timed_event(f"Event {n}", days=n + 1), immutable=True))["id"]
+            (
+                await stack.control.create_event(
+                    user_id, timed_event(f"Event {n}", days=n + 1), immutable=True
+                )
+            )["id"]
             for n in range(8)
         ]
         await eventually(lambda: _settled(stack, "acc-t", user_id), timeout_s=30)
         first = await stack.control.counters()
         await _edit_all(stack, user_id, ids, "Edited")
-        await stack.control.update_event(user_id, ids[0], {"subject": "Edited again"}, immutable=True)
+        await stack.control.update_event(
+            user_id, ids[0], {"subject": "Edited again"}, immutable=True
+        )
         changes = len(ids) + 1
         await eventually(lambda: _settled(stack, "acc-t", user_id), timeout_s=30)
         counters = await stack.control.counters()
         gets = counters["by_kind"].get("events.get", 0) - first["by_kind"].get("events.get", 0)
-        print({"gets_per_change_triple": gets / changes, "creates_gets": first["by_kind"].get("events.get", 0) / 8})
+        print(
+            {
+                "gets_per_change_triple": gets / changes,
+                "creates_gets": first["by_kind"].get("events.get", 0) / 8,
+            }
+        )
         assert gets <= changes
         assert first["by_kind"].get("events.get", 0) <= 8
 
         key = stack.rt.events.event_key("acc-t", ids[0])
         mine = [a for a in await stack.announcements() if a["event_key"] == key]
         assert [a["change"] for a in mine] == ["upserted"] * len(mine)
-        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{7}Z", a["last_modified"]) for a in mine)
+        assert all(
+            re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{7}Z", a["last_modified"])
+            for a in mine
+        )
         sequences = [a["sequence"] for a in mine]
         assert sequences == sorted(set(sequences))
         assert len({a["last_modified"] for a in mine}) == len(mine)
@@ -144,28 +170,43 @@ async def test_echoes_of_the_services_own_writes_cost_no_get(
 ) -> None:
     """When Graph's notifications (three per change) arrive after the write's answer, the
     worker stores our write from that answer: no GET for creates, updates or deletes."""
-    async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=ROLES) as stack:
+    async with running_stack(
+        tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=ROLES
+    ) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-g", user_id)
         await stack.control.set_faults(notify_copies=3, notify_delay_ms=500)
         await stack.control.reset_counters()
         await publish_outbound(
-            stack, [message("acc-g", f"rel-{n}", 1, relation_event(f"Mine {n}", day=n + 1)) for n in range(6)]
+            stack,
+            [
+                message("acc-g", f"rel-{n}", 1, relation_event(f"Mine {n}", day=n + 1))
+                for n in range(6)
+            ],
         )
         await eventually(lambda: _settled_with(stack, "acc-g", user_id, 6), timeout_s=30)
         await publish_outbound(
             stack,
-            [message("acc-g", f"rel-{n}", 2, relation_event(f"Mine {n} moved", day=n + 1)) for n in range(4)]
+            [
+                message("acc-g", f"rel-{n}", 2, relation_event(f"Mine {n} moved", day=n + 1))
+                for n in range(4)
+            ]
             + [message("acc-g", "rel-5", 2, None)],
         )
         await eventually(lambda: _settled_with(stack, "acc-g", user_id, 5, moved=4), timeout_s=30)
         counters = await stack.control.counters()
-        print({"echo_gets": counters["by_kind"].get("events.get", 0), "by_kind": counters["by_kind"]})
+        print(
+            {"echo_gets": counters["by_kind"].get("events.get", 0), "by_kind": counters["by_kind"]}
+        )
         assert counters["by_kind"].get("events.get", 0) == 0
-        assert [a for a in await stack.announcements() if a["routing_key"] != "account.status"] == []
+        assert [
+            a for a in await stack.announcements() if a["routing_key"] != "account.status"
+        ] == []
 
 
-async def _settled_with(stack: Stack, account_id: str, user_id: str, count: int, moved: int = 0) -> bool:
+async def _settled_with(
+    stack: Stack, account_id: str, user_id: str, count: int, moved: int = 0
+) -> bool:
     subjects = [e["subject"] for e in await stack.control.events(user_id, immutable=True)]
     if len(subjects) != count or sum(s.endswith("moved") for s in subjects) != moved:
         return False
@@ -193,11 +234,20 @@ async def test_a_burst_on_one_mailbox_takes_one_delta_pass_instead_of_a_get_each
         await _edit_all(stack, user_id, ids, "Burst edited")
         await eventually(lambda: _settled(stack, "acc-b", user_id), timeout_s=60, interval_s=0.3)
         counters = await stack.control.counters()
-        print({"burst_requests_per_change": counters["total"] / len(ids), "by_kind": counters["by_kind"]})
+        print(
+            {
+                "burst_requests_per_change": counters["total"] / len(ids),
+                "by_kind": counters["by_kind"],
+            }
+        )
         assert counters["by_kind"].get("calendarView.delta", 0) >= 1
         assert counters["total"] <= len(ids) / 2
         assert _burst_passes(stack) > passes_before
-        announced = {a["event_key"] for a in await stack.announcements() if a["routing_key"] == "event.upserted"}
+        announced = {
+            a["event_key"]
+            for a in await stack.announcements()
+            if a["routing_key"] == "event.upserted"
+        }
         assert announced == {stack.rt.events.event_key("acc-b", gid) for gid in ids}
 
 
@@ -218,14 +268,25 @@ def _single_field_changes(base: dict[str, Any]) -> list[tuple[str, Any]]:
         ("showAs", "tentative"),
         ("sensitivity", "private"),
         ("categories", ["Blue category"]),
-        ("attendees", [{"emailAddress": {"address": "ann@example.com", "name": "Ann"}, "type": "required"}]),
+        (
+            "attendees",
+            [{"emailAddress": {"address": "ann@example.com", "name": "Ann"}, "type": "required"}],
+        ),
         ("start", {"dateTime": (start - timedelta(hours=1)).strftime(fmt), "timeZone": "UTC"}),
         ("end", {"dateTime": (end + timedelta(hours=1)).strftime(fmt), "timeZone": "UTC"}),
         (
             "recurrence",
             {
-                "pattern": {"type": "weekly", "interval": 1, "daysOfWeek": [start.strftime("%A").lower()]},
-                "range": {"type": "numbered", "numberOfOccurrences": 3, "startDate": start.strftime("%Y-%m-%d")},
+                "pattern": {
+                    "type": "weekly",
+                    "interval": 1,
+                    "daysOfWeek": [start.strftime("%A").lower()],
+                },
+                "range": {
+                    "type": "numbered",
+                    "numberOfOccurrences": 3,
+                    "startDate": start.strftime("%Y-%m-%d"),
+                },
             },
         ),
     ]
@@ -256,7 +317,9 @@ async def test_a_revision_changing_one_field_patches_only_that_field(
 ) -> None:
     """For every field 1Relation can send, a revision that changes only that field makes
     a PATCH holding only that field, and a revision that changes nothing makes no request."""
-    async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=ROLES) as stack:
+    async with running_stack(
+        tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=ROLES
+    ) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-p", user_id)
         cases: list[tuple[str, str, dict[str, Any]]] = []
@@ -269,14 +332,19 @@ async def test_a_revision_changing_one_field_patches_only_that_field(
         revisions = {"rel-fields": 1, "rel-allday": 1}
         await publish_outbound(
             stack,
-            [message("acc-p", "rel-fields", 1, _utc_event("Fields")), message("acc-p", "rel-allday", 1, all_day)],
+            [
+                message("acc-p", "rel-fields", 1, _utc_event("Fields")),
+                message("acc-p", "rel-allday", 1, all_day),
+            ],
         )
         await eventually(lambda: _applied(stack, "acc-p", revisions))
         seen: list[list[str]] = []
         for relation_id, name, event in cases:
             revisions[relation_id] += 1
             before = len((await stack.control.counters())["patch_fields"])
-            await publish_outbound(stack, [message("acc-p", relation_id, revisions[relation_id], event)])
+            await publish_outbound(
+                stack, [message("acc-p", relation_id, revisions[relation_id], event)]
+            )
             await eventually(lambda: _applied(stack, "acc-p", revisions))
             patches = (await stack.control.counters())["patch_fields"][before:]
             seen.append(patches[0] if patches else [])
@@ -289,16 +357,24 @@ async def test_a_revision_changing_one_field_patches_only_that_field(
         await asyncio.sleep(0.5)
         before = await stack.control.counters()
         revisions["rel-fields"] += 1
-        await publish_outbound(stack, [message("acc-p", "rel-fields", revisions["rel-fields"], cases[-2][2])])
+        await publish_outbound(
+            stack, [message("acc-p", "rel-fields", revisions["rel-fields"], cases[-2][2])]
+        )
         await eventually(lambda: _applied(stack, "acc-p", revisions))
         await asyncio.sleep(0.5)
         after = await stack.control.counters()
-        assert after["total"] == before["total"], (after["by_kind"], before["by_kind"], after["patch_fields"][-1])
+        assert after["total"] == before["total"], (
+            after["by_kind"],
+            before["by_kind"],
+            after["patch_fields"][-1],
+        )
 
 
 async def _applied(stack: Stack, account_id: str, revisions: dict[str, int]) -> bool:
     for relation_id, revision in revisions.items():
-        doc = await stack.rt.links.links.find_one({"_id": stack.rt.links.link_id(account_id, relation_id)})
+        doc = await stack.rt.links.links.find_one(
+            {"_id": stack.rt.links.link_id(account_id, relation_id)}
+        )
         if doc is None or doc.get("applied_revision") != revision:
             return False
     return True

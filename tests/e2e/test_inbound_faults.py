@@ -40,7 +40,10 @@ def _event(rng: random.Random, n: int) -> dict[str, Any]:
         "location": {"displayName": f"Room {rng.randrange(10**6)}"},
         "attendees": [
             {
-                "emailAddress": {"address": f"guest{n}-{rng.randrange(10**6)}@example.org", "name": "G"},
+                "emailAddress": {
+                    "address": f"guest{n}-{rng.randrange(10**6)}@example.org",
+                    "name": "G",
+                },
                 "type": "required",
             }
         ],
@@ -93,7 +96,9 @@ async def test_database_converges_to_graph_under_faults(
             patch = {"subject": f"Edited subject {n} {rng.randrange(10**9)}"}
             if n % 3 == 0:
                 patch["location"] = {"displayName": f"Moved room {rng.randrange(10**6)}"}
-            ever_seen.append(await stack.control.update_event(user_id, target, patch, immutable=True))
+            ever_seen.append(
+                await stack.control.update_event(user_id, target, patch, immutable=True)
+            )
             changes += 1
         for target in rng.sample(created, 8):
             await stack.control.delete_event(user_id, target)
@@ -104,8 +109,11 @@ async def test_database_converges_to_graph_under_faults(
                 **_event(rng, 99),
                 "recurrence": {
                     "pattern": {"type": "weekly", "interval": 1, "daysOfWeek": ["monday"]},
-                    "range": {"type": "numbered", "numberOfOccurrences": 6,
-                              "startDate": (datetime.now(UTC) + timedelta(days=3)).strftime("%Y-%m-%d")},
+                    "range": {
+                        "type": "numbered",
+                        "numberOfOccurrences": 6,
+                        "startDate": (datetime.now(UTC) + timedelta(days=3)).strftime("%Y-%m-%d"),
+                    },
                 },
             },
             immutable=True,
@@ -129,7 +137,9 @@ async def test_database_converges_to_graph_under_faults(
             # below can catch a batch between its write and its announcement.
             if await stack.rt.events.pending_announcements("acc-f"):
                 return False
-            diff = await diff_account(stack.rt.store, stack.rt.events, "acc-f", await expected_for(stack, user_id))
+            diff = await diff_account(
+                stack.rt.store, stack.rt.events, "acc-f", await expected_for(stack, user_id)
+            )
             return diff.ok
 
         await eventually(converged, timeout_s=90, interval_s=0.5)
@@ -143,9 +153,7 @@ async def test_database_converges_to_graph_under_faults(
         # Each real change is announced once: no (event, version, kind) twice, every live
         # event announced as upserted, every stored tombstone announced as deleted.
         announcements = await stack.announcements()
-        versions = Counter(
-            (a["event_key"], a["change"], a["last_modified"]) for a in announcements
-        )
+        versions = Counter((a["event_key"], a["change"], a["last_modified"]) for a in announcements)
         assert all(count == 1 for count in versions.values()), versions.most_common(3)
         by_key: dict[str, list[int]] = {}
         for a in announcements:
@@ -156,7 +164,10 @@ async def test_database_converges_to_graph_under_faults(
             assert (stack.rt.events.event_key("acc-f", graph_id), "upserted") in announced
         async for tomb in stack.rt.events.collection.find({"account_id": "acc-f", "deleted": True}):
             assert (tomb["_id"], "deleted") in announced
-        assert all(set(a) >= {"schema", "account_id", "event_key", "change", "origin"} for a in announcements)
+        assert all(
+            set(a) >= {"schema", "account_id", "event_key", "change", "origin"}
+            for a in announcements
+        )
 
         # No content, address, token, client state or Microsoft id in plaintext anywhere.
         subscriptions = await stack.control.subscriptions()
@@ -190,7 +201,9 @@ async def test_database_converges_to_graph_under_faults(
         )
 
 
-async def test_notification_to_document_lag(tmp_path: Path, amqp_url: str, mongodb_url: str) -> None:
+async def test_notification_to_document_lag(
+    tmp_path: Path, amqp_url: str, mongodb_url: str
+) -> None:
     """Every created event is written once after its first notification (lag reported)."""
     rng = random.Random(5)
     async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url) as stack:
@@ -199,7 +212,9 @@ async def test_notification_to_document_lag(tmp_path: Path, amqp_url: str, mongo
         await stack.control.set_faults(seed=3, duplicates=True, reorder_ms=100, latency_ms=20)
         ids = []
         for n in range(40):
-            ids.append((await stack.control.create_event(user_id, _event(rng, n), immutable=True))["id"])
+            ids.append(
+                (await stack.control.create_event(user_id, _event(rng, n), immutable=True))["id"]
+            )
 
         async def all_written() -> bool:
             count = await stack.rt.events.collection.count_documents({"account_id": "acc-l"})
@@ -215,10 +230,19 @@ async def test_notification_to_document_lag(tmp_path: Path, amqp_url: str, mongo
                 first_post[event_id] = min(first_post.get(event_id, started), started)
         lags = []
         for event_id in ids:
-            doc = await stack.rt.events.collection.find_one({"_id": stack.rt.events.event_key("acc-l", event_id)})
+            doc = await stack.rt.events.collection.find_one(
+                {"_id": stack.rt.events.event_key("acc-l", event_id)}
+            )
             assert doc is not None
             lags.append(doc["updated_at"].timestamp() - first_post[event_id])
         assert min(lags) > 0
         lags.sort()
-        print(json.dumps({"lag_p50_s": round(statistics.median(lags), 3),
-                          "lag_p99_s": round(lags[int(0.99 * (len(lags) - 1))], 3), "n": len(lags)}))
+        print(
+            json.dumps(
+                {
+                    "lag_p50_s": round(statistics.median(lags), 3),
+                    "lag_p99_s": round(lags[int(0.99 * (len(lags) - 1))], 3),
+                    "n": len(lags),
+                }
+            )
+        )

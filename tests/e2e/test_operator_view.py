@@ -27,8 +27,12 @@ ARTIFACTS = ROOT / ".run" / "artifacts"
 async def _cli(stack: Stack, *args: str) -> str:
     """Run the real ``m365sync`` console entry point against the stack's services."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "processor.cli", *args,
-        env={**os.environ, **stack.env}, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "processor.cli",
+        *args,
+        env={**os.environ, **stack.env},
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -41,13 +45,17 @@ async def _synced_stack_with_traffic(stack: Stack) -> str:
     user_id = (await stack.control.users())[0]["id"]
     await stack.connect_account("acc-op", user_id)
     for n in range(6):
-        await stack.control.create_event(user_id, timed_event(f"Ops {n}", days=n + 1), immutable=True)
+        await stack.control.create_event(
+            user_id, timed_event(f"Ops {n}", days=n + 1), immutable=True
+        )
     await eventually(lambda: converged(stack, "acc-op", user_id), timeout_s=30)
     return str(user_id)
 
 
 async def _lag_reported(stack: Stack) -> dict[str, Any] | None:
-    facts = await collect(db=stack.rt.db, connection=stack.rt.connection, shard_count=stack.settings.shard_count)
+    facts = await collect(
+        db=stack.rt.db, connection=stack.rt.connection, shard_count=stack.settings.shard_count
+    )
     return facts if facts["lag"]["worker"]["samples"] > 0 else None
 
 
@@ -86,13 +94,19 @@ async def test_status_reports_accounts_subscriptions_queues_dead_letters_and_lag
         # A slow Graph: the worker holds the deliveries while it fetches; their age shows.
         await stack.control.set_faults(latency_ms=4000)
         for n in range(3):
-            await stack.control.create_event(user_id, timed_event(f"Slow {n}", days=20 + n), immutable=True)
+            await stack.control.create_event(
+                user_id, timed_event(f"Slow {n}", days=20 + n), immutable=True
+            )
 
         async def holding() -> dict[str, Any] | None:
             facts = await collect(
-                db=stack.rt.db, connection=stack.rt.connection, shard_count=stack.settings.shard_count
+                db=stack.rt.db,
+                connection=stack.rt.connection,
+                shard_count=stack.settings.shard_count,
             )
-            aged = [q for q in facts["queues"] if q.get("held") and q.get("oldest_age_s") is not None]
+            aged = [
+                q for q in facts["queues"] if q.get("held") and q.get("oldest_age_s") is not None
+            ]
             return aged[0] if aged else None
 
         held = await eventually(holding, timeout_s=20, interval_s=0.3)

@@ -26,13 +26,27 @@ async def test_a_new_relation_event_appears_in_outlook_once_and_is_not_echoed(
 ) -> None:
     """An upsert creates the event (Windows time zone), an update PATCHes it, and the
     notifications about those writes produce no event.upserted for 1Relation."""
-    async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=ROLES) as stack:
+    async with running_stack(
+        tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=ROLES
+    ) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-1", user_id)
-        await publish_outbound(stack, [message("acc-1", "rel-1", 1, relation_event("Quarterly review"))])
+        await publish_outbound(
+            stack, [message("acc-1", "rel-1", 1, relation_event("Quarterly review"))]
+        )
         created = await eventually(lambda: _first(stack, user_id, "Quarterly review"))
         assert created["start"]["timeZone"] == "UTC"
-        await publish_outbound(stack, [message("acc-1", "rel-1", 2, {**relation_event("Quarterly review"), "subject": "Quarterly review (moved)"})])
+        await publish_outbound(
+            stack,
+            [
+                message(
+                    "acc-1",
+                    "rel-1",
+                    2,
+                    {**relation_event("Quarterly review"), "subject": "Quarterly review (moved)"},
+                )
+            ],
+        )
         await eventually(lambda: _first(stack, user_id, "Quarterly review (moved)"))
         key = stack.rt.events.event_key("acc-1", created["id"])
 
@@ -41,7 +55,9 @@ async def test_a_new_relation_event_appears_in_outlook_once_and_is_not_echoed(
             if doc is None:
                 return False
             content = stack.rt.events.decrypt(doc, await stack.rt.store.keys.cipher_for("acc-1"))[1]
-            return content["subject"] == "Quarterly review (moved)" and await stack.control.is_idle()
+            return (
+                content["subject"] == "Quarterly review (moved)" and await stack.control.is_idle()
+            )
 
         await eventually(stored_latest)
         await asyncio.sleep(0.5)
@@ -60,7 +76,9 @@ async def test_shuffled_and_redelivered_revisions_end_in_exactly_the_intended_ev
     """100 upserts and deletes over 20 events, shuffled and duplicated: Outlook ends with
     exactly the events 1Relation intended (the highest revision of each), no duplicates."""
     rng = random.Random(1)
-    async with running_stack(tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=ROLES) as stack:
+    async with running_stack(
+        tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=ROLES
+    ) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-2", user_id)
         bodies = []
@@ -71,7 +89,14 @@ async def test_shuffled_and_redelivered_revisions_end_in_exactly_the_intended_ev
             for revision in revisions:
                 deleted = n % 4 == 0 and revision == 5
                 subject = f"Event {n} r{revision}"
-                bodies.append(message("acc-2", rel, revision, None if deleted else relation_event(subject, day=n + 1)))
+                bodies.append(
+                    message(
+                        "acc-2",
+                        rel,
+                        revision,
+                        None if deleted else relation_event(subject, day=n + 1),
+                    )
+                )
                 intended[rel] = None if deleted else subject
         sent = bodies + rng.sample(bodies, 30)  # redelivery
         rng.shuffle(sent)

@@ -36,7 +36,9 @@ async def test_a_crash_between_the_graph_write_and_the_ack_leaves_exactly_one_ev
         first = await RoleProcess("outbound", stack.env, tmp_path / "outbound1.log").start()
         await first.wait_log("process.ready")
         await stack.control.set_faults(write_answer_delay_ms=4000)
-        await publish_outbound(stack, [message("acc-c", "rel-crash", 1, relation_event("Crash window"))])
+        await publish_outbound(
+            stack, [message("acc-c", "rel-crash", 1, relation_event("Crash window"))]
+        )
 
         async def created() -> bool:
             return await _subjects(stack, user_id) == ["Crash window"]
@@ -67,7 +69,10 @@ async def test_invalid_messages_are_dead_lettered_with_reasons_while_valid_ones_
     oversize body each reach the dead-letter queue with a reason (and event.rejected when
     1Relation can match it), and the valid messages around them are applied."""
     async with running_stack(
-        tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=("receiver", "worker", "outbound")
+        tmp_path,
+        amqp_url=amqp_url,
+        mongodb_url=mongodb_url,
+        roles=("receiver", "worker", "outbound"),
     ) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-v", user_id)
@@ -78,14 +83,32 @@ async def test_invalid_messages_are_dead_lettered_with_reasons_while_valid_ones_
             {**message("acc-v", "rel-a", 1, good), "schema": "onerelation.event.v0"},
             {k: v for k, v in message("acc-v", "rel-b", 1, good).items() if k != "revision"},
             message("acc-v", "rel-c", 1, backwards),
-            message("acc-v", "rel-d", 1, {**good, "start": {"dateTime": "2026-02-30T10:00:00", "timeZone": "UTC"}}),
-            message("acc-v", "rel-e", 1, {**good, "start": {**good["start"], "timeZone": "Mars/Olympus"}}),
-            message("acc-v", "rel-f", 1, {**good, "body": {"contentType": "text", "content": "x" * 1_100_000}}),
+            message(
+                "acc-v",
+                "rel-d",
+                1,
+                {**good, "start": {"dateTime": "2026-02-30T10:00:00", "timeZone": "UTC"}},
+            ),
+            message(
+                "acc-v",
+                "rel-e",
+                1,
+                {**good, "start": {**good["start"], "timeZone": "Mars/Olympus"}},
+            ),
+            message(
+                "acc-v",
+                "rel-f",
+                1,
+                {**good, "body": {"contentType": "text", "content": "x" * 1_100_000}},
+            ),
             message("acc-v", "rel-g", 1, {**good, "colour": "red"}),
             {**message("acc-v", "rel-h", 1, good), "revision": "seven"},
             message("acc-nobody", "rel-i", 1, good),
         ]
-        valid = [message("acc-v", f"rel-ok-{n}", 1, relation_event(f"Valid {n}", day=n + 1)) for n in range(3)]
+        valid = [
+            message("acc-v", f"rel-ok-{n}", 1, relation_event(f"Valid {n}", day=n + 1))
+            for n in range(3)
+        ]
         await publish_outbound(stack, [valid[0], *bad[:5], valid[1], *bad[5:], valid[2]])
 
         async def applied() -> bool:
@@ -105,11 +128,27 @@ async def test_invalid_messages_are_dead_lettered_with_reasons_while_valid_ones_
         await channel.close()
         assert len(reasons) == len(bad)
         text = "\n".join(reasons)
-        for expected in ("not JSON", "schema", "revision", "after event.start", "not a real date",
-                         "time zone", "larger than", "colour", "not connected"):
+        for expected in (
+            "not JSON",
+            "schema",
+            "revision",
+            "after event.start",
+            "not a real date",
+            "time zone",
+            "larger than",
+            "colour",
+            "not connected",
+        ):
             assert expected in text, (expected, reasons)
         rejected = [a for a in await stack.announcements() if a["routing_key"] == "event.rejected"]
-        assert {r["relation_event_id"] for r in rejected} >= {"rel-a", "rel-c", "rel-d", "rel-e", "rel-f", "rel-g"}
+        assert {r["relation_event_id"] for r in rejected} >= {
+            "rel-a",
+            "rel-c",
+            "rel-d",
+            "rel-e",
+            "rel-f",
+            "rel-g",
+        }
         assert all("x" * 20 not in json.dumps(r) for r in rejected)
 
 
@@ -119,17 +158,22 @@ async def test_both_sides_edit_the_same_event_and_the_newer_change_wins_per_fiel
     """Outlook's newer subject beats an older 1Relation subject (reported as event.conflict
     with the lost fields), while 1Relation's time change, untouched in Outlook, still applies."""
     async with running_stack(
-        tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=("receiver", "worker", "outbound")
+        tmp_path,
+        amqp_url=amqp_url,
+        mongodb_url=mongodb_url,
+        roles=("receiver", "worker", "outbound"),
     ) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-x", user_id)
         original = relation_event("Planning", hour=9)
         await publish_outbound(stack, [message("acc-x", "rel-x", 1, original)])
-        event = (await eventually(lambda: _by_subject(stack, user_id, "Planning")))
+        event = await eventually(lambda: _by_subject(stack, user_id, "Planning"))
         key = stack.rt.events.event_key("acc-x", event["id"])
         before_outlook_edit = datetime.now(UTC) - timedelta(seconds=1)
         await asyncio.sleep(1.1)
-        await stack.control.update_event(user_id, event["id"], {"subject": "Planning (renamed in Outlook)"}, immutable=True)
+        await stack.control.update_event(
+            user_id, event["id"], {"subject": "Planning (renamed in Outlook)"}, immutable=True
+        )
 
         async def seen_outlook_edit() -> bool:
             doc = await stack.rt.events.collection.find_one({"_id": key})
@@ -140,7 +184,9 @@ async def test_both_sides_edit_the_same_event_and_the_newer_change_wins_per_fiel
 
         await eventually(seen_outlook_edit)
         moved = relation_event("Planning (renamed in 1Relation)", hour=14)
-        await publish_outbound(stack, [message("acc-x", "rel-x", 2, moved, occurred_at=before_outlook_edit)])
+        await publish_outbound(
+            stack, [message("acc-x", "rel-x", 2, moved, occurred_at=before_outlook_edit)]
+        )
 
         async def settled() -> dict[str, Any] | None:
             current = await _by_subject(stack, user_id, "Planning (renamed in Outlook)")

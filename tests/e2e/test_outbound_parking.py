@@ -19,7 +19,10 @@ async def test_changes_wait_while_reauthorization_is_required_and_apply_in_order
     outbound changes are parked (acked, encrypted, not dead-lettered), and after the user
     reconnects they are applied in revision order: Outlook shows the last one."""
     async with running_stack(
-        tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=("receiver", "worker", "outbound")
+        tmp_path,
+        amqp_url=amqp_url,
+        mongodb_url=mongodb_url,
+        roles=("receiver", "worker", "outbound"),
     ) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-p", user_id)

@@ -45,7 +45,9 @@ async def test_a_change_left_unannounced_by_a_crash_is_announced_once_by_the_rel
         )
         assert await relay.run_once(older_than_s=0, now=utcnow()) == 1
         announced = await eventually(stack.announcements)
-        assert [(a["event_key"], a["change"]) for a in announced] == [(change.event_key, "upserted")]
+        assert [(a["event_key"], a["change"]) for a in announced] == [
+            (change.event_key, "upserted")
+        ]
         assert announced[0]["last_modified"] == "2026-12-01T08:16:02.1234567Z"
         assert announced[0]["sequence"] == change.seq
 

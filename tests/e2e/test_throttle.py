@@ -54,7 +54,9 @@ async def test_no_request_jumps_retry_after_and_the_account_converges(
     rng = random.Random(20261203)
     # Per-event GETs (the faults are on them): a burst's one delta pass would meet few.
     async with running_stack(
-        tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url,
+        tmp_path,
+        amqp_url=amqp_url,
+        mongodb_url=mongodb_url,
         roles=("receiver", "worker", "outbound"),
         extra_env={"M365SYNC_BURST_MIN_EVENTS": "1000"},
     ) as stack:
@@ -70,12 +72,17 @@ async def test_no_request_jumps_retry_after_and_the_account_converges(
                 roll = rng.random()
                 if not live or roll < 0.4:
                     event = await stack.control.create_event(
-                        user_id, timed_event(f"Load {made}", days=rng.randint(1, 60),
-                                             hours=rng.randint(0, 8)), immutable=True)
+                        user_id,
+                        timed_event(
+                            f"Load {made}", days=rng.randint(1, 60), hours=rng.randint(0, 8)
+                        ),
+                        immutable=True,
+                    )
                     live.append(event["id"])
                 elif roll < 0.85:
                     await stack.control.update_event(
-                        user_id, rng.choice(live), {"subject": f"Edit {made}"}, immutable=True)
+                        user_id, rng.choice(live), {"subject": f"Edit {made}"}, immutable=True
+                    )
                 else:
                     await stack.control.delete_event(user_id, live.pop(rng.randrange(len(live))))
                 made += 1
@@ -83,11 +90,21 @@ async def test_no_request_jumps_retry_after_and_the_account_converges(
 
         async def relation() -> None:
             for n in range(12):
-                bodies = [message("acc-t", f"rel-{n}", 1, relation_event(f"From CRM {n}", day=n + 2))]
+                bodies = [
+                    message("acc-t", f"rel-{n}", 1, relation_event(f"From CRM {n}", day=n + 2))
+                ]
                 if n % 3 == 0:
-                    bodies.append(message("acc-t", f"rel-{n}", 2,
-                                          {**relation_event(f"From CRM {n}", day=n + 2),
-                                           "subject": f"From CRM {n} (moved)"}))
+                    bodies.append(
+                        message(
+                            "acc-t",
+                            f"rel-{n}",
+                            2,
+                            {
+                                **relation_event(f"From CRM {n}", day=n + 2),
+                                "subject": f"From CRM {n} (moved)",
+                            },
+                        )
+                    )
                 await publish_outbound(stack, bodies)
                 await asyncio.sleep(0.4)
 
@@ -109,13 +126,17 @@ async def test_no_request_jumps_retry_after_and_the_account_converges(
         await eventually(converged, timeout_s=180, interval_s=0.25)
         seconds = time.monotonic() - last_change
         counters = await stack.control.counters()
-        print(json.dumps({  # figures for the closing note; not asserted (timing is for benches)
-            "changes": CHANGES,
-            "last_change_to_converged_s": round(seconds, 1),
-            "retry_after_violations": counters["retry_after_violations"],
-            "retry_after_within_grace": counters["retry_after_within_grace"],
-            "by_status": counters["by_status"],
-            "client": dict(stack.rt.graph.stats),
-        }))
+        print(
+            json.dumps(
+                {  # figures for the closing note; not asserted (timing is for benches)
+                    "changes": CHANGES,
+                    "last_change_to_converged_s": round(seconds, 1),
+                    "retry_after_violations": counters["retry_after_violations"],
+                    "retry_after_within_grace": counters["retry_after_within_grace"],
+                    "by_status": counters["by_status"],
+                    "client": dict(stack.rt.graph.stats),
+                }
+            )
+        )
         assert counters["throttled_429"] > 0, counters["by_status"]
         assert counters["retry_after_violations"] == 0, counters["retry_after_recent"][:10]

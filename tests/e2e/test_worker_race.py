@@ -28,7 +28,8 @@ async def test_racing_deliveries_across_worker_processes_never_overwrite_a_newer
         tmp_path, amqp_url=amqp_url, mongodb_url=mongodb_url, roles=("receiver",)
     ) as stack:
         workers = [
-            await RoleProcess("worker", stack.env, tmp_path / f"worker{i}.log").start() for i in range(3)
+            await RoleProcess("worker", stack.env, tmp_path / f"worker{i}.log").start()
+            for i in range(3)
         ]
         try:
             for worker in workers:
@@ -43,8 +44,14 @@ async def test_racing_deliveries_across_worker_processes_never_overwrite_a_newer
                     user_id,
                     {
                         "subject": f"Race {n}",
-                        "start": {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
-                        "end": {"dateTime": (start + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
+                        "start": {
+                            "dateTime": start.strftime("%Y-%m-%dT%H:%M:%S"),
+                            "timeZone": "UTC",
+                        },
+                        "end": {
+                            "dateTime": (start + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S"),
+                            "timeZone": "UTC",
+                        },
                     },
                     immutable=True,
                 )
@@ -55,7 +62,9 @@ async def test_racing_deliveries_across_worker_processes_never_overwrite_a_newer
 
             async def watch() -> None:
                 while watching:
-                    async for doc in stack.rt.events.collection.find({"account_id": "acc-r"}, {"lm": 1}):
+                    async for doc in stack.rt.events.collection.find(
+                        {"account_id": "acc-r"}, {"lm": 1}
+                    ):
                         seq = history[doc["_id"]]
                         if not seq or seq[-1] != doc["lm"]:
                             seq.append(doc["lm"])
@@ -63,7 +72,9 @@ async def test_racing_deliveries_across_worker_processes_never_overwrite_a_newer
 
             watcher = asyncio.create_task(watch())
             for n in range(60):
-                await stack.control.update_event(user_id, rng.choice(ids), {"subject": f"Edit {n}"}, immutable=True)
+                await stack.control.update_event(
+                    user_id, rng.choice(ids), {"subject": f"Edit {n}"}, immutable=True
+                )
                 if n == 30:
                     workers[0].kill()  # whichever shard it held moves to another process
                 await asyncio.sleep(rng.uniform(0, 0.02))
@@ -72,7 +83,9 @@ async def test_racing_deliveries_across_worker_processes_never_overwrite_a_newer
                 truth = expected_events(
                     await stack.control.events(user_id, immutable=True),
                     await stack.control.calendar_view(
-                        user_id, isoformat_z(start - timedelta(days=1)), isoformat_z(start + timedelta(days=1)),
+                        user_id,
+                        isoformat_z(start - timedelta(days=1)),
+                        isoformat_z(start + timedelta(days=1)),
                         immutable=True,
                     ),
                 )

@@ -33,8 +33,15 @@ class OutlookLoad:
     """An Outlook user creating (and now and then editing or deleting) events until stopped."""
 
     def __init__(
-        self, history: History, user_id: str, *, seed: int, interval_s: float = 0.05,
-        edits: bool = True, limit: int = 10_000, burst: int = 0,
+        self,
+        history: History,
+        user_id: str,
+        *,
+        seed: int,
+        interval_s: float = 0.05,
+        edits: bool = True,
+        limit: int = 10_000,
+        burst: int = 0,
     ) -> None:
         self.history = history
         self.user_id = user_id
@@ -111,9 +118,16 @@ async def until(predicate: Callable[[], Awaitable[Any]], timeout_s: float = 20.0
     return await eventually(predicate, timeout_s=timeout_s, interval_s=0.05)
 
 
-def history_for(stack: Stack, label: str, *, mongodb_url: str, node: RabbitNode, vhost: str) -> History:
+def history_for(
+    stack: Stack, label: str, *, mongodb_url: str, node: RabbitNode, vhost: str
+) -> History:
     """A :class:`History` over ``stack``'s accounts, reading the database at ``mongodb_url``."""
     return History(
-        label, control=stack.control, settings=stack.settings, accounts=stack.accounts,
-        mongodb_url=mongodb_url, node=node, vhost=vhost,
+        label,
+        control=stack.control,
+        settings=stack.settings,
+        accounts=stack.accounts,
+        mongodb_url=mongodb_url,
+        node=node,
+        vhost=vhost,
     )

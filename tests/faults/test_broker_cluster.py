@@ -79,15 +79,20 @@ async def test_losing_the_leader_node_of_the_shard_queues_loses_nothing(
             shards = stack.settings.shard_count
             await wait_consumers(cluster, vhost, SHARD_PREFIX, shards)  # type: ignore[arg-type]
             queues = await cluster.queues(vhost)
-            members = {len(q.get("members") or []) for n, q in queues.items() if n.startswith(SHARD_PREFIX)}
+            members = {
+                len(q.get("members") or []) for n, q in queues.items() if n.startswith(SHARD_PREFIX)
+            }
             assert members == {3}, f"shard queues not replicated on every node: {members}"
             leader_name, led = (await cluster.leaders(vhost, SHARD_PREFIX)).most_common(1)[0]
             leader = cluster.node_named(leader_name)
             # Slow Graph reads: the worker holds deliveries unacknowledged while it fetches.
             await stack.control.set_faults(latency_ms=300, duplicates=True)
             async with history_for(
-                stack, "broker-cluster-node-loss", mongodb_url=mongodb_url,
-                node=cluster, vhost=vhost,  # type: ignore[arg-type]
+                stack,
+                "broker-cluster-node-loss",
+                mongodb_url=mongodb_url,
+                node=cluster,
+                vhost=vhost,  # type: ignore[arg-type]
             ) as history:
                 load = OutlookLoad(history, user_id, seed=23, interval_s=0.15, burst=20).start()
 
@@ -100,7 +105,11 @@ async def test_losing_the_leader_node_of_the_shard_queues_loses_nothing(
                 await leader.stop()
                 stopped_s = loop.time() - stop_began
                 consumers_back_s = await wait_consumers(
-                    cluster, vhost, SHARD_PREFIX, shards, timeout_s=30  # type: ignore[arg-type]
+                    cluster,
+                    vhost,
+                    SHARD_PREFIX,
+                    shards,
+                    timeout_s=30,  # type: ignore[arg-type]
                 )
                 new_leaders = await cluster.leaders(vhost, SHARD_PREFIX)
                 assert leader_name not in new_leaders, f"{leader_name} still leads {new_leaders}"

@@ -29,7 +29,9 @@ async def test_broker_connection_slowed_cut_and_refused(
     async with TCPProxy("127.0.0.1", broker.node.amqp_port) as proxy:
         proxied = broker.url.replace(f":{broker.node.amqp_port}/", f":{proxy.port}/")
         async with running_stack(
-            tmp_path, amqp_url=proxied, mongodb_url=mongodb_url,
+            tmp_path,
+            amqp_url=proxied,
+            mongodb_url=mongodb_url,
             roles=("receiver", "worker", "outbound"),
         ) as stack:
             user_id = (await stack.control.users())[0]["id"]
@@ -38,8 +40,11 @@ async def test_broker_connection_slowed_cut_and_refused(
             await wait_consumers(broker.node, broker.vhost, "m365sync.inbound.", shards)
             await stack.control.set_faults(latency_ms=50, duplicates=True)
             async with history_for(
-                stack, "broker-proxy-slow-cut-refuse", mongodb_url=mongodb_url,
-                node=broker.node, vhost=broker.vhost,
+                stack,
+                "broker-proxy-slow-cut-refuse",
+                mongodb_url=mongodb_url,
+                node=broker.node,
+                vhost=broker.vhost,
             ) as history:
                 load = OutlookLoad(history, user_id, seed=61, interval_s=0.1).start()
                 await history.publish_outbound(broker.url, relation_changes("acc-n", 10))

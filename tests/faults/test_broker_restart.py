@@ -34,8 +34,11 @@ async def test_broker_restart_while_the_receiver_publishes_and_workers_hold_mess
         # Slow Graph reads: the worker holds deliveries unacknowledged while it fetches.
         await stack.control.set_faults(latency_ms=400, duplicates=True)
         async with history_for(
-            stack, f"broker-restart-{how}", mongodb_url=mongodb_url,
-            node=broker.node, vhost=broker.vhost,
+            stack,
+            f"broker-restart-{how}",
+            mongodb_url=mongodb_url,
+            node=broker.node,
+            vhost=broker.vhost,
         ) as history:
             load = OutlookLoad(history, user_id, seed=11, interval_s=0.3, burst=25).start()
 

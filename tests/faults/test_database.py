@@ -31,13 +31,18 @@ async def test_database_stopped_and_restarted_mid_stream(
     async with running_stack(tmp_path, amqp_url=broker.url, mongodb_url=mongodb_url) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-d", user_id)
-        await wait_consumers(broker.node, broker.vhost, "m365sync.inbound.", stack.settings.shard_count)
+        await wait_consumers(
+            broker.node, broker.vhost, "m365sync.inbound.", stack.settings.shard_count
+        )
         # Graph reads slower than changes arrive: a backlog builds and the worker holds
         # deliveries for longer than the broker's statistics interval, so the moment is seen.
         await stack.control.set_faults(latency_ms=1000)
         async with history_for(
-            stack, f"database-restart-{how}", mongodb_url=mongodb_url,
-            node=broker.node, vhost=broker.vhost,
+            stack,
+            f"database-restart-{how}",
+            mongodb_url=mongodb_url,
+            node=broker.node,
+            vhost=broker.vhost,
         ) as history:
             load = OutlookLoad(history, user_id, seed=21, interval_s=0.15, burst=10).start()
 
@@ -72,8 +77,11 @@ async def test_database_connection_slowed_then_cut(
             await stack.connect_account("acc-p", user_id)
             await stack.control.set_faults(latency_ms=50, duplicates=True)
             async with history_for(
-                stack, "database-proxy-slow-cut", mongodb_url=ferret.url(database),
-                node=broker.node, vhost=broker.vhost,
+                stack,
+                "database-proxy-slow-cut",
+                mongodb_url=ferret.url(database),
+                node=broker.node,
+                vhost=broker.vhost,
             ) as history:
                 load = OutlookLoad(history, user_id, seed=22, interval_s=0.1).start()
                 await asyncio.sleep(1.0)

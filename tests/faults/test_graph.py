@@ -26,20 +26,32 @@ async def test_graph_throttling_and_unavailability_storm_with_slow_answers(
     converge once it calms down, with no message dead-lettered."""
     mongodb_url = ferret.url(f"m365sync_fault_{uuid.uuid4().hex[:8]}")
     async with running_stack(
-        tmp_path, amqp_url=broker.url, mongodb_url=mongodb_url,
+        tmp_path,
+        amqp_url=broker.url,
+        mongodb_url=mongodb_url,
         roles=("receiver", "worker", "outbound"),
     ) as stack:
         user_id = (await stack.control.users())[0]["id"]
         await stack.connect_account("acc-g", user_id)
-        await wait_consumers(broker.node, broker.vhost, "m365sync.inbound.", stack.settings.shard_count)
+        await wait_consumers(
+            broker.node, broker.vhost, "m365sync.inbound.", stack.settings.shard_count
+        )
         async with history_for(
-            stack, "graph-429-503-slow", mongodb_url=mongodb_url,
-            node=broker.node, vhost=broker.vhost,
+            stack,
+            "graph-429-503-slow",
+            mongodb_url=mongodb_url,
+            node=broker.node,
+            vhost=broker.vhost,
         ) as history:
             await history.fault()
             await stack.control.set_faults(
-                seed=9, duplicates=True, latency_ms=300, max_concurrent_per_mailbox=1,
-                throttle_retry_after="0.5", random_503_rate=0.3, random_503_retry_after="0.3",
+                seed=9,
+                duplicates=True,
+                latency_ms=300,
+                max_concurrent_per_mailbox=1,
+                throttle_retry_after="0.5",
+                random_503_rate=0.3,
+                random_503_retry_after="0.3",
             )
             load = OutlookLoad(history, user_id, seed=51, interval_s=0.1, limit=40).start()
             await history.publish_outbound(broker.url, relation_changes("acc-g", 10))

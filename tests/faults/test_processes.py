@@ -85,8 +85,11 @@ async def test_worker_and_outbound_processes_killed_mid_batch(
             # Graph slower than the changes come: both processes hold deliveries for seconds.
             await stack.control.set_faults(latency_ms=1000)
             async with history_for(
-                stack, "process-sigkill-mid-batch", mongodb_url=mongodb_url,
-                node=broker.node, vhost=broker.vhost,
+                stack,
+                "process-sigkill-mid-batch",
+                mongodb_url=mongodb_url,
+                node=broker.node,
+                vhost=broker.vhost,
             ) as history:
                 load = OutlookLoad(history, user_id, seed=31, interval_s=0.05, limit=40).start()
                 await history.publish_outbound(broker.url, relation_changes("acc-k", 15))
@@ -141,12 +144,17 @@ async def test_sigterm_under_load_drains_in_flight_work_before_exit(
             # Slow enough that the worker holds deliveries while the outbound writer does.
             await stack.control.set_faults(latency_ms=600)
             async with history_for(
-                stack, "sigterm-under-load", mongodb_url=mongodb_url,
-                node=broker.node, vhost=broker.vhost,
+                stack,
+                "sigterm-under-load",
+                mongodb_url=mongodb_url,
+                node=broker.node,
+                vhost=broker.vhost,
             ) as history:
                 # Creates only and no duplicate notifications: each event has exactly one
                 # notification, so one acked without its effect would show as lost.
-                load = OutlookLoad(history, user_id, seed=41, interval_s=0.05, edits=False, limit=40).start()
+                load = OutlookLoad(
+                    history, user_id, seed=41, interval_s=0.05, edits=False, limit=40
+                ).start()
                 await history.publish_outbound(broker.url, relation_changes("acc-t", 15))
 
                 async def both_busy() -> bool:

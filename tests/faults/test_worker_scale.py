@@ -155,7 +155,12 @@ class RelationLoad:
             self.revision += 1
             n = self.revision % 6
             bodies = [
-                message(a, f"rel-{n}", self.revision, relation_event(f"rel-{n} r{self.revision}", day=1 + n))
+                message(
+                    a,
+                    f"rel-{n}",
+                    self.revision,
+                    relation_event(f"rel-{n} r{self.revision}", day=1 + n),
+                )
                 for a in self.accounts
             ]
             await self.history.publish_outbound(self.url, bodies)
@@ -184,8 +189,12 @@ async def test_scaling_a_role_from_one_to_four_processes_and_back_to_two(
     users = tuple((f"User {i}", f"user{i}@contoso.example") for i in range(len(accounts)))
     in_process = ("receiver",) if role == "worker" else ("receiver", "worker")
     async with running_stack(
-        tmp_path, amqp_url=broker.url, mongodb_url=mongodb_url, roles=in_process,
-        sim_config={"users": users}, extra_env={"M365SYNC_SHARDS": str(SHARDS)},
+        tmp_path,
+        amqp_url=broker.url,
+        mongodb_url=mongodb_url,
+        roles=in_process,
+        sim_config={"users": users},
+        extra_env={"M365SYNC_SHARDS": str(SHARDS)},
     ) as stack:
         procs: list[RoleProcess] = []
         stopped: list[RoleProcess] = []
@@ -197,7 +206,11 @@ async def test_scaling_a_role_from_one_to_four_processes_and_back_to_two(
             await procs[0].wait_log("process.ready")
             await wait_consumers(broker.node, broker.vhost, PREFIX[role], SHARDS)  # type: ignore[arg-type]
             async with history_for(
-                stack, f"scale-{role}", mongodb_url=mongodb_url, node=broker.node, vhost=broker.vhost
+                stack,
+                f"scale-{role}",
+                mongodb_url=mongodb_url,
+                node=broker.node,
+                vhost=broker.vhost,
             ) as history:
                 if role == "worker":
                     loads: list[Any] = [
@@ -213,7 +226,9 @@ async def test_scaling_a_role_from_one_to_four_processes_and_back_to_two(
                 before = await redelivered(broker, role)
                 for n in range(1, 4):
                     procs.append(await _start(role, stack, tmp_path, n))
-                figures["one_to_four_share_taken_s"] = await balanced(broker, role, procs, timeout_s=90)
+                figures["one_to_four_share_taken_s"] = await balanced(
+                    broker, role, procs, timeout_s=90
+                )
                 figures["one_to_four_redelivered"] = await redelivered(broker, role) - before
 
                 await asyncio.sleep(2.0)
@@ -221,7 +236,9 @@ async def test_scaling_a_role_from_one_to_four_processes_and_back_to_two(
                 for proc in procs[2:]:
                     assert await proc.stop() == 0, proc.tail()
                 stopped, procs = procs[2:], procs[:2]
-                figures["four_to_two_share_taken_s"] = await balanced(broker, role, procs, timeout_s=90)
+                figures["four_to_two_share_taken_s"] = await balanced(
+                    broker, role, procs, timeout_s=90
+                )
                 figures["four_to_two_redelivered"] = await redelivered(broker, role) - before
 
                 await asyncio.sleep(2.0)
@@ -232,7 +249,9 @@ async def test_scaling_a_role_from_one_to_four_processes_and_back_to_two(
                 assert report.mutations + report.outbound_published > 0
             spans = work_intervals([p.log_path for p in procs + stopped], role)
             assert sum(len(v) for v in spans.values()) > len(accounts)
-            assert len({proc for v in spans.values() for _, _, proc in v}) == 4, "not all four worked"
+            assert len({proc for v in spans.values() for _, _, proc in v}) == 4, (
+                "not all four worked"
+            )
             problems = overlaps(spans)
             assert not problems, f"accounts worked on by two processes at once: {problems[:5]}"
             print(f"SCALE {role} {json.dumps(figures)}")

@@ -56,7 +56,14 @@ class RecordingHandler:
         ended = time.monotonic()
         for delivery in deliveries:
             self.log.append(
-                Handled(self.process, account_id, delivery.queue_name, delivery.body["n"], started, ended)
+                Handled(
+                    self.process,
+                    account_id,
+                    delivery.queue_name,
+                    delivery.body["n"],
+                    started,
+                    ended,
+                )
             )
             delivery.outcome = Outcome.ack()
 
@@ -81,7 +88,9 @@ def _accounts() -> list[str]:
 class Process:
     """One worker process's consumer and balancer, on a connection of its own."""
 
-    def __init__(self, name: str, amqp_url: str, db: AsyncDatabase[Any], log: list[Handled]) -> None:
+    def __init__(
+        self, name: str, amqp_url: str, db: AsyncDatabase[Any], log: list[Handled]
+    ) -> None:
         self.name = name
         self.amqp_url = amqp_url
         self.db = db
@@ -102,8 +111,11 @@ class Process:
         )
         await self.consumer.start()
         self.balancer = Balancer(
-            registry=Registry(self.db), consumer=self.consumer, role="inbound",
-            member=self.name, interval_s=0.2,
+            registry=Registry(self.db),
+            consumer=self.consumer,
+            role="inbound",
+            member=self.name,
+            interval_s=0.2,
         )
         await self.balancer.start()
         return self

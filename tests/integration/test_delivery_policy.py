@@ -45,7 +45,9 @@ class ScriptedHandler:
 
     async def handle_batch(self, account_id: str, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:
-            self.seen[delivery.body["name"]].append((time.monotonic(), dict(delivery.message.headers or {})))
+            self.seen[delivery.body["name"]].append(
+                (time.monotonic(), dict(delivery.message.headers or {}))
+            )
             mode = delivery.body["mode"]
             if mode == "ack":
                 delivery.outcome = Outcome.ack()
@@ -86,14 +88,25 @@ async def test_each_outcome_does_what_the_policy_says(amqp_url: str) -> None:
         await consumer.start()
         exchange = await setup.get_exchange(INBOUND_EXCHANGE, ensure=False)
         sent = time.monotonic()
-        for name, mode in [("a", "ack"), ("r", "retry"), ("q", "requeue"), ("d", "dead"), ("c", "crash")]:
+        for name, mode in [
+            ("a", "ack"),
+            ("r", "retry"),
+            ("q", "requeue"),
+            ("d", "dead"),
+            ("c", "crash"),
+        ]:
             body = {"account_id": f"acc-{name}", "name": name, "mode": mode}
             await exchange.publish(
-                aio_pika.Message(json.dumps(body).encode(), message_id=f"m-{name}",
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                aio_pika.Message(
+                    json.dumps(body).encode(),
+                    message_id=f"m-{name}",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
                 routing_key="shard.0",
             )
-        await exchange.publish(aio_pika.Message(b"{not json", message_id="m-bad"), routing_key="shard.0")
+        await exchange.publish(
+            aio_pika.Message(b"{not json", message_id="m-bad"), routing_key="shard.0"
+        )
 
         async def dead_letters() -> dict[str, aio_pika.abc.AbstractIncomingMessage]:
             queue = await setup.get_queue(DEAD_QUEUE, ensure=False)
@@ -113,7 +126,10 @@ async def test_each_outcome_does_what_the_policy_says(amqp_url: str) -> None:
 
         assert len(handler.seen["a"]) == 1
         # Retried once, after the asked delay, with the retry count in a header.
-        assert len(handler.seen["r"]) == 2, [(round(t - handler.seen["r"][0][0], 2), {k: v for k, v in h.items() if k != "x-death"}) for t, h in handler.seen["r"]]
+        assert len(handler.seen["r"]) == 2, [
+            (round(t - handler.seen["r"][0][0], 2), {k: v for k, v in h.items() if k != "x-death"})
+            for t, h in handler.seen["r"]
+        ]
         assert handler.seen["r"][1][0] - handler.seen["r"][0][0] >= 0.55
         assert handler.seen["r"][1][1].get(RETRIES_HEADER) == 1
         # Requeued: delivered 1 + delivery_limit times, then dead-lettered by the broker.
@@ -178,8 +194,12 @@ async def test_a_short_throttle_wait_is_not_held_behind_a_longer_one(amqp_url: s
         ]:
             body = {"account_id": f"acc-{name}", "name": name, "wait_s": wait_s}
             await exchange.publish(
-                aio_pika.Message(json.dumps(body).encode(), message_id=f"m-{name}", headers=headers,
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                aio_pika.Message(
+                    json.dumps(body).encode(),
+                    message_id=f"m-{name}",
+                    headers=headers,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
                 routing_key="shard.0",
             )
             await asyncio.sleep(0.2)  # parked in this order

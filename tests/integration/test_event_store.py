@@ -38,7 +38,9 @@ async def test_newer_wins_older_and_identical_versions_are_stale(
     cipher = await store.accounts.create("acc-1")
     assert await events.upsert_version("acc-1", version(T2, "ck2", "v2"), cipher=cipher) is not None
     assert await events.upsert_version("acc-1", version(T1, "ck1", "v1"), cipher=cipher) is None
-    assert await events.upsert_version("acc-1", version(T2, "ck2", "v2-again"), cipher=cipher) is None
+    assert (
+        await events.upsert_version("acc-1", version(T2, "ck2", "v2-again"), cipher=cipher) is None
+    )
     written = await events.upsert_version("acc-1", version(T3, "ck3", "v3"), cipher=cipher)
     assert isinstance(written, Change)
     doc = await events.collection.find_one({"_id": written.event_key})
@@ -104,12 +106,13 @@ async def test_token_cache_compare_and_swap_has_one_winner(
 ) -> None:
     """Two processes saving over the same version: exactly one succeeds (unique insert)."""
 
-
     store, _ = make_store(mongo_db)
     await store.ensure_indexes()
     await store.accounts.create("acc-1")
     assert await store.token_caches.save("acc-1", "cache-1", 0)
-    results = await asyncio.gather(*(store.token_caches.save("acc-1", f"cache-2-{i}", 1) for i in range(6)))
+    results = await asyncio.gather(
+        *(store.token_caches.save("acc-1", f"cache-2-{i}", 1) for i in range(6))
+    )
     assert results.count(True) == 1
     text, version_ = await store.token_caches.load("acc-1") or ("", 0)
     assert version_ == 2

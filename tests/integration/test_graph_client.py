@@ -35,9 +35,7 @@ class MemoryStore:
     async def load(self, account_id: str) -> tuple[str, int] | None:
         return self.caches.get(account_id)
 
-    async def save(
-        self, account_id: str, serialized: str, expected_version: int
-    ) -> bool:
+    async def save(self, account_id: str, serialized: str, expected_version: int) -> bool:
         current = self.caches.get(account_id)
         if current is None or current[1] != expected_version:
             return False

@@ -70,9 +70,7 @@ async def test_concurrent_posts_share_one_confirmed_message_per_shard(
     connection = await broker_mod.connect(amqp_url, name="t")
     publisher = await ConfirmPublisher.open(connection)
     # A long window: the group is published when its eighth item arrives, not by the clock.
-    settings = Settings(
-        shard_count=2, receiver_group_window_ms=5000, receiver_group_max_items=8
-    )
+    settings = Settings(shard_count=2, receiver_group_window_ms=5000, receiver_group_max_items=8)
     app = build_app(
         settings=settings, lookup=store.subscriptions, publisher=publisher, hasher=store.hasher,
         ciphers=store, readiness=_ready, metrics=Metrics(),

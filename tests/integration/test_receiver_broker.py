@@ -51,15 +51,22 @@ async def test_202_after_confirms_and_503_while_the_broker_is_unreachable(
     setup = await aio_pika.connect(amqp_url)
     async with setup:
         await declare_topology(await setup.channel(), TopologyConfig(shard_count=2))
-    connection = await broker_mod.connect(via_proxy(amqp_url, proxy), name="t", reconnect_interval_s=0.5)
+    connection = await broker_mod.connect(
+        via_proxy(amqp_url, proxy), name="t", reconnect_interval_s=0.5
+    )
     publisher = await ConfirmPublisher.open(connection)
 
     async def ready() -> dict[str, bool]:
         return {"broker": True}
 
     app = build_app(
-        settings=settings, lookup=store.subscriptions, publisher=publisher, hasher=store.hasher,
-        ciphers=store.keys, readiness=ready, metrics=Metrics(),
+        settings=settings,
+        lookup=store.subscriptions,
+        publisher=publisher,
+        hasher=store.hasher,
+        ciphers=store.keys,
+        readiness=ready,
+        metrics=Metrics(),
     )
     server = TestServer(app)
     await server.start_server()

@@ -54,7 +54,9 @@ async def test_an_expired_lease_is_taken_over(mongo_db: AsyncDatabase[dict[str, 
     await store.db["leases"].insert_one(
         {"_id": "l", "owner": "gone", "expires_at": utcnow() - timedelta(seconds=1)}
     )
-    results = await asyncio.gather(*(store.leases.try_take("l", f"o-{i}", ttl_s=30) for i in range(4)))
+    results = await asyncio.gather(
+        *(store.leases.try_take("l", f"o-{i}", ttl_s=30) for i in range(4))
+    )
     assert results.count(True) == 1
     doc = await store.db["leases"].find_one({"_id": "l"})
     assert doc is not None
@@ -101,7 +103,9 @@ async def test_the_sweeper_never_removes_a_lease_taken_over_meanwhile(
     store, _ = make_store(mongo_db)
     past = utcnow() - timedelta(seconds=5)
     names = [f"l-{i}" for i in range(12)]
-    await store.db["leases"].insert_many([{"_id": n, "owner": "gone", "expires_at": past} for n in names])
+    await store.db["leases"].insert_many(
+        [{"_id": n, "owner": "gone", "expires_at": past} for n in names]
+    )
 
     async def take(name: str, owner: str) -> tuple[str, str, bool]:
         return name, owner, await store.leases.try_take(name, owner, ttl_s=60)

@@ -45,9 +45,7 @@ class MemoryStore:
         self.loads += 1
         return self.caches.get(account_id)
 
-    async def save(
-        self, account_id: str, serialized: str, expected_version: int
-    ) -> bool:
+    async def save(self, account_id: str, serialized: str, expected_version: int) -> bool:
         hook, self.before_save = self.before_save, None
         if hook is not None:
             await hook(account_id)

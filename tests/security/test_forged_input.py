@@ -189,7 +189,10 @@ async def test_forged_and_broken_input_is_answered_counted_and_costs_nothing(
         refused_meanwhile = []
         for _ in range(5):
             assert await _request(stack, "GET", "/healthz", {}) == 200
-            assert await _post(stack, "/graph/notifications", _collection(forged["tenant_mismatch"])) == 202
+            assert (
+                await _post(stack, "/graph/notifications", _collection(forged["tenant_mismatch"]))
+                == 202
+            )
             now = await metrics(stack)
             refused_meanwhile.append(
                 sample(now, "m365sync_webhook_malformed_total", **timed_out)
@@ -209,7 +212,9 @@ async def test_forged_and_broken_input_is_answered_counted_and_costs_nothing(
             mint_link(stack, ACCOUNT, secret="w" * 44): 403,
             expired: 403,
             mint_link(stack, ACCOUNT, return_url="https://evil.example/steal"): 403,
-            jwt.encode({"sub": ACCOUNT, "jti": "x", "exp": int(time.time()) + 60}, None, algorithm="none"): 403,
+            jwt.encode(
+                {"sub": ACCOUNT, "jti": "x", "exp": int(time.time()) + 60}, None, algorithm="none"
+            ): 403,
         }
         for token, status in links.items():
             for route in ("/connect", "/admin-consent"):
@@ -232,7 +237,10 @@ async def test_forged_and_broken_input_is_answered_counted_and_costs_nothing(
                 ("GET", f"/api/v1/accounts/{ACCOUNT}"),
                 ("DELETE", f"/api/v1/accounts/{ACCOUNT}"),
                 ("POST", f"/api/v1/accounts/{ACCOUNT}/resync"),
-                ("GET", f"/api/v1/accounts/{ACCOUNT}/events?start=2026-01-01T00:00:00Z&end=2027-01-01T00:00:00Z"),
+                (
+                    "GET",
+                    f"/api/v1/accounts/{ACCOUNT}/events?start=2026-01-01T00:00:00Z&end=2027-01-01T00:00:00Z",
+                ),
             ):
                 assert await _request(stack, method, path, headers) == 401, (method, headers)
 

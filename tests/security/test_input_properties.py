@@ -126,8 +126,9 @@ async def _ready() -> dict[str, bool]:
 
 small_json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=12),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
     max_leaves=6,
 )
 
@@ -157,8 +158,10 @@ def items(draw: st.DrawFn) -> Any:
     kind = draw(st.sampled_from(["change", "lifecycle", "garbage"]))
     if kind == "garbage":
         return draw(small_json)
-    item = change_item(draw(st.sampled_from([EVENT_ONE, EVENT_TWO]))) if kind == "change" else (
-        lifecycle_item()
+    item = (
+        change_item(draw(st.sampled_from([EVENT_ONE, EVENT_TWO])))
+        if kind == "change"
+        else (lifecycle_item())
     )
     for name in draw(st.lists(st.sampled_from(sorted(forged_values)), max_size=3, unique=True)):
         if name == "lifecycleEvent" and kind == "change":

@@ -49,10 +49,18 @@ def _invalid_messages() -> dict[str, tuple[dict[str, Any] | bytes, str | None]]:
         "schema": (schema, "invalid"),
         "time zone": (message(ACCOUNT, "rel-zone", 1, zone), "invalid"),
         "attendee": (
-            message(ACCOUNT, "rel-att", 1, _event(attendees=[{"emailAddress": {"address": SECRET_SUBJECT}}])),
+            message(
+                ACCOUNT,
+                "rel-att",
+                1,
+                _event(attendees=[{"emailAddress": {"address": SECRET_SUBJECT}}]),
+            ),
             "invalid",
         ),
-        "unknown field": (message(ACCOUNT, "rel-field", 1, _event(webLink="https://x.example")), "invalid"),
+        "unknown field": (
+            message(ACCOUNT, "rel-field", 1, _event(webLink="https://x.example")),
+            "invalid",
+        ),
         "out of range": (overflow, "invalid"),
         "end before start": (message(ACCOUNT, "rel-back", 1, backwards), "invalid"),
         "no relation id": (nameless, "invalid"),
@@ -120,11 +128,20 @@ async def test_invalid_outbound_messages_are_dead_lettered_reported_and_counted(
 
         rejected = [a for a in announced if a["routing_key"] == "event.rejected"]
         assert {a["relation_event_id"] for a in rejected} == {
-            "rel-schema", "rel-zone", "rel-att", "rel-field", "rel-overflow", "rel-back",
-            "rel-huge", "rel-nobody", "rel-noacct",
+            "rel-schema",
+            "rel-zone",
+            "rel-att",
+            "rel-field",
+            "rel-overflow",
+            "rel-back",
+            "rel-huge",
+            "rel-nobody",
+            "rel-noacct",
         }
         assert len(rejected) == 9
-        assert [a["account_id"] for a in rejected if a["relation_event_id"] == "rel-noacct"] == [None]
+        assert [a["account_id"] for a in rejected if a["relation_event_id"] == "rel-noacct"] == [
+            None
+        ]
         for body in rejected:
             assert set(body) >= {"schema", "relation_event_id", "revision", "reason"}
             text = json.dumps(body)
@@ -136,10 +153,14 @@ async def test_invalid_outbound_messages_are_dead_lettered_reported_and_counted(
         counted = "m365sync_outbound_rejected_total"
         for kind in ("invalid", "size", "account"):
             expected = sum(1 for _, k in invalid.values() if k == kind)
-            assert sample(after, counted, kind=kind) - sample(before, counted, kind=kind) == expected
+            assert (
+                sample(after, counted, kind=kind) - sample(before, counted, kind=kind) == expected
+            )
         processed = "m365sync_messages_processed_total"
         labels = {"queue": "m365sync.outbound.intake", "outcome": "dead_letter"}
-        assert sample(after, processed, **labels) - sample(before, processed, **labels) == len(invalid)
+        assert sample(after, processed, **labels) - sample(before, processed, **labels) == len(
+            invalid
+        )
 
         assert await stack.control.events(ann) == []
         for collection in (stack.rt.links.links, stack.rt.links.index, stack.rt.links.parked):

@@ -117,7 +117,9 @@ async def test_nested_and_oversize_messages_are_dead_lettered_on_every_consumer(
         try:
             await eventually(all_dead, timeout_s=30)
         finally:
-            print(f"dead-lettered: {[(d.get(ORIGIN_QUEUE_HEADER), d.get(REASON_HEADER)) for d in dead]}")
+            print(
+                f"dead-lettered: {[(d.get(ORIGIN_QUEUE_HEADER), d.get(REASON_HEADER)) for d in dead]}"
+            )
         by_queue: dict[str, list[str]] = {}
         for headers in dead:
             by_queue.setdefault(str(headers[ORIGIN_QUEUE_HEADER]), []).append(

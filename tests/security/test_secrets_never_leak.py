@@ -94,7 +94,9 @@ def captured_logs() -> Iterator[Captured]:
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
-        root.handlers[:] = root_handlers  # configure_logging's basicConfig(force=True) replaced them
+        root.handlers[:] = (
+            root_handlers  # configure_logging's basicConfig(force=True) replaced them
+        )
         root.setLevel(root_level)
         structlog.reset_defaults()
 
@@ -144,7 +146,10 @@ def _event(n: int, *, attendee: str) -> dict[str, Any]:
     day = time.strftime("%Y-%m-%d", start)
     return {
         "subject": f"Leak probe subject {n} {uuid.uuid4().hex[:10]}",
-        "body": {"contentType": "html", "content": f"<p>Leak probe body {n} {uuid.uuid4().hex}</p>"},
+        "body": {
+            "contentType": "html",
+            "content": f"<p>Leak probe body {n} {uuid.uuid4().hex}</p>",
+        },
         "start": {"dateTime": f"{day}T09:00:00", "timeZone": "UTC"},
         "end": {"dateTime": f"{day}T10:00:00", "timeZone": "UTC"},
         "location": {"displayName": f"Leak probe room {n} {uuid.uuid4().hex[:8]}"},
@@ -220,20 +225,33 @@ async def test_no_secret_or_content_in_logs_documents_or_messages(
 
             # Outlook changes with content; then 1Relation's.
             outlook = [
-                await stack.control.create_event(ann["id"], _event(n, attendee=guest), immutable=True)
+                await stack.control.create_event(
+                    ann["id"], _event(n, attendee=guest), immutable=True
+                )
                 for n in range(3)
             ]
             outlook.append(
                 await stack.control.update_event(
-                    ann["id"], outlook[0]["id"],
-                    {"subject": f"Leak probe edited {uuid.uuid4().hex[:10]}"}, immutable=True,
+                    ann["id"],
+                    outlook[0]["id"],
+                    {"subject": f"Leak probe edited {uuid.uuid4().hex[:10]}"},
+                    immutable=True,
                 )
             )
             await stack.control.delete_event(ann["id"], outlook[2]["id"])
             relation = [
-                {**relation_event(f"Relation probe {n} {uuid.uuid4().hex[:10]}", day=5 + n),
-                 "attendees": [{"emailAddress": {"address": f"rel{n}.{uuid.uuid4().hex[:6]}@contoso.example",
-                                                 "name": "Rel Guest"}, "type": "optional"}]}
+                {
+                    **relation_event(f"Relation probe {n} {uuid.uuid4().hex[:10]}", day=5 + n),
+                    "attendees": [
+                        {
+                            "emailAddress": {
+                                "address": f"rel{n}.{uuid.uuid4().hex[:6]}@contoso.example",
+                                "name": "Rel Guest",
+                            },
+                            "type": "optional",
+                        }
+                    ],
+                }
                 for n in range(2)
             ]
             invalid = message(ACCOUNT, "rel-bad", 1, {**relation[0], "webLink": "x"})
@@ -242,7 +260,12 @@ async def test_no_secret_or_content_in_logs_documents_or_messages(
                 [
                     message(ACCOUNT, "rel-1", 1, relation[0]),
                     message(ACCOUNT, "rel-2", 1, relation[1]),
-                    message(ACCOUNT, "rel-1", 2, {**relation[0], "subject": relation[0]["subject"] + " v2"}),
+                    message(
+                        ACCOUNT,
+                        "rel-1",
+                        2,
+                        {**relation[0], "subject": relation[0]["subject"] + " v2"},
+                    ),
                     invalid,
                 ],
             )
@@ -262,7 +285,9 @@ async def test_no_secret_or_content_in_logs_documents_or_messages(
             await eventually(synced, timeout_s=30)
 
             # Input that carries real secrets but must not be believed or logged.
-            [subscription] = [s for s in await stack.control.subscriptions() if s.get("clientState")]
+            [subscription] = [
+                s for s in await stack.control.subscriptions() if s.get("clientState")
+            ]
             forged = {
                 "subscriptionId": subscription["id"],
                 "clientState": subscription["clientState"],
@@ -281,11 +306,16 @@ async def test_no_secret_or_content_in_logs_documents_or_messages(
                     params={"token": mint_link(stack, ACCOUNT, secret="x" * 44)},
                 ) as resp:
                     assert resp.status == 403
-            status, _, _ = await api(stack, "GET", f"/api/v1/accounts/{ACCOUNT}",
-                                     token=stack.settings.api_tokens[0] + "x")
+            status, _, _ = await api(
+                stack,
+                "GET",
+                f"/api/v1/accounts/{ACCOUNT}",
+                token=stack.settings.api_tokens[0] + "x",
+            )
             assert status == 401
             status, body, _ = await api(
-                stack, "GET",
+                stack,
+                "GET",
                 f"/api/v1/accounts/{ACCOUNT}/events?start={_iso(-1)}&end={_iso(60)}",
             )
             assert status == 200
@@ -295,11 +325,11 @@ async def test_no_secret_or_content_in_logs_documents_or_messages(
             await stack.control.revoke_tokens(ann["id"], access_tokens=True)
             stack.rt.tokens.invalidate(ACCOUNT)
             outlook.append(
-                await stack.control.create_event(ann["id"], _event(7, attendee=guest), immutable=True)
+                await stack.control.create_event(
+                    ann["id"], _event(7, attendee=guest), immutable=True
+                )
             )
-            await eventually(
-                lambda: _status_is(stack, "reauthorization_required"), timeout_s=20
-            )
+            await eventually(lambda: _status_is(stack, "reauthorization_required"), timeout_s=20)
             # The user reconnects through /connect → authorize → /auth/callback.
             run = await browser_connect(stack, ACCOUNT, user_id=ann["id"])
             assert run.query().get("status") == "connected", (run.status, run.location)
@@ -343,8 +373,11 @@ async def test_no_secret_or_content_in_logs_documents_or_messages(
             # Shard queues (single active consumer) refuse basic.get; what went into them is
             # in `published`, recorded at the publisher.
             queues = [
-                *(RETRY_QUEUE.format(target=t, delay_s=d) for t in ("inbound", "outbound")
-                  for d in RETRY_DELAYS_S),
+                *(
+                    RETRY_QUEUE.format(target=t, delay_s=d)
+                    for t in ("inbound", "outbound")
+                    for d in RETRY_DELAYS_S
+                ),
                 LIFECYCLE_QUEUE,
                 DEAD_QUEUE,
             ]

@@ -41,8 +41,9 @@ async def control(sim: Simulator) -> AsyncIterator[SimControl]:
 @pytest.fixture
 async def http(sim: Simulator) -> AsyncIterator[aiohttp.ClientSession]:
     ctx = ssl.create_default_context(cafile=str(sim.ca_file))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
-                                     trust_env=False) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=ctx), trust_env=False
+    ) as session:
         yield session
 
 
@@ -54,8 +55,9 @@ class Graph:
     http: aiohttp.ClientSession
     token: str
 
-    async def call(self, method: str, path: str, body: Any = None,
-                   headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+    async def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, Any]:
         url = path if path.startswith("https://") else f"{self.sim.graph_url}{path}"
         hdrs = {"Authorization": f"Bearer {self.token}", **(headers or {})}
         async with self.http.request(method, url, json=body, headers=hdrs) as resp:
@@ -67,31 +69,50 @@ class Graph:
 
 
 async def app_token(sim: Simulator, http: aiohttp.ClientSession) -> str:
-    form = {"grant_type": "client_credentials", "client_id": sim.client_id,
-            "client_secret": sim.client_secret, "scope": "https://graph.microsoft.com/.default"}
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": sim.client_id,
+        "client_secret": sim.client_secret,
+        "scope": "https://graph.microsoft.com/.default",
+    }
     async with http.post(f"{sim.authority}/oauth2/v2.0/token", data=form) as resp:
         assert resp.status == 200, await resp.text()
         return str((await resp.json())["access_token"])
 
 
-async def delegated_tokens(sim: Simulator, http: aiohttp.ClientSession,
-                           scope: str = "Calendars.ReadWrite User.Read offline_access openid"
-                           ) -> dict[str, Any]:
+async def delegated_tokens(
+    sim: Simulator,
+    http: aiohttp.ClientSession,
+    scope: str = "Calendars.ReadWrite User.Read offline_access openid",
+) -> dict[str, Any]:
     """Authorization code + PKCE by hand (the MSAL test covers the real library)."""
     verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()) \
-        .rstrip(b"=").decode()
+    challenge = (
+        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    )
     redirect = "http://localhost/cb"
-    params = {"client_id": sim.client_id, "response_type": "code", "redirect_uri": redirect,
-              "scope": scope, "state": "s1", "code_challenge": challenge,
-              "code_challenge_method": "S256"}
-    async with http.get(f"{sim.authority}/oauth2/v2.0/authorize", params=params,
-                        allow_redirects=False) as resp:
+    params = {
+        "client_id": sim.client_id,
+        "response_type": "code",
+        "redirect_uri": redirect,
+        "scope": scope,
+        "state": "s1",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    async with http.get(
+        f"{sim.authority}/oauth2/v2.0/authorize", params=params, allow_redirects=False
+    ) as resp:
         assert resp.status == 302, await resp.text()
         query = parse_qs(urlsplit(resp.headers["Location"]).query)
-    form = {"grant_type": "authorization_code", "client_id": sim.client_id,
-            "client_secret": sim.client_secret, "code": query["code"][0],
-            "redirect_uri": redirect, "code_verifier": verifier}
+    form = {
+        "grant_type": "authorization_code",
+        "client_id": sim.client_id,
+        "client_secret": sim.client_secret,
+        "code": query["code"][0],
+        "redirect_uri": redirect,
+        "code_verifier": verifier,
+    }
     async with http.post(f"{sim.authority}/oauth2/v2.0/token", data=form) as resp:
         assert resp.status == 200, await resp.text()
         result: dict[str, Any] = await resp.json()
@@ -169,23 +190,39 @@ SubscribeFn = Callable[..., Awaitable[tuple[int, Any]]]
 @pytest.fixture
 def subscribe(sim: Simulator, receiver: Receiver) -> Callable[[Graph], SubscribeFn]:
     """subscribe(graph)(resource=..., **overrides) -> (status, body)."""
+
     def bind(graph: Graph) -> SubscribeFn:
-        async def create(resource: str = "me/events", *, headers: dict[str, str] | None = None,
-                         **overrides: Any) -> tuple[int, Any]:
+        async def create(
+            resource: str = "me/events", *, headers: dict[str, str] | None = None, **overrides: Any
+        ) -> tuple[int, Any]:
             expiry = sim.clock.now() + dt.timedelta(hours=24)
-            body = {"changeType": "created,updated,deleted",
-                    "notificationUrl": f"{receiver.url}/notify?tenant=acme",
-                    "lifecycleNotificationUrl": f"{receiver.url}/lifecycle",
-                    "resource": resource, "expirationDateTime": expiry.isoformat(),
-                    "clientState": "sub-secret-1"}
+            body = {
+                "changeType": "created,updated,deleted",
+                "notificationUrl": f"{receiver.url}/notify?tenant=acme",
+                "lifecycleNotificationUrl": f"{receiver.url}/lifecycle",
+                "resource": resource,
+                "expirationDateTime": expiry.isoformat(),
+                "clientState": "sub-secret-1",
+            }
             body.update(overrides)
             status, data, _ = await graph.call("POST", "/subscriptions", body, headers=headers)
             return status, data
+
         return create
+
     return bind
 
 
-def event_body(subject: str = "Review", start: str = "2026-12-03T09:00:00",
-               end: str = "2026-12-03T10:00:00", tz: str = "UTC", **extra: Any) -> dict[str, Any]:
-    return {"subject": subject, "start": {"dateTime": start, "timeZone": tz},
-            "end": {"dateTime": end, "timeZone": tz}, **extra}
+def event_body(
+    subject: str = "Review",
+    start: str = "2026-12-03T09:00:00",
+    end: str = "2026-12-03T10:00:00",
+    tz: str = "UTC",
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "subject": subject,
+        "start": {"dateTime": start, "timeZone": tz},
+        "end": {"dateTime": end, "timeZone": tz},
+        **extra,
+    }

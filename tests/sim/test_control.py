@@ -20,8 +20,15 @@ from .conftest import Graph, delegated_tokens, event_body
 async def test_cli_prints_json_and_stops_on_sigterm(tmp_path: Path) -> None:
     """`python -m graphsim` prints one JSON line when ready and exits 0 on SIGTERM."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "graphsim", "--port", "0", "--state-dir", str(tmp_path),
-        stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "graphsim",
+        "--port",
+        "0",
+        "--state-dir",
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+    )
     assert proc.stdout is not None
     try:
         info = json.loads(await asyncio.wait_for(proc.stdout.readline(), 20))
@@ -34,8 +41,9 @@ async def test_cli_prints_json_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert await asyncio.wait_for(proc.wait(), 20) == 0
 
 
-async def test_users_signin_and_reset(sim: Simulator, control: SimControl,
-                                      http: aiohttp.ClientSession) -> None:
+async def test_users_signin_and_reset(
+    sim: Simulator, control: SimControl, http: aiohttp.ClientSession
+) -> None:
     """A created user can be made the sign-in user; reset restores the configured directory."""
     carol = await control.create_user("Carol Example", "carol@contoso.example")
     await control.set_signin_user(carol["id"])
@@ -46,7 +54,9 @@ async def test_users_signin_and_reset(sim: Simulator, control: SimControl,
     await control.set_faults(latency_ms=5)
     await control.reset()
     assert [u["userPrincipalName"] for u in await control.users()] == [
-        "ann@contoso.example", "bob@contoso.example"]
+        "ann@contoso.example",
+        "bob@contoso.example",
+    ]
     assert (await control.faults())["latency_ms"] == 0
 
 

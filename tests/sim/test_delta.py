@@ -11,8 +11,9 @@ from .conftest import Graph, event_body
 WINDOW = "startDateTime=2026-12-01T00:00:00Z&endDateTime=2026-12-31T00:00:00Z"
 
 
-async def _round(graph: Graph, url: str, page_size: int | None = None
-                 ) -> tuple[list[dict[str, Any]], str, int]:
+async def _round(
+    graph: Graph, url: str, page_size: int | None = None
+) -> tuple[list[dict[str, Any]], str, int]:
     """Follow nextLinks to the deltaLink; returns (items, deltaLink, pages)."""
     headers = {"Prefer": f"odata.maxpagesize={page_size}"} if page_size else {}
     items: list[dict[str, Any]] = []
@@ -27,11 +28,13 @@ async def _round(graph: Graph, url: str, page_size: int | None = None
         url = body["@odata.nextLink"]
 
 
-async def test_first_round_pages_then_only_changes(me_graph: Graph, control: SimControl,
-                                                   ann: str) -> None:
+async def test_first_round_pages_then_only_changes(
+    me_graph: Graph, control: SimControl, ann: str
+) -> None:
     """Round one pages through everything; round two returns changes and @removed only."""
-    ids = (await control.bulk_create_events(ann, count=25, start="2026-12-02T08:00:00Z",
-                                            notify=False))["ids"]
+    ids = (
+        await control.bulk_create_events(ann, count=25, start="2026-12-02T08:00:00Z", notify=False)
+    )["ids"]
     items, delta_link, pages = await _round(me_graph, f"/me/calendarView/delta?{WINDOW}")
     assert pages == 3
     assert len(items) == 25
@@ -41,8 +44,9 @@ async def test_first_round_pages_then_only_changes(me_graph: Graph, control: Sim
 
     await control.update_event(ann, ids[0], {"subject": "changed"})
     await control.delete_event(ann, ids[1])
-    created = await control.create_event(ann, event_body(start="2026-12-20T09:00:00",
-                                                         end="2026-12-20T10:00:00"))
+    created = await control.create_event(
+        ann, event_body(start="2026-12-20T09:00:00", end="2026-12-20T10:00:00")
+    )
     items, delta_link, _ = await _round(me_graph, delta_link, page_size=50)
     by_id = {i["id"]: i for i in items}
     assert by_id[ids[0]]["subject"] == "changed"
@@ -51,27 +55,43 @@ async def test_first_round_pages_then_only_changes(me_graph: Graph, control: Sim
     assert len(items) == 3
 
 
-async def test_out_of_window_changes_arrive_as_removed(me_graph: Graph, control: SimControl,
-                                                       ann: str) -> None:
+async def test_out_of_window_changes_arrive_as_removed(
+    me_graph: Graph, control: SimControl, ann: str
+) -> None:
     """An event created or moved outside the window is reported as @removed deleted."""
     inside = await control.create_event(ann, event_body())
     _, delta_link, _ = await _round(me_graph, f"/me/calendarView/delta?{WINDOW}")
-    outside = await control.create_event(ann, event_body(start="2027-03-01T09:00:00",
-                                                         end="2027-03-01T10:00:00"))
-    await control.update_event(ann, inside["id"], {
-        "start": {"dateTime": "2027-02-01T09:00:00", "timeZone": "UTC"},
-        "end": {"dateTime": "2027-02-01T10:00:00", "timeZone": "UTC"}})
+    outside = await control.create_event(
+        ann, event_body(start="2027-03-01T09:00:00", end="2027-03-01T10:00:00")
+    )
+    await control.update_event(
+        ann,
+        inside["id"],
+        {
+            "start": {"dateTime": "2027-02-01T09:00:00", "timeZone": "UTC"},
+            "end": {"dateTime": "2027-02-01T10:00:00", "timeZone": "UTC"},
+        },
+    )
     items, _, _ = await _round(me_graph, delta_link)
     assert {i["id"]: i.get("@removed") for i in items} == {
-        inside["id"]: {"reason": "deleted"}, outside["id"]: {"reason": "deleted"}}
+        inside["id"]: {"reason": "deleted"},
+        outside["id"]: {"reason": "deleted"},
+    }
 
 
-async def test_series_in_delta_has_no_master(me_graph: Graph, control: SimControl,
-                                             ann: str) -> None:
+async def test_series_in_delta_has_no_master(
+    me_graph: Graph, control: SimControl, ann: str
+) -> None:
     """Delta returns occurrences and exceptions of a series, never the master."""
-    await control.create_event(ann, event_body(recurrence={
-        "pattern": {"type": "daily", "interval": 2},
-        "range": {"type": "endDate", "startDate": "2026-12-03", "endDate": "2026-12-09"}}))
+    await control.create_event(
+        ann,
+        event_body(
+            recurrence={
+                "pattern": {"type": "daily", "interval": 2},
+                "range": {"type": "endDate", "startDate": "2026-12-03", "endDate": "2026-12-09"},
+            }
+        ),
+    )
     items, _, _ = await _round(me_graph, f"/me/calendarView/delta?{WINDOW}")
     assert [i["type"] for i in items] == ["occurrence"] * 4
 

@@ -14,9 +14,14 @@ IMMUTABLE = {"Prefer": 'IdType="ImmutableId"'}
 
 async def test_create_get_patch_delete(me_graph: Graph) -> None:
     """An event round-trips; PATCH bumps changeKey even when nothing changes; DELETE → 404."""
-    status, created, _headers = await me_graph.call("POST", "/me/events", event_body(
-        location={"displayName": "Room 4"},
-        attendees=[{"emailAddress": {"address": "zed@example.com"}, "type": "required"}]))
+    status, created, _headers = await me_graph.call(
+        "POST",
+        "/me/events",
+        event_body(
+            location={"displayName": "Room 4"},
+            attendees=[{"emailAddress": {"address": "zed@example.com"}, "type": "required"}],
+        ),
+    )
     assert status == 201
     assert created["type"] == "singleInstance"
     assert created["organizer"]["emailAddress"]["address"] == "ann@contoso.example"
@@ -51,8 +56,9 @@ async def test_immutable_ids_and_both_forms_accepted(me_graph: Graph) -> None:
     assert again["id"] == rest["id"]
 
 
-async def test_transaction_id_dedupes_creates(me_graph: Graph, control: SimControl,
-                                              ann: str) -> None:
+async def test_transaction_id_dedupes_creates(
+    me_graph: Graph, control: SimControl, ann: str
+) -> None:
     """A second create with the same transactionId returns the first event, no duplicate."""
     body = event_body(transactionId="txn-1")
     _, first, _ = await me_graph.call("POST", "/me/events", body)
@@ -64,14 +70,23 @@ async def test_transaction_id_dedupes_creates(me_graph: Graph, control: SimContr
 
 async def test_time_zones(me_graph: Graph) -> None:
     """Windows zone input is converted; Prefer outlook.timezone shapes output; IANA is refused."""
-    _, created, _ = await me_graph.call("POST", "/me/events", event_body(
-        start="2026-12-03T10:00:00", end="2026-12-03T11:00:00", tz="Romance Standard Time"))
+    _, created, _ = await me_graph.call(
+        "POST",
+        "/me/events",
+        event_body(
+            start="2026-12-03T10:00:00", end="2026-12-03T11:00:00", tz="Romance Standard Time"
+        ),
+    )
     assert created["start"]["dateTime"] == "2026-12-03T09:00:00.0000000"
     _, shown, _ = await me_graph.call(
-        "GET", f"/me/events/{created['id']}",
-        headers={"Prefer": 'outlook.timezone="Pacific Standard Time"'})
-    assert shown["start"] == {"dateTime": "2026-12-03T01:00:00.0000000",
-                              "timeZone": "Pacific Standard Time"}
+        "GET",
+        f"/me/events/{created['id']}",
+        headers={"Prefer": 'outlook.timezone="Pacific Standard Time"'},
+    )
+    assert shown["start"] == {
+        "dateTime": "2026-12-03T01:00:00.0000000",
+        "timeZone": "Pacific Standard Time",
+    }
     status, err, _ = await me_graph.call("POST", "/me/events", event_body(tz="Europe/Paris"))
     assert status == 400
     assert err["error"]["code"] == "ErrorTimeZoneNotSupported"
@@ -80,16 +95,22 @@ async def test_time_zones(me_graph: Graph) -> None:
 async def test_extended_properties_expand_and_filter(me_graph: Graph) -> None:
     """Extended properties are returned only via $expand with an id filter, and are filterable."""
     pid = "String {66f5a359-4659-4830-9070-00047ec6ac6e} Name RelationId"
-    _, created, _ = await me_graph.call("POST", "/me/events", event_body(
-        singleValueExtendedProperties=[{"id": pid, "value": "rel-1"}]))
+    _, created, _ = await me_graph.call(
+        "POST",
+        "/me/events",
+        event_body(singleValueExtendedProperties=[{"id": pid, "value": "rel-1"}]),
+    )
     assert "singleValueExtendedProperties" not in created
     _, got, _ = await me_graph.call(
-        "GET", f"/me/events/{created['id']}?$expand=singleValueExtendedProperties"
-               f"($filter=id eq '{pid}')")
+        "GET",
+        f"/me/events/{created['id']}?$expand=singleValueExtendedProperties($filter=id eq '{pid}')",
+    )
     assert got["singleValueExtendedProperties"] == [{"id": pid, "value": "rel-1"}]
     status, found, _ = await me_graph.call(
-        "GET", f"/me/events?$filter=singleValueExtendedProperties/Any(ep: ep/id eq '{pid}' "
-               "and ep/value eq 'rel-1')")
+        "GET",
+        f"/me/events?$filter=singleValueExtendedProperties/Any(ep: ep/id eq '{pid}' "
+        "and ep/value eq 'rel-1')",
+    )
     assert status == 200
     assert [e["id"] for e in found["value"]] == [created["id"]]
 
@@ -107,8 +128,7 @@ async def test_list_paging(app_graph: Graph, control: SimControl, ann: str) -> N
     assert len(seen) == len(set(seen)) == 25
 
 
-async def test_delegated_token_cannot_read_other_mailbox(me_graph: Graph,
-                                                         sim: Simulator) -> None:
+async def test_delegated_token_cannot_read_other_mailbox(me_graph: Graph, sim: Simulator) -> None:
     """A delegated token gets 403 ErrorAccessDenied on another user's events."""
     bob = sim.store.find_user("bob@contoso.example")
     assert bob is not None
@@ -119,12 +139,16 @@ async def test_delegated_token_cannot_read_other_mailbox(me_graph: Graph,
 
 async def test_series_expansion_and_occurrence_edit(me_graph: Graph) -> None:
     """A weekly series expands in calendarView; editing one occurrence makes it an exception."""
-    body = event_body(subject="Standup", start="2026-12-07T09:00:00",
-                      end="2026-12-07T09:15:00", tz="W. Europe Standard Time", recurrence={
-                          "pattern": {"type": "weekly", "interval": 1,
-                                      "daysOfWeek": ["monday", "wednesday"]},
-                          "range": {"type": "numbered", "startDate": "2026-12-07",
-                                    "numberOfOccurrences": 6}})
+    body = event_body(
+        subject="Standup",
+        start="2026-12-07T09:00:00",
+        end="2026-12-07T09:15:00",
+        tz="W. Europe Standard Time",
+        recurrence={
+            "pattern": {"type": "weekly", "interval": 1, "daysOfWeek": ["monday", "wednesday"]},
+            "range": {"type": "numbered", "startDate": "2026-12-07", "numberOfOccurrences": 6},
+        },
+    )
     status, master, _ = await me_graph.call("POST", "/me/events", body)
     assert status == 201
     assert master["type"] == "seriesMaster"
@@ -136,8 +160,9 @@ async def test_series_expansion_and_occurrence_edit(me_graph: Graph) -> None:
     assert occ[1]["start"]["dateTime"] == "2026-12-09T08:00:00.0000000"
     assert all(o["seriesMasterId"] == master["id"] for o in occ)
     assert len({o["iCalUId"] for o in occ}) == 6
-    status, exc, _ = await me_graph.call("PATCH", f"/me/events/{occ[2]['id']}",
-                                         {"subject": "Moved standup"})
+    status, exc, _ = await me_graph.call(
+        "PATCH", f"/me/events/{occ[2]['id']}", {"subject": "Moved standup"}
+    )
     assert status == 200
     assert exc["type"] == "exception"
     assert exc["id"] == occ[2]["id"]
@@ -154,8 +179,9 @@ async def test_concurrency_throttling(app_graph: Graph, control: SimControl, ann
     """More than 4 concurrent requests on one mailbox get 429 ApplicationThrottled + Retry-After."""
     ids = (await control.bulk_create_events(ann, count=1, notify=False))["ids"]
     await control.set_faults(latency_ms=150, throttle_retry_after="0.25")
-    results = await asyncio.gather(*[app_graph.call("GET", f"/users/{ann}/events/{ids[0]}")
-                                     for _ in range(8)])
+    results = await asyncio.gather(
+        *[app_graph.call("GET", f"/users/{ann}/events/{ids[0]}") for _ in range(8)]
+    )
     statuses = sorted(r[0] for r in results)
     assert statuses.count(200) == 4
     assert statuses.count(429) == 4

@@ -12,8 +12,9 @@ from graphsim.server import Simulator
 from .conftest import Graph, Receiver, SubscribeFn, delegated_tokens, event_body
 
 
-async def test_handshake_wrong_echo_fails(me_graph: Graph, receiver: Receiver,
-                                          subscribe: Callable[[Graph], SubscribeFn]) -> None:
+async def test_handshake_wrong_echo_fails(
+    me_graph: Graph, receiver: Receiver, subscribe: Callable[[Graph], SubscribeFn]
+) -> None:
     """A receiver that echoes the validation token wrongly makes creation fail with 400."""
     for mode in ("wrong", "json", "status500"):
         receiver.validation_mode = mode
@@ -24,17 +25,23 @@ async def test_handshake_wrong_echo_fails(me_graph: Graph, receiver: Receiver,
 
 
 async def test_handshake_validates_both_urls(
-        me_graph: Graph, receiver: Receiver, control: SimControl,
-        subscribe: Callable[[Graph], SubscribeFn]) -> None:
+    me_graph: Graph,
+    receiver: Receiver,
+    control: SimControl,
+    subscribe: Callable[[Graph], SubscribeFn],
+) -> None:
     """Both URLs get a decoded sentence token as text/plain and creation returns 201."""
     status, body = await subscribe(me_graph)()
     assert status == 201, body
     assert len(receiver.validations) == 2
     assert receiver.validations[0].startswith(
-        "Validation: Testing client application reachability for subscription Request-Id: ")
+        "Validation: Testing client application reachability for subscription Request-Id: "
+    )
     validations = await control.deliveries(kind="validation")
-    assert [v["url"] for v in validations] == [f"{receiver.url}/notify?tenant=acme",
-                                               f"{receiver.url}/lifecycle"]
+    assert [v["url"] for v in validations] == [
+        f"{receiver.url}/notify?tenant=acme",
+        f"{receiver.url}/lifecycle",
+    ]
     assert body["clientState"] == "sub-secret-1"
     assert body["notificationQueryOptions"] is None
     assert body["applicationId"]
@@ -43,8 +50,9 @@ async def test_handshake_validates_both_urls(
     assert body["latestSupportedTlsVersion"] == "v1_2"
 
 
-async def test_expiry_limits(me_graph: Graph, sim: Simulator,
-                             subscribe: Callable[[Graph], SubscribeFn]) -> None:
+async def test_expiry_limits(
+    me_graph: Graph, sim: Simulator, subscribe: Callable[[Graph], SubscribeFn]
+) -> None:
     """Beyond 4230 minutes is 400; under 45 minutes is raised to 45 minutes."""
     too_far = sim.clock.now() + dt.timedelta(minutes=4231)
     status, _ = await subscribe(me_graph)(expirationDateTime=too_far.isoformat())
@@ -57,8 +65,13 @@ async def test_expiry_limits(me_graph: Graph, sim: Simulator,
 
 
 async def test_expiry_by_accelerated_clock(
-        me_graph: Graph, control: SimControl, receiver: Receiver, ann: str, sim: Simulator,
-        subscribe: Callable[[Graph], SubscribeFn]) -> None:
+    me_graph: Graph,
+    control: SimControl,
+    receiver: Receiver,
+    ann: str,
+    sim: Simulator,
+    subscribe: Callable[[Graph], SubscribeFn],
+) -> None:
     """A subscription whose expiry passes on the sim clock disappears and notifies no more."""
     _, sub = await subscribe(me_graph)()
     await control.advance_clock(25 * 3600)
@@ -72,13 +85,15 @@ async def test_expiry_by_accelerated_clock(
     assert receiver.notifications == []
 
 
-async def test_renew_and_list_and_delete(me_graph: Graph, sim: Simulator,
-                                         subscribe: Callable[[Graph], SubscribeFn]) -> None:
+async def test_renew_and_list_and_delete(
+    me_graph: Graph, sim: Simulator, subscribe: Callable[[Graph], SubscribeFn]
+) -> None:
     """PATCH renews within limits, GET lists the app's subscriptions, DELETE answers 204."""
     _, sub = await subscribe(me_graph)()
     new_expiry = (sim.clock.now() + dt.timedelta(hours=60)).isoformat()
-    status, renewed, _ = await me_graph.call("PATCH", f"/subscriptions/{sub['id']}",
-                                             {"expirationDateTime": new_expiry})
+    status, renewed, _ = await me_graph.call(
+        "PATCH", f"/subscriptions/{sub['id']}", {"expirationDateTime": new_expiry}
+    )
     assert status == 200
     assert renewed["expirationDateTime"] != sub["expirationDateTime"]
     _, listed, _ = await me_graph.call("GET", "/subscriptions")
@@ -87,23 +102,33 @@ async def test_renew_and_list_and_delete(me_graph: Graph, sim: Simulator,
     assert (await me_graph.call("GET", f"/subscriptions/{sub['id']}"))[0] == 404
 
 
-async def test_notification_payload(me_graph: Graph, control: SimControl, receiver: Receiver,
-                                    ann: str, sim: Simulator,
-                                    subscribe: Callable[[Graph], SubscribeFn]) -> None:
+async def test_notification_payload(
+    me_graph: Graph,
+    control: SimControl,
+    receiver: Receiver,
+    ann: str,
+    sim: Simulator,
+    subscribe: Callable[[Graph], SubscribeFn],
+) -> None:
     """A change yields a basic notification in the documented shape, with the URL's query kept."""
     _, sub = await subscribe(me_graph)()
     _, created, _ = await me_graph.call("POST", "/me/events", event_body())
-    await control.wait_for_deliveries(lambda log: any(d["delivered"] for d in log),
-                                      kind="change")
+    await control.wait_for_deliveries(lambda log: any(d["delivered"] for d in log), kind="change")
     [item] = receiver.notifications
     path = f"Users/{ann}/Events/{created['id']}"
     assert item == {
         "subscriptionId": sub["id"],
         "subscriptionExpirationDateTime": item["subscriptionExpirationDateTime"],
-        "changeType": "created", "resource": path,
-        "resourceData": {"@odata.type": "#Microsoft.Graph.Event", "@odata.id": path,
-                         "@odata.etag": created["@odata.etag"], "id": created["id"]},
-        "clientState": "sub-secret-1", "tenantId": sim.tenant_id,
+        "changeType": "created",
+        "resource": path,
+        "resourceData": {
+            "@odata.type": "#Microsoft.Graph.Event",
+            "@odata.id": path,
+            "@odata.etag": created["@odata.etag"],
+            "id": created["id"],
+        },
+        "clientState": "sub-secret-1",
+        "tenantId": sim.tenant_id,
     }
     assert item["subscriptionExpirationDateTime"].endswith("+00:00")
     [delivery] = await control.deliveries(kind="change")
@@ -111,8 +136,12 @@ async def test_notification_payload(me_graph: Graph, control: SimControl, receiv
 
 
 async def test_notifications_are_retried_after_503(
-        app_graph: Graph, control: SimControl, receiver: Receiver, ann: str,
-        subscribe: Callable[[Graph], SubscribeFn]) -> None:
+    app_graph: Graph,
+    control: SimControl,
+    receiver: Receiver,
+    ann: str,
+    subscribe: Callable[[Graph], SubscribeFn],
+) -> None:
     """A receiver answering 503 gets the same items again until it answers 2xx."""
     status, sub = await subscribe(app_graph)(resource=f"users/{ann}/events")
     assert status == 201, sub
@@ -126,12 +155,18 @@ async def test_notifications_are_retried_after_503(
 
 
 async def test_undeliverable_items_dropped_after_4h_with_missed(
-        app_graph: Graph, control: SimControl, receiver: Receiver, ann: str,
-        subscribe: Callable[[Graph], SubscribeFn]) -> None:
+    app_graph: Graph,
+    control: SimControl,
+    receiver: Receiver,
+    ann: str,
+    subscribe: Callable[[Graph], SubscribeFn],
+) -> None:
     """After 4 h of sim time of failures the items are dropped and `missed` is sent."""
     _, _sub = await subscribe(app_graph)(
         resource=f"users/{ann}/events",
-        notificationUrl=f"{receiver.url}/notify", lifecycleNotificationUrl=f"{receiver.url}/lc")
+        notificationUrl=f"{receiver.url}/notify",
+        lifecycleNotificationUrl=f"{receiver.url}/lc",
+    )
     receiver.fail_next = 10_000
     await control.create_event(ann, event_body())
     await control.wait_for_deliveries(lambda log: len(log) >= 1, kind="change")
@@ -140,23 +175,32 @@ async def test_undeliverable_items_dropped_after_4h_with_missed(
     assert any(d["kind"] == "dropped" for d in log)
     receiver.fail_next = 0
     await control.wait_for_deliveries(
-        lambda log: any(d["delivered"] for d in log), kind="lifecycle")
+        lambda log: any(d["delivered"] for d in log), kind="lifecycle"
+    )
     assert receiver.notifications[-1]["lifecycleEvent"] == "missed"
 
 
-async def test_lifecycle_events(me_graph: Graph, control: SimControl, receiver: Receiver,
-                                sim: Simulator,
-                                subscribe: Callable[[Graph], SubscribeFn]) -> None:
+async def test_lifecycle_events(
+    me_graph: Graph,
+    control: SimControl,
+    receiver: Receiver,
+    sim: Simulator,
+    subscribe: Callable[[Graph], SubscribeFn],
+) -> None:
     """reauthorizationRequired pauses until /reauthorize; subscriptionRemoved deletes it."""
     _, sub = await subscribe(me_graph)()
     await control.trigger_lifecycle(sub["id"], "reauthorizationRequired")
     await me_graph.call("POST", "/me/events", event_body(subject="lost"))
     await control.wait_idle()
-    assert [n.get("lifecycleEvent") for n in receiver.notifications] == [
-        "reauthorizationRequired"]
+    assert [n.get("lifecycleEvent") for n in receiver.notifications] == ["reauthorizationRequired"]
     lifecycle = receiver.notifications[0]
-    assert set(lifecycle) == {"subscriptionId", "subscriptionExpirationDateTime", "tenantId",
-                              "clientState", "lifecycleEvent"}
+    assert set(lifecycle) == {
+        "subscriptionId",
+        "subscriptionExpirationDateTime",
+        "tenantId",
+        "clientState",
+        "lifecycleEvent",
+    }
     assert (await me_graph.call("POST", f"/subscriptions/{sub['id']}/reauthorize"))[0] == 204
     await me_graph.call("POST", "/me/events", event_body(subject="seen"))
     await control.wait_idle()
@@ -168,24 +212,41 @@ async def test_lifecycle_events(me_graph: Graph, control: SimControl, receiver: 
 
 
 async def test_occurrence_edit_notifies_only_master(
-        me_graph: Graph, control: SimControl, receiver: Receiver, ann: str,
-        subscribe: Callable[[Graph], SubscribeFn]) -> None:
+    me_graph: Graph,
+    control: SimControl,
+    receiver: Receiver,
+    ann: str,
+    subscribe: Callable[[Graph], SubscribeFn],
+) -> None:
     """Editing or cancelling one occurrence yields only `updated` for the series master."""
-    _, master, _ = await me_graph.call("POST", "/me/events", event_body(recurrence={
-        "pattern": {"type": "daily", "interval": 1},
-        "range": {"type": "numbered", "startDate": "2026-12-03", "numberOfOccurrences": 3}}))
+    _, master, _ = await me_graph.call(
+        "POST",
+        "/me/events",
+        event_body(
+            recurrence={
+                "pattern": {"type": "daily", "interval": 1},
+                "range": {"type": "numbered", "startDate": "2026-12-03", "numberOfOccurrences": 3},
+            }
+        ),
+    )
     await subscribe(me_graph)()
     view = await control.calendar_view(ann, "2026-12-01T00:00:00Z", "2026-12-31T00:00:00Z")
     await control.update_event(ann, view[0]["id"], {"subject": "changed"})
     await control.delete_event(ann, view[1]["id"])
     await control.wait_idle()
     assert [(n["changeType"], n["resourceData"]["id"]) for n in receiver.notifications] == [
-        ("updated", master["id"]), ("updated", master["id"])]
+        ("updated", master["id"]),
+        ("updated", master["id"]),
+    ]
 
 
-async def test_immutable_subscription_ids(me_graph: Graph, control: SimControl,
-                                          receiver: Receiver, ann: str,
-                                          subscribe: Callable[[Graph], SubscribeFn]) -> None:
+async def test_immutable_subscription_ids(
+    me_graph: Graph,
+    control: SimControl,
+    receiver: Receiver,
+    ann: str,
+    subscribe: Callable[[Graph], SubscribeFn],
+) -> None:
     """A subscription created with Prefer IdType=ImmutableId notifies immutable ids."""
     await subscribe(me_graph)(headers={"Prefer": 'IdType="ImmutableId"'})
     created = await control.create_event(ann, event_body(), immutable=True)
@@ -193,8 +254,13 @@ async def test_immutable_subscription_ids(me_graph: Graph, control: SimControl,
     assert receiver.notifications[0]["resourceData"]["id"] == created["id"]
 
 
-async def test_duplicates_fault(me_graph: Graph, control: SimControl, receiver: Receiver,
-                                ann: str, subscribe: Callable[[Graph], SubscribeFn]) -> None:
+async def test_duplicates_fault(
+    me_graph: Graph,
+    control: SimControl,
+    receiver: Receiver,
+    ann: str,
+    subscribe: Callable[[Graph], SubscribeFn],
+) -> None:
     """With duplicates on, a create yields created+updated and an edit yields 1-3 updated."""
     await subscribe(me_graph)()
     await control.set_faults(duplicates=True, seed=7)
@@ -208,9 +274,13 @@ async def test_duplicates_fault(me_graph: Graph, control: SimControl, receiver: 
     assert kinds.count("updated") - 1 > 5  # the seed makes at least one edit duplicate
 
 
-async def test_batch_and_reorder_faults(me_graph: Graph, control: SimControl,
-                                        receiver: Receiver, ann: str,
-                                        subscribe: Callable[[Graph], SubscribeFn]) -> None:
+async def test_batch_and_reorder_faults(
+    me_graph: Graph,
+    control: SimControl,
+    receiver: Receiver,
+    ann: str,
+    subscribe: Callable[[Graph], SubscribeFn],
+) -> None:
     """Batching puts several items in one POST; reordering still delivers every item."""
     await subscribe(me_graph)()
     await control.set_faults(batch_max_items=5, batch_window_ms=100, reorder_ms=30)
@@ -220,8 +290,9 @@ async def test_batch_and_reorder_faults(me_graph: Graph, control: SimControl,
     assert max(len(p["value"]) for p in receiver.posts) > 1
 
 
-async def test_subscription_write_throttling(me_graph: Graph, control: SimControl,
-                                             subscribe: Callable[[Graph], SubscribeFn]) -> None:
+async def test_subscription_write_throttling(
+    me_graph: Graph, control: SimControl, subscribe: Callable[[Graph], SubscribeFn]
+) -> None:
     """Subscription writes beyond the per-app-and-tenant limit get 429 with Retry-After."""
     await control.set_faults(subscription_write_limit=2)
     statuses: list[Any] = [(await subscribe(me_graph)())[0] for _ in range(3)]
@@ -229,7 +300,8 @@ async def test_subscription_write_throttling(me_graph: Graph, control: SimContro
 
 
 async def test_delegated_cannot_subscribe_to_other_mailbox(
-        me_graph: Graph, sim: Simulator, subscribe: Callable[[Graph], SubscribeFn]) -> None:
+    me_graph: Graph, sim: Simulator, subscribe: Callable[[Graph], SubscribeFn]
+) -> None:
     """A delegated token cannot subscribe to another user's events."""
     bob = sim.store.find_user("bob@contoso.example")
     assert bob is not None

@@ -34,7 +34,10 @@ def ensure_chromium() -> tuple[str | None, str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     result = subprocess.run(  # noqa: PLW1510  the result is checked just below
         ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     if result.returncode != 0:
         return None, f"apt-get install chromium failed: {result.stderr.strip()[-300:]}"
@@ -91,7 +94,10 @@ class Page:
         size = metrics.get("cssContentSize") or metrics["contentSize"]
         await self.send(
             "Emulation.setDeviceMetricsOverride",
-            width=int(size["width"]), height=int(size["height"]), deviceScaleFactor=1, mobile=False,
+            width=int(size["width"]),
+            height=int(size["height"]),
+            deviceScaleFactor=1,
+            mobile=False,
         )
         shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         data = base64.b64decode(shot["data"])
@@ -105,15 +111,27 @@ class Page:
 
 
 @contextlib.asynccontextmanager
-async def headless_chromium(binary: str, profile: Path, *, width: int = 1280) -> AsyncIterator[Page]:
+async def headless_chromium(
+    binary: str, profile: Path, *, width: int = 1280
+) -> AsyncIterator[Page]:
     """Start Chromium headless with a throw-away profile and yield its first tab."""
     await asyncio.to_thread(profile.mkdir, parents=True, exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
-        binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-        "--disable-extensions", "--disable-dev-shm-usage", "--remote-debugging-port=0",
-        f"--user-data-dir={profile}", f"--window-size={width},900", "about:blank",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+        binary,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-dev-shm-usage",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},900",
+        "about:blank",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         port_file = profile / "DevToolsActivePort"

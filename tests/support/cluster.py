@@ -128,7 +128,9 @@ class RabbitCluster:
     async def leaders(self, vhost: str, prefix: str) -> Counter[str]:
         """How many of the queues whose name starts with ``prefix`` each node leads."""
         queues = await self.queues(vhost)
-        return Counter(str(q.get("leader") or q.get("node")) for n, q in queues.items() if n.startswith(prefix))
+        return Counter(
+            str(q.get("leader") or q.get("node")) for n, q in queues.items() if n.startswith(prefix)
+        )
 
     async def start_node(self, node: RabbitNode) -> float:
         """Restart a stopped member on its data (it rejoins by itself); returns its boot time."""

@@ -301,7 +301,9 @@ class History:
             wrong = {graph_id for graph_id, _ in diff.mismatched}
             if event_id in diff.missing or event_id in diff.unexpected or event_id in wrong:
                 lost_events.add(event_id)
-        report.lost_detail = [f"notified event {e[-12:]} not in its Graph state" for e in lost_events]
+        report.lost_detail = [
+            f"notified event {e[-12:]} not in its Graph state" for e in lost_events
+        ]
         outbound_problems = await self._outbound_problems()
         report.lost_detail += outbound_problems
         report.lost = len(lost_events) + len(outbound_problems)
@@ -324,7 +326,10 @@ class History:
                 int((q.get("message_stats") or {}).get("redeliver") or 0) for q in queues.values()
             )
             busy = {
-                name: [int(q.get("messages_ready") or 0), int(q.get("messages_unacknowledged") or 0)]
+                name: [
+                    int(q.get("messages_ready") or 0),
+                    int(q.get("messages_unacknowledged") or 0),
+                ]
                 for name, q in queues.items()
                 if name not in UNCONSUMED_QUEUES and q.get("messages")
             }

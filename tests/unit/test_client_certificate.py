@@ -38,9 +38,13 @@ def _certificate(key: Any) -> x509.Certificate:
     )
 
 
-def _pem_file(tmp_path, key: Any, certificate: x509.Certificate | None, password: bytes | None = None):
+def _pem_file(
+    tmp_path, key: Any, certificate: x509.Certificate | None, password: bytes | None = None
+):
     encryption = (
-        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
     )
     text = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
@@ -177,7 +181,9 @@ def test_msal_authenticates_with_an_assertion_signed_by_the_certificate(tmp_path
     assert result.get("access_token") == "at", result
     (request,) = identity.token_requests
     assert "client_secret" not in request
-    assert request["client_assertion_type"] == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    assert (
+        request["client_assertion_type"] == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    )
     assertion = request["client_assertion"]
     header = jwt.get_unverified_header(assertion)
     der = certificate.public_bytes(serialization.Encoding.DER)

@@ -125,7 +125,9 @@ def test_a_group_loses_only_to_a_newer_outlook_change_of_that_group(s: dict[str,
     none of its fields are written, and every other group is applied in full."""
     plan = _plan(s)
     for group, names in FIELD_GROUPS.items():
-        outlook_changed = any(s["outlook"].get(n) != s["last_written"].get(n) for n in names if n in s["wanted"])
+        outlook_changed = any(
+            s["outlook"].get(n) != s["last_written"].get(n) for n in names if n in s["wanted"]
+        )
         if group in plan.lost_groups:
             assert s["outlook_changed_at"] is not None
             assert s["outlook_changed_at"] > s["wanted_at"]

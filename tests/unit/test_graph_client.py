@@ -338,8 +338,7 @@ async def test_retry_after_holds_back_every_request_to_the_mailbox(http, fake_gr
     await throttled.wait()
     await asyncio.sleep(0.05)
     others = [
-        asyncio.create_task(graph.get_event("acc", "mbx", f"later{i}", select=[]))
-        for i in range(4)
+        asyncio.create_task(graph.get_event("acc", "mbx", f"later{i}", select=[])) for i in range(4)
     ]
     await asyncio.sleep(0.02)
     other_mailbox = await graph.get_event("acc", "mbx-2", "elsewhere", select=[])

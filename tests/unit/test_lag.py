@@ -62,8 +62,16 @@ def test_merging_reports_takes_the_worst_p99_and_the_oldest_message() -> None:
     early, late = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
     merged = merge_reports(
         [
-            {"lag_p99_s": 0.4, "lag_samples": 10, "oldest_held": [{"queue": "q", "at": late, "count": 2}]},
-            {"lag_p99_s": 2.5, "lag_samples": 5, "oldest_held": [{"queue": "q", "at": early, "count": 1}]},
+            {
+                "lag_p99_s": 0.4,
+                "lag_samples": 10,
+                "oldest_held": [{"queue": "q", "at": late, "count": 2}],
+            },
+            {
+                "lag_p99_s": 2.5,
+                "lag_samples": 5,
+                "oldest_held": [{"queue": "q", "at": early, "count": 1}],
+            },
             {"lag_p99_s": None, "lag_samples": 0, "oldest_held": []},
         ]
     )

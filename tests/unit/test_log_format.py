@@ -72,5 +72,8 @@ def test_unknown_format_is_refused():
         renders_console("xml", io.StringIO())
     with pytest.raises(SettingsError, match="M365SYNC_LOG_FORMAT"):
         load_settings({"M365SYNC_LOG_FORMAT": "xml"}, required=frozenset())
-    assert load_settings({"M365SYNC_LOG_FORMAT": "Console"}, required=frozenset()).log_format == "console"
+    assert (
+        load_settings({"M365SYNC_LOG_FORMAT": "Console"}, required=frozenset()).log_format
+        == "console"
+    )
     assert load_settings({}, required=frozenset()).log_format == "auto"

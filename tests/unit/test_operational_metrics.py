@@ -58,7 +58,9 @@ def test_expiry_summary_counts_each_account_by_its_latest_live_subscription():
     """An account counts once by the subscription that expires last; expired-only or no records count as none; the horizons are cumulative."""
 
     def rec(hours: float) -> dict[str, datetime]:
-        return {"expires_at": (NOW + timedelta(hours=hours)).replace(tzinfo=None)}  # naive, as read back
+        return {
+            "expires_at": (NOW + timedelta(hours=hours)).replace(tzinfo=None)
+        }  # naive, as read back
 
     summary = expiry_summary(
         [

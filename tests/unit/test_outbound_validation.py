@@ -189,8 +189,12 @@ def test_times_at_the_edge_of_the_calendar_are_rejected_not_crashed() -> None:
         secret_event(location={"displayName": SECRET_LOCATION * 60}),
         secret_event(location=SECRET_LOCATION),
         secret_event(attendees=[{"emailAddress": {"address": SECRET_NAME}}]),
-        secret_event(attendees=[{"emailAddress": {"address": SECRET_ADDRESS, "name": SECRET_NAME * 60}}]),
-        secret_event(attendees=[{"emailAddress": {"address": SECRET_ADDRESS}, "type": SECRET_NAME}]),
+        secret_event(
+            attendees=[{"emailAddress": {"address": SECRET_ADDRESS, "name": SECRET_NAME * 60}}]
+        ),
+        secret_event(
+            attendees=[{"emailAddress": {"address": SECRET_ADDRESS}, "type": SECRET_NAME}]
+        ),
         secret_event(attendees=[SECRET_ADDRESS]),
         secret_event(attendees={"emailAddress": {"address": SECRET_ADDRESS}}),
         secret_event(
@@ -224,14 +228,16 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(
-        st.sampled_from(
-            ["schema", "op", "event", "subject", "start", "dateTime", "timeZone", "attendees"]
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                ["schema", "op", "event", "subject", "start", "dateTime", "timeZone", "attendees"]
+            )
+            | st.text(max_size=8),
+            children,
+            max_size=4,
         )
-        | st.text(max_size=8),
-        children,
-        max_size=4,
     ),
     max_leaves=20,
 )
@@ -294,7 +300,11 @@ def valid_events(draw: st.DrawFn) -> dict[str, Any]:
             | st.just(
                 {
                     "pattern": {"type": "weekly", "interval": 1, "daysOfWeek": ["monday"]},
-                    "range": {"type": "numbered", "startDate": "2026-12-07", "numberOfOccurrences": 4},
+                    "range": {
+                        "type": "numbered",
+                        "startDate": "2026-12-07",
+                        "numberOfOccurrences": 4,
+                    },
                 }
             )
         )
@@ -350,14 +360,30 @@ def spoiled_messages(draw: st.DrawFn) -> dict[str, Any]:
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(json_values | spoiled_messages())
-@example({"schema": SCHEMA, "op": "delete", "account_id": "a", "relation_event_id": "r",
-          "revision": 1, "occurred_at": "9999-12-31T23:59:59-12:00"})
+@example(
+    {
+        "schema": SCHEMA,
+        "op": "delete",
+        "account_id": "a",
+        "relation_event_id": "r",
+        "revision": 1,
+        "occurred_at": "9999-12-31T23:59:59-12:00",
+    }
+)
 # Unhashable values where a name from a closed list belongs (hypothesis found the first).
 @example(secret_message(event=secret_event(showAs=[])))
-@example(secret_message(event=secret_event(attendees=[
-    {"emailAddress": {"address": "ann@example.com"}, "type": ["required"]}])))
-@example(secret_message(event=secret_event(recurrence={
-    "pattern": {"type": {}}, "range": {"type": "noEnd"}})))
+@example(
+    secret_message(
+        event=secret_event(
+            attendees=[{"emailAddress": {"address": "ann@example.com"}, "type": ["required"]}]
+        )
+    )
+)
+@example(
+    secret_message(
+        event=secret_event(recurrence={"pattern": {"type": {}}, "range": {"type": "noEnd"}})
+    )
+)
 def test_any_json_only_ever_raises_invalid_message_with_a_readable_reason(body: Any) -> None:
     """Whatever JSON arrives, validation either succeeds or raises InvalidMessage, whose
     reason is one short printable line."""
@@ -410,7 +436,9 @@ content_spoilers = st.sampled_from(
         lambda e: e["location"].update(displayName={"v": SECRET_LOCATION}),
         lambda e: e["location"].update(street=SECRET_LOCATION),
         lambda e: e["attendees"][0]["emailAddress"].update(address=SECRET_NAME),
-        lambda e: e["attendees"][0]["emailAddress"].update(address=SECRET_ADDRESS + " " + SECRET_NAME),
+        lambda e: e["attendees"][0]["emailAddress"].update(
+            address=SECRET_ADDRESS + " " + SECRET_NAME
+        ),
         lambda e: e["attendees"][0]["emailAddress"].update(name=[SECRET_NAME]),
         lambda e: e["attendees"][0].update(type=SECRET_ADDRESS),
         lambda e: e["attendees"].append(SECRET_ADDRESS),
