@@ -46,6 +46,7 @@ from processor.settings import Settings
 from processor.store import Store
 from processor.topology import DEAD_QUEUE, ONERELATION_INBOUND_QUEUE, ONERELATION_OUTBOUND
 from processor.verify import Diff, diff_account, expected_events
+from tests.support import published
 from tests.support.nodes import RabbitNode
 
 #: Queues that nobody in the service consumes: 1Relation's side and the parking lot.
@@ -373,6 +374,12 @@ class History:
             for name in ("idle", "drained", "equal"):
                 report.extra.pop(name, None)
         report.extra["first_s"] = first
+        if self.node is not None and self.node.running:
+            # What every role published to 1Relation, child processes' included, is checked
+            # against its schema (the autouse fixture reports any violation).
+            report.extra["announcements_validated"] = await published.check_queued(
+                self.node.url(self.vhost or "/")
+            )
         print(f"FAULT-HISTORY {report.line()}")
         assert report.lost == 0, f"lost {report.lost}: {report.lost_detail[:10]}"
         assert report.dead_lettered == 0, f"{report.dead_lettered} dead-lettered"
