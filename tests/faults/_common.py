@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.e2e.harness import Stack, eventually
+from tests.support.cluster import RabbitCluster
 from tests.support.history import History
 from tests.support.nodes import RabbitNode
 
@@ -119,7 +120,12 @@ async def until(predicate: Callable[[], Awaitable[Any]], timeout_s: float = 20.0
 
 
 def history_for(
-    stack: Stack, label: str, *, mongodb_url: str, node: RabbitNode, vhost: str
+    stack: Stack,
+    label: str,
+    *,
+    mongodb_url: str,
+    node: RabbitNode | RabbitCluster,
+    vhost: str,
 ) -> History:
     """A :class:`History` over ``stack``'s accounts, reading the database at ``mongodb_url``."""
     return History(

@@ -92,7 +92,7 @@ async def test_losing_the_leader_node_of_the_shard_queues_loses_nothing(
                 "broker-cluster-node-loss",
                 mongodb_url=mongodb_url,
                 node=cluster,
-                vhost=vhost,  # type: ignore[arg-type]
+                vhost=vhost,
             ) as history:
                 load = OutlookLoad(history, user_id, seed=23, interval_s=0.15, burst=20).start()
 

@@ -47,6 +47,7 @@ from processor.store import Store
 from processor.topology import DEAD_QUEUE, ONERELATION_INBOUND_QUEUE, ONERELATION_OUTBOUND
 from processor.verify import Diff, diff_account, expected_events
 from tests.support import published
+from tests.support.cluster import RabbitCluster
 from tests.support.nodes import RabbitNode
 
 #: Queues that nobody in the service consumes: 1Relation's side and the parking lot.
@@ -98,7 +99,7 @@ class History:
         settings: Settings,
         accounts: Mapping[str, str],
         mongodb_url: str,
-        node: RabbitNode | None = None,
+        node: RabbitNode | RabbitCluster | None = None,
         vhost: str | None = None,
     ) -> None:
         """``mongodb_url`` should reach the database directly (not through a test proxy)."""
@@ -282,6 +283,14 @@ class History:
 
     # -- the check ------------------------------------------------------------------------------
 
+    def _running_node(self) -> RabbitNode | None:
+        """A broker node that is up now (of a cluster, any running member), or None."""
+        if isinstance(self.node, RabbitCluster):
+            return next((node for node in self.node.nodes if node.running), None)
+        if self.node is not None and self.node.running:
+            return self.node
+        return None
+
     async def _snapshot(self) -> tuple[bool, Report]:
         report = Report(label=self.label, in_flight=dict(self.in_flight), extra=dict(self.extra))
         report.mutations = sum(self.mutated.values())
@@ -374,11 +383,12 @@ class History:
             for name in ("idle", "drained", "equal"):
                 report.extra.pop(name, None)
         report.extra["first_s"] = first
-        if self.node is not None and self.node.running:
+        reader = self._running_node()
+        if reader is not None:
             # What every role published to 1Relation, child processes' included, is checked
             # against its schema (the autouse fixture reports any violation).
             report.extra["announcements_validated"] = await published.check_queued(
-                self.node.url(self.vhost or "/")
+                reader.url(self.vhost or "/")
             )
         print(f"FAULT-HISTORY {report.line()}")
         assert report.lost == 0, f"lost {report.lost}: {report.lost_detail[:10]}"

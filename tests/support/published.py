@@ -80,23 +80,28 @@ def install() -> None:
 
 
 async def check_queued(amqp_url: str, *, timeout_s: float = 10.0) -> int:
-    """Drain ``onerelation.inbound`` at ``amqp_url`` (as 1Relation would) and validate each
-    message with its schema; returns how many were read.
+    """Read every message of ``onerelation.inbound`` at ``amqp_url`` (as 1Relation would)
+    and validate each with its schema, then return them all to the queue (a test may read
+    them after); returns how many were read.
 
     This covers what service roles running as child processes published. Messages this
     process published were validated when they were sent and are checked again, not counted
     again.
     """
-    read = 0
+    held: list[aio_pika.abc.AbstractIncomingMessage] = []
     connection = await aio_pika.connect(amqp_url, timeout=timeout_s)
     async with connection:
         channel = await connection.channel()
         queue = await channel.get_queue(ONERELATION_INBOUND_QUEUE, ensure=False)
-        while (message := await queue.get(no_ack=True, fail=False, timeout=timeout_s)) is not None:
+        # Unacknowledged, each message stays out of the queue until it is returned, so the
+        # loop ends when every message has been seen once.
+        while (message := await queue.get(no_ack=False, fail=False, timeout=timeout_s)) is not None:
             PUBLISHED.check(message.routing_key or "", message.body, count=False)
-            read += 1
-    PUBLISHED.read_back += read
-    return read
+            held.append(message)
+        for message in held:
+            await message.nack(requeue=True)
+    PUBLISHED.read_back += len(held)
+    return len(held)
 
 
 def summary() -> list[str]:
