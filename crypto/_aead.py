@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidTag
@@ -17,7 +18,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto._errors import DecryptionError, KeyConfigError
 
-__all__ = ["KEY_LEN", "NONCE_LEN", "TAG_LEN", "VERSION_1", "DataCipher", "open_blob", "seal"]
+__all__ = [
+    "KEY_LEN",
+    "NONCE_LEN",
+    "TAG_LEN",
+    "VERSION_1",
+    "DataCipher",
+    "KeyCheck",
+    "open_blob",
+    "opens",
+    "seal",
+]
 
 KEY_LEN = 32
 NONCE_LEN = 12
@@ -106,3 +117,20 @@ class DataCipher:
             return plaintext.decode()
         except UnicodeDecodeError:
             raise DecryptionError("decrypted value is not UTF-8") from None
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """A ciphertext written under an account's current data key, and its associated data."""
+
+    blob: bytes
+    aad: bytes
+
+
+def opens(cipher: DataCipher, check: KeyCheck) -> bool:
+    """Whether ``cipher`` is the key ``check`` was written under."""
+    try:
+        cipher.decrypt(check.blob, check.aad)
+    except DecryptionError:
+        return False
+    return True

@@ -185,7 +185,7 @@ class DeltaRunner:
                 live=live_count,
                 full=rnd.full,
             )
-            await self._fence(account_id)
+            await self._fence(account_id, cipher)
             if rnd.full:
                 await self._clear_link(account_id)
             # An incremental pass keeps the previous link: the next pass meets the same
@@ -197,7 +197,7 @@ class DeltaRunner:
         changes += await self._delete(ctx, candidates, live, rnd)
         report.upserted = sum(1 for c in changes if c.change == "upserted")
         report.deleted = sum(1 for c in changes if c.change == "deleted")
-        await self._fence(account_id)
+        await self._fence(account_id, cipher)
         if rnd.delta_link is not None:
             await self._save_link(account_id, cipher, rnd.delta_link, start, end)
         await self._statuses.record_sync(account_id)
@@ -217,9 +217,10 @@ class DeltaRunner:
         )
         return changes
 
-    async def _fence(self, account_id: str) -> None:
-        """Stop the pass when the account was erased meanwhile (checked before each write)."""
-        if await self._store.fenced(account_id):
+    async def _fence(self, account_id: str, cipher: DataCipher) -> None:
+        """Stop the pass when the account was erased meanwhile, or erased and connected
+        again under a new key (checked before each write)."""
+        if await self._store.fenced(account_id, cipher):
             log.info("delta.fenced", account_id=account_id)
             raise AccountUnavailable(account_id, "erased")
 
@@ -241,7 +242,7 @@ class DeltaRunner:
 
         async def upsert(item: Mapping[str, Any]) -> Change | None:
             async with limit:
-                await self._fence(account_id)
+                await self._fence(account_id, cipher)
                 echo, relation_event_id = False, None
                 key = self._events.event_key(account_id, str(item["id"]))
                 txn = item.get("transactionId")
@@ -275,7 +276,7 @@ class DeltaRunner:
             page_size=self._settings.page_size,
         )
         async for page in pages:
-            await self._fence(account_id)
+            await self._fence(account_id, cipher)
             # The same entity may appear twice in a page: keep the last (two concurrent
             # upserts of one document could race on FerretDB).
             by_id = {str(item["id"]): item for item in page.items if item.get("id")}
@@ -302,7 +303,7 @@ class DeltaRunner:
         changes: list[Change] = []
         for key, graph_id in rnd.master_ids.items():
             master = await self._graph.get_event(account_id, user_id, graph_id, select=SELECT)
-            await self._fence(account_id)
+            await self._fence(account_id, cipher)
             if master is None:
                 gone = await self._events.mark_deleted(account_id, key)
                 if gone is not None:
@@ -382,7 +383,7 @@ class DeltaRunner:
         for key in sorted(candidates):
             doc = live[key]
             current = await self._fetch(account_id, cipher, user_id, key, doc) if confirm else None
-            await self._fence(account_id)
+            await self._fence(account_id, cipher)
             if current is not None:
                 # Still there (moved out of the window, or a replayed @removed).
                 written = await self._events.upsert_version(account_id, current, cipher=cipher)
@@ -410,7 +411,7 @@ class DeltaRunner:
             if master_doc is None:
                 continue
             master = await self._fetch(account_id, cipher, user_id, series_key, master_doc)
-            await self._fence(account_id)
+            await self._fence(account_id, cipher)
             if master is None:
                 for key in {series_key} | await self._events.series_instance_keys(
                     account_id, series_key

@@ -125,8 +125,8 @@ class InboundHandler:
     async def handle_batch(self, account_id: str, deliveries: Sequence[Delivery]) -> None:
         """Reconcile every change of the batch, then announce what really changed."""
         try:
-            cipher = await self._store.cipher_for(account_id)
             account = await self._store.account(account_id)
+            cipher = await self._store.cipher_for(account_id, account)
         except AccountUnavailable:
             # Erased: its messages still queued are dropped when reached (docs/contract.md §4).
             for delivery in deliveries:
@@ -162,7 +162,7 @@ class InboundHandler:
                 if delivery.outcome is None:
                     delivery.outcome = outcome_for(exc)
             reauthorization = True
-        if await self._store.fenced(account_id):
+        if await self._store.fenced(account_id, cipher):
             # Erased while this batch ran: announce nothing and write no sync state (the
             # erasure's sweeps remove what the batch wrote before it saw the fence).
             for delivery in deliveries:

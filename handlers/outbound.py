@@ -281,7 +281,8 @@ class IntakeHandler:
                 body, f"the message could not be validated ({type(exc).__name__})", "invalid"
             )
         try:
-            cipher = await self._store.cipher_for(change.account_id)
+            account = await self._store.account(change.account_id)
+            cipher = await self._store.cipher_for(change.account_id, account)
         except AccountUnavailable:
             return await self._reject(
                 body, "the account is not connected to Microsoft 365", "account"
@@ -391,12 +392,12 @@ class OutboundHandler:
     async def handle_batch(self, account_id: str, deliveries: Sequence[Delivery]) -> None:
         """Apply parked changes first (after a reconnect), then this batch, in order."""
         try:
-            cipher = await self._store.cipher_for(account_id)
+            account = await self._store.account(account_id)
+            cipher = await self._store.cipher_for(account_id, account)
         except AccountUnavailable:
             for delivery in deliveries:  # erased: queued messages are dropped when reached
                 delivery.outcome = Outcome.ack()
             return
-        account = await self._store.account(account_id)
         todo = self._changes_of(deliveries, cipher)
         if account is None or account.paused:
             for item in todo:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from crypto import DataCipher
+from crypto import DataCipher, KeyCheck
 from handlers.outcome import Outcome
 from handlers.records import Account, Change, DeltaPage, Link, StoredVersion
 
@@ -84,6 +84,9 @@ class SubscriptionRecord:
     tenant_hash: str
     user_hash: str
     expires_at: datetime
+    #: The record's sealed subscription id: written under the account's data key of the
+    #: connection that created it, so it proves a cached key current (None in old tests).
+    key_check: KeyCheck | None = field(default=None, repr=False, compare=False)
 
 
 class SubscriptionLookup(Protocol):
@@ -107,8 +110,12 @@ class Identity(Protocol):
 class Accounts(Protocol):
     """The accounts, their data keys and identities."""
 
-    async def cipher_for(self, account_id: str) -> DataCipher:
-        """The account's data cipher; raises ``AccountUnavailable`` once it is erased."""
+    async def cipher_for(self, account_id: str, account: Account | None = None) -> DataCipher:
+        """The account's data cipher; raises ``AccountUnavailable`` once it is erased.
+
+        With the ``account`` just read, a key this process cached before the account was
+        erased and connected again (in another process) is noticed and replaced.
+        """
         ...
 
     async def account(self, account_id: str) -> Account | None:
@@ -119,8 +126,9 @@ class Accounts(Protocol):
         """The decrypted user id; raises ``AccountUnavailable`` when it is not bound."""
         ...
 
-    async def fenced(self, account_id: str) -> bool:
-        """Whether writes for the account must stop: it is erased or being erased."""
+    async def fenced(self, account_id: str, cipher: DataCipher | None = None) -> bool:
+        """Whether writes for the account must stop: it is erased or being erased, or (given
+        the ``cipher`` the writer holds) erased and connected again under a new key."""
         ...
 
 

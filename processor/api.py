@@ -235,10 +235,11 @@ class _Api:
             after = _decode_cursor(cursor) if cursor is not None else None
         except _BadRequest as exc:
             return json_error(400, "bad_request", exc.message)
-        if not is_account_id(account_id) or await self._store.accounts.get(account_id) is None:
+        account = await self._store.accounts.get(account_id) if is_account_id(account_id) else None
+        if account is None:
             return self._not_found()
         try:
-            cipher = await self._store.keys.cipher_for(account_id)
+            cipher = await self._store.cipher_for(account_id, account)
         except AccountUnavailable:
             return self._not_found()
         except KeyUnreadable:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from crypto import DataCipher
+from crypto import DataCipher, KeyCheck
 
 
 class CipherSource(Protocol):
     """Gives the data cipher of an account (unwrapped, cached)."""
 
-    async def cipher_for(self, account_id: str) -> DataCipher:
-        """Raise :class:`handlers.errors.AccountUnavailable` when the account has no key."""
+    async def cipher_for(self, account_id: str, *, check: KeyCheck | None = None) -> DataCipher:
+        """Raise :class:`handlers.errors.AccountUnavailable` when the account has no key;
+        a cached key that does not open ``check`` is replaced by the current one."""
 
 
 class AccessTokens(Protocol):

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
-from crypto import CipherCache, DataCipher, Hasher, KeyRing
+from crypto import CipherCache, DataCipher, Hasher, KeyCheck, KeyRing
 from handlers.records import Account
-from processor.repositories.accounts import AccountRepository
+from processor.repositories.accounts import AccountRepository, identity_check
 from processor.repositories.base import Document
 from processor.repositories.erasures import ErasureResweeps
 from processor.repositories.keys import KeyRepository
@@ -98,13 +98,18 @@ class Store:
         """:meth:`AccountRepository.identity`."""
         return await self.accounts.identity(account_id)
 
-    async def cipher_for(self, account_id: str) -> DataCipher:
-        """:meth:`KeyRepository.cipher_for`."""
-        return await self.keys.cipher_for(account_id)
+    async def cipher_for(
+        self, account_id: str, account: Account | None = None, *, check: KeyCheck | None = None
+    ) -> DataCipher:
+        """:meth:`KeyRepository.cipher_for`, checked against ``account``'s sealed identity
+        (or ``check``)."""
+        if check is None and account is not None and account.sealed_identity is not None:
+            check = identity_check(account_id, account.sealed_identity[0])
+        return await self.keys.cipher_for(account_id, check=check)
 
-    async def fenced(self, account_id: str) -> bool:
+    async def fenced(self, account_id: str, cipher: DataCipher | None = None) -> bool:
         """:meth:`AccountRepository.fenced`."""
-        return await self.accounts.fenced(account_id)
+        return await self.accounts.fenced(account_id, cipher)
 
 
 async def wait_for_database(db: AsyncDatabase[Document], *, timeout_s: float) -> None:

@@ -243,11 +243,17 @@ class _RequestLookups:
             self._records[subscription_hash] = record
         return self._records[subscription_hash]
 
-    async def cipher_for(self, account_id: str) -> DataCipher | None:
-        """The account's cipher, or None when the account is gone (erased, disconnected)."""
+    async def cipher_for(self, account_id: str, subscription_hash: str) -> DataCipher | None:
+        """The account's cipher, or None when the account is gone (erased, disconnected).
+
+        The subscription's record proves the cached key current: after the account was
+        erased and connected again elsewhere, this process may still hold the old key.
+        """
         if account_id not in self._account_ciphers:
+            record = self._records.get(subscription_hash)
+            check = None if record is None else record.key_check
             try:
-                cipher: DataCipher | None = await self._ciphers.cipher_for(account_id)
+                cipher: DataCipher | None = await self._ciphers.cipher_for(account_id, check=check)
             except AccountUnavailable:
                 cipher = None
             self._account_ciphers[account_id] = cipher
@@ -416,7 +422,7 @@ class _GraphWebhook:
                         )
                     )
             else:
-                cipher = await lookups.cipher_for(result.account_id)
+                cipher = await lookups.cipher_for(result.account_id, result.subscription_hash)
                 if cipher is None:  # the account is gone: its notifications are moot
                     batch.rejected["account_unavailable", result.subscription_hash] += 1
                     continue

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterable
 
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from contract.storage import SCHEMA_VERSION, aad
-from crypto import DataCipher, Hasher
+from crypto import DataCipher, Hasher, KeyCheck, opens
 from handlers.errors import AccountUnavailable
 from handlers.records import Account
 from handlers.timeutil import utcnow
-from processor.repositories.base import ERASURE_RESWEEPS, Document
+from processor.repositories.base import ACCOUNT_DATA_COLLECTIONS, ERASURE_RESWEEPS, Document
 from processor.repositories.keys import KeyRepository
 from subscriptions.ports import AccountIdentity
 
 #: The fields the subscription manager decides an account from.
 _MANAGER_FIELDS = {"status": 1, "user_ct": 1, "tenant_ct": 1, "user_hash": 1, "tenant_hash": 1}
+
+
+def identity_check(account_id: str, user_ct: bytes) -> KeyCheck:
+    """The account's sealed user id as proof of its current data key (see
+    :meth:`KeyRepository.cipher_for`): it is written under the key of the connection."""
+    return KeyCheck(bytes(user_ct), aad("accounts", account_id, "user"))
 
 
 def _account(doc: Document) -> Account:
@@ -44,6 +51,11 @@ class AccountRepository:
 
     async def create(self, account_id: str) -> DataCipher:
         """Create the account with a fresh data key, or return the existing account's cipher."""
+        if not await self._keys.exists(account_id):
+            # Without a data key nothing of the account can be read: documents it has now
+            # are a late writer's of an erased connection (a pass that was past its last
+            # fence check when the account was erased). They go before the new key does.
+            await self.delete_documents(account_id, ACCOUNT_DATA_COLLECTIONS)
         cipher, _ = await self._keys.create(account_id)
         now = utcnow()
         # Reconnecting keeps the account, its data and its mapping.
@@ -93,7 +105,11 @@ class AccountRepository:
 
     async def bind_identity(self, account_id: str, *, user_id: str, tenant_id: str) -> None:
         """Record the Microsoft user and tenant the account is connected as."""
-        cipher = await self._keys.cipher_for(account_id)
+        bound = await self.collection.find_one({"_id": account_id}, {"user_ct": 1})
+        check = (
+            identity_check(account_id, bound["user_ct"]) if bound and "user_ct" in bound else None
+        )
+        cipher = await self._keys.cipher_for(account_id, check=check)
         await self.collection.update_one(
             {"_id": account_id},
             {
@@ -123,7 +139,7 @@ class AccountRepository:
         if account.sealed_identity is None:
             raise AccountUnavailable(account_id, "not connected")
         user_ct, tenant_ct = account.sealed_identity
-        cipher = await self._keys.cipher_for(account_id)
+        cipher = await self._keys.cipher_for(account_id, check=identity_check(account_id, user_ct))
         return AccountIdentity(
             user_id=cipher.decrypt_str(user_ct, aad("accounts", account_id, "user")),
             tenant_id=cipher.decrypt_str(tenant_ct, aad("accounts", account_id, "tenant")),
@@ -141,18 +157,36 @@ class AccountRepository:
         )
         return changed
 
-    async def fenced(self, account_id: str) -> bool:
-        """Whether writes for the account must stop: it is erased or being erased.
+    async def fenced(self, account_id: str, cipher: DataCipher | None = None) -> bool:
+        """Whether writes for the account must stop: it is erased or being erased, or (with
+        the ``cipher`` a pass writes under) it was erased and connected again since.
 
         Erasure marks the account ``disconnected`` before anything else and removes the
         document last, so a pass that began earlier sees one of the two before each write.
+        A connection made after the erasure has a new data key: the pass's key no longer
+        opens the account's sealed user id.
         """
-        account = await self.collection.find_one({"_id": account_id}, {"status": 1})
-        return account is None or account.get("status") == "disconnected"
+        account = await self.collection.find_one({"_id": account_id}, {"status": 1, "user_ct": 1})
+        if account is None or account.get("status") == "disconnected":
+            return True
+        if cipher is None or "user_ct" not in account:
+            return False
+        return not opens(cipher, identity_check(account_id, account["user_ct"]))
 
     async def delete(self, account_id: str) -> int:
         """Remove the account document; returns how many were removed (0 or 1)."""
         return (await self.collection.delete_one({"_id": account_id})).deleted_count
+
+    async def delete_documents(self, account_id: str, names: Iterable[str]) -> int:
+        """The account's documents in the collections ``names`` (by ``account_id`` or
+        ``_id``; not the account document); returns how many were removed."""
+        total = 0
+        for name in names:
+            collection = self._db[name]
+            total += (await collection.delete_many({"account_id": account_id})).deleted_count
+            if name != "accounts":
+                total += (await collection.delete_many({"_id": account_id})).deleted_count
+        return total
 
     async def delete_other_documents(self, account_id: str) -> int:
         """Every document of the account except the account document itself, with its
@@ -165,9 +199,7 @@ class AccountRepository:
             if name.startswith("system.") or name == ERASURE_RESWEEPS:
                 continue
             collection = self._db[name]
-            total += (await collection.delete_many({"account_id": account_id})).deleted_count
-            if name != "accounts":
-                total += (await collection.delete_many({"_id": account_id})).deleted_count
+            total += await self.delete_documents(account_id, [name])
             if name in ("leases", "lease_takeovers"):
                 total += (
                     await collection.delete_many({"_id": {"$regex": lease_names.pattern}})

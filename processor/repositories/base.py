@@ -14,12 +14,28 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ERASURE_RESWEEPS", "EXPIRING_COLLECTIONS", "Document"]
+__all__ = ["ACCOUNT_DATA_COLLECTIONS", "ERASURE_RESWEEPS", "EXPIRING_COLLECTIONS", "Document"]
 
 #: Erased accounts waiting for their second sweep (``ErasureResweeps.resweep_due``).
 ERASURE_RESWEEPS = "erasure_resweeps"
 
 Document = dict[str, Any]
+
+#: Collections whose documents of an account are written under its data key (found by
+#: ``account_id`` or by ``_id``). An account without a data key cannot read any of them:
+#: ``AccountRepository.create`` removes what an erased connection's late writer left there.
+#: Not here: the account document, its key, leases and the sign-in flows in progress.
+ACCOUNT_DATA_COLLECTIONS: tuple[str, ...] = (
+    "events",
+    "links",
+    "link_index",
+    "parked",
+    "subscriptions",
+    "subscription_state",
+    "sync_state",
+    "token_caches",
+    "token_cache_heads",
+)
 
 #: Collections whose documents carry ``expires_at`` and are removed by the sweeper
 #: (FerretDB has no TTL indexes). Modules that add such a collection list it here.

@@ -10,7 +10,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from contract.storage import SCHEMA_VERSION
-from crypto import CipherCache, DataCipher, DecryptionError, KeyRing, WrappedKey
+from crypto import CipherCache, DataCipher, DecryptionError, KeyCheck, KeyRing, WrappedKey, opens
 from handlers.errors import AccountUnavailable, KeyUnreadable
 from handlers.timeutil import utcnow
 from processor.repositories.base import Document
@@ -67,11 +67,25 @@ class KeyRepository:
         self._ciphers.put(account_id, cipher)
         return cipher, True
 
-    async def cipher_for(self, account_id: str) -> DataCipher:
-        """The account's data cipher; :class:`AccountUnavailable` once it is erased."""
+    async def exists(self, account_id: str) -> bool:
+        """Whether the account has a data key (none before its first connect and after erasure)."""
+        return await self.collection.find_one({"_id": account_id}, {"_id": 1}) is not None
+
+    async def cipher_for(self, account_id: str, *, check: KeyCheck | None = None) -> DataCipher:
+        """The account's data cipher; :class:`AccountUnavailable` once it is erased.
+
+        Keys are cached per process, and erasure in one process cannot reach the caches of
+        the others: when the account is connected again at once, another process's cache
+        still holds the destroyed key. ``check`` (a ciphertext written under the account's
+        current key, with its associated data) proves a cached key current; one that does
+        not open it is dropped and the key is read again.
+        """
         cached = self._ciphers.get(account_id)
         if cached is not None:
-            return cached
+            if check is None or opens(cached, check):
+                return cached
+            self._ciphers.evict(account_id)
+            log.info("keys.cached_key_replaced", account_id=account_id)
         doc = await self.collection.find_one({"_id": account_id})
         if doc is None:
             raise AccountUnavailable(account_id, "erased")

@@ -8,7 +8,7 @@ from datetime import datetime
 from pymongo.asynchronous.database import AsyncDatabase
 
 from contract.storage import SCHEMA_VERSION, aad
-from crypto import Hasher
+from crypto import Hasher, KeyCheck
 from handlers.ports import SubscriptionRecord
 from handlers.timeutil import utcnow
 from processor.repositories.base import Document
@@ -102,6 +102,10 @@ class SubscriptionRepository:
                 tenant_hash=doc["tenant_hash"],
                 user_hash=doc["user_hash"],
                 expires_at=doc["expires_at"],
+                key_check=KeyCheck(
+                    bytes(doc["subscription_ct"]),
+                    aad("subscriptions", doc["account_id"], subscription_hash, "id"),
+                ),
             )
         if len(self._cache) > 50_000:
             self._cache.clear()
@@ -133,10 +137,11 @@ class SubscriptionRepository:
         record is not the account's."""
         if doc.get("account_id") != account_id:
             return None
-        cipher = await self._keys.cipher_for(account_id)
-        return cipher.decrypt_str(
-            doc["subscription_ct"], aad("subscriptions", account_id, str(doc["_id"]), "id")
+        check = KeyCheck(
+            bytes(doc["subscription_ct"]), aad("subscriptions", account_id, str(doc["_id"]), "id")
         )
+        cipher = await self._keys.cipher_for(account_id, check=check)
+        return cipher.decrypt_str(check.blob, check.aad)
 
     async def for_account(self, account_id: str) -> list[Document]:
         """Every record of the account."""

@@ -9,6 +9,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from contract.storage import aad
+from crypto import KeyCheck
 from handlers.timeutil import utcnow
 from processor.repositories.base import Document
 from processor.repositories.keys import KeyRepository
@@ -38,12 +39,12 @@ class TokenCacheRepository:
         doc = await self._newest(account_id)
         if doc is None:
             return None
-        cipher = await self._keys.cipher_for(account_id)
         version = int(doc["version"])
-        text = cipher.decrypt_str(
-            doc["cache_ct"], aad("token_caches", account_id, str(version), "cache")
+        check = KeyCheck(
+            bytes(doc["cache_ct"]), aad("token_caches", account_id, str(version), "cache")
         )
-        return text, version
+        cipher = await self._keys.cipher_for(account_id, check=check)
+        return cipher.decrypt_str(check.blob, check.aad), version
 
     async def _newest(self, account_id: str) -> Document | None:
         """The newest cache document, found by ``_id`` where possible.

@@ -84,13 +84,16 @@ async def test_the_second_sweep_removes_late_writes_unless_the_account_came_back
     mongo_db: AsyncDatabase[dict[str, object]],
 ) -> None:
     """Once due, the erasure's second sweep deletes documents an erased account's late
-    writer left (event documents, sync_state), and spares an account connected again."""
+    writer left (event documents, sync_state), and spares an account connected again (the
+    late writer's documents went when it was created again; the new connection's stay)."""
     store, _ = make_store(mongo_db)
     for account_id in ("acc-gone", "acc-back"):
         await mongo_db["events"].insert_one({"_id": f"{account_id}:e1", "account_id": account_id})
         await mongo_db["sync_state"].insert_one({"_id": account_id})
         await store.erasures.schedule_resweep(account_id, after_s=3600)
     await store.accounts.create("acc-back")
+    assert await mongo_db["events"].count_documents({"account_id": "acc-back"}) == 0
+    await mongo_db["events"].insert_one({"_id": "acc-back:e2", "account_id": "acc-back"})
     assert await store.erasures.resweep_due() == 0  # not due yet
     for account_id in ("acc-gone", "acc-back"):
         await store.erasures.schedule_resweep(account_id, after_s=-1)

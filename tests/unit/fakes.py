@@ -85,7 +85,7 @@ class FakeAccounts:
         self.accounts = {ACCOUNT: Account(ACCOUNT, status, sealed_identity=sealed)}
         self.erased: set[str] = set()
 
-    async def cipher_for(self, account_id: str) -> DataCipher:
+    async def cipher_for(self, account_id: str, account: Account | None = None) -> DataCipher:
         if account_id in self.erased:
             raise AccountUnavailable(account_id, "erased")
         return self.cipher
@@ -96,8 +96,9 @@ class FakeAccounts:
     async def identity(self, account_id: str) -> FakeIdentity:
         return FakeIdentity(USER)
 
-    async def fenced(self, account_id: str) -> bool:
-        return account_id in self.erased
+    async def fenced(self, account_id: str, cipher: DataCipher | None = None) -> bool:
+        # A cipher other than the account's is an erased connection's (connected again).
+        return account_id in self.erased or (cipher is not None and cipher is not self.cipher)
 
 
 class FakeStatuses:

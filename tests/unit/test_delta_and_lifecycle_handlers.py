@@ -5,8 +5,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import pytest
+
+from crypto import DataCipher
 from handlers.delta import DeltaRunner, DeltaSettings
-from handlers.errors import PublishError, ReauthorizationRequired, ThrottledError
+from handlers.errors import (
+    AccountUnavailable,
+    PublishError,
+    ReauthorizationRequired,
+    ThrottledError,
+)
 from handlers.inbound import SyncWindow
 from handlers.outcome import Action, Outcome
 from handlers.records import Account
@@ -107,6 +115,20 @@ async def test_an_operator_resync_passes_the_brake() -> None:
         w.stored(f"s{n}")
     await w.run(full=True, reason="operator")
     assert w.events.live() == set()
+
+
+async def test_a_pass_holding_an_erased_connections_key_writes_nothing() -> None:
+    """The account was erased and connected again (a new data key) after the pass took its
+    cipher: the fence stops the pass before its first write, and no link is kept."""
+    w = DeltaWorld()
+    for n in range(3):
+        w.graph.add(subject=f"e{n}", **INSIDE, **INSIDE_END)
+    held = w.accounts.cipher
+    w.accounts.cipher = DataCipher.generate()  # connected again: a new key
+    with pytest.raises(AccountUnavailable):
+        await w.runner(ACCOUNT, held, USER, True, "connect")
+    assert not w.events.live()
+    assert ACCOUNT not in w.delta_links.links
 
 
 async def test_a_throttled_delta_round_raises_for_the_caller_to_retry() -> None:

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
-from crypto import DataCipher, Hasher, seal_valid
+from crypto import DataCipher, Hasher, KeyCheck, seal_valid
 from handlers.errors import AccountUnavailable, PublishError
 from handlers.messages import INBOUND_SEAL, event_ref_aad, unb64
 from handlers.ports import OutgoingMessage, SubscriptionRecord
@@ -61,7 +61,7 @@ class FakeCiphers:
     def __init__(self, *accounts: str) -> None:
         self.ciphers = {account: DataCipher.generate() for account in accounts}
 
-    async def cipher_for(self, account_id: str) -> DataCipher:
+    async def cipher_for(self, account_id: str, *, check: KeyCheck | None = None) -> DataCipher:
         if account_id not in self.ciphers:
             raise AccountUnavailable(account_id, "erased")
         return self.ciphers[account_id]
