@@ -400,6 +400,10 @@ class OutboundHandler:
             return
         todo = self._changes_of(deliveries, cipher)
         if account is None or account.paused:
+            if not todo:
+                # A "replay" for an account still paused: sent because some of its parked
+                # changes are past their age limit, which go now (each reported).
+                await self._parking.drop_expired(account_id)
             for item in todo:
                 await self._park(item, cipher)
             return

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -415,10 +415,14 @@ async def outbound_role(rt: Runtime) -> AsyncIterator[ShardConsumer]:
 
 
 async def _wake_parked(rt: Runtime) -> None:
-    """Send a ``replay`` to the shard of each reconnected account with parked changes."""
-    for account_id in await rt.links.accounts_with_parked():
+    """Send a ``replay`` to the shard of each reconnected account with parked changes, and
+    of each account still paused whose oldest parked change is past the age limit (its
+    handler drops and reports those, rather than waiting for the account's next change)."""
+    expired_before = utcnow() - timedelta(days=rt.settings.parked_ttl_days)
+    for account_id, oldest in (await rt.links.oldest_parked()).items():
         account = await rt.store.accounts.get(account_id)
-        if account is None or account.status in PAUSED_STATUSES:
+        paused = account is None or account.status in PAUSED_STATUSES
+        if paused and oldest >= expired_before:
             continue
         await rt.publisher.publish(
             OutgoingMessage(

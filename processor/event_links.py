@@ -394,9 +394,14 @@ class LinkStore:
                 taken.append(doc)
         return taken
 
-    async def accounts_with_parked(self) -> set[str]:
-        """Accounts that have messages waiting."""
-        return {doc["account_id"] async for doc in self.parked.find({}, {"account_id": 1})}
+    async def oldest_parked(self) -> dict[str, datetime]:
+        """Accounts that have messages waiting, with when their oldest was parked."""
+        oldest: dict[str, datetime] = {}
+        async for doc in self.parked.find({}, {"account_id": 1, "parked_at": 1}):
+            account_id, parked_at = str(doc["account_id"]), _aware(doc["parked_at"])
+            if account_id not in oldest or parked_at < oldest[account_id]:
+                oldest[account_id] = parked_at
+        return oldest
 
 
 def _aware(value: datetime) -> datetime:

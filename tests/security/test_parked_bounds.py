@@ -25,7 +25,8 @@ async def test_parked_changes_are_capped_and_expire_with_a_rejection_each(
 ) -> None:
     """With a cap of 2, a third change for an account that cannot write is dead-lettered and
     reported; changes parked longer than the age limit are dropped and reported when the
-    account's next change arrives, and that change is parked in their place."""
+    account's next change arrives, and that change is parked in their place; with no
+    change arriving, an expired one is dropped and reported all the same."""
     async with running_stack(
         tmp_path,
         amqp_url=amqp_url,
@@ -76,3 +77,18 @@ async def test_parked_changes_are_capped_and_expire_with_a_rejection_each(
             return [d["relation_event_id"] for d in docs] == ["rel-d"]
 
         await eventually(only_new_parked)
+
+        # Four more days pass and no change arrives: the outbound role's wake-up (every
+        # 15 s) finds the expired change of the paused account and has it dropped.
+        async for doc in parked.find({"account_id": "acc-cap"}):
+            await parked.update_one(
+                {"_id": doc["_id"]}, {"$set": {"parked_at": doc["parked_at"] - timedelta(days=4)}}
+            )
+
+        async def four_rejected() -> bool:
+            return len(await _rejections(stack, seen)) == 4
+
+        await eventually(four_rejected, timeout_s=60, interval_s=0.5)
+        assert seen[3]["relation_event_id"] == "rel-d"
+        assert "waited more than 3 days" in seen[3]["reason"]
+        assert await parked.count_documents({"account_id": "acc-cap"}) == 0

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from handlers.errors import PermanentError, ReauthorizationRequired, ThrottledError
-from handlers.outbound import OutboundChange, OutboundHandler, _shard_body, transaction_id
+from handlers.outbound import (
+    OUTBOUND_SCHEMA,
+    OutboundChange,
+    OutboundHandler,
+    _shard_body,
+    transaction_id,
+)
 from handlers.outcome import Action, Outcome
 from handlers.reports import Reporter
 from tests.unit.fakes import (
@@ -193,6 +199,25 @@ async def test_a_paused_account_parks_its_changes_for_replay() -> None:
     assert delivery.outcome == Outcome.ack()
     assert w.graph.calls == []
     assert len(w.links.parked) == 1
+
+
+async def test_a_replay_for_a_paused_account_drops_its_expired_parked_changes() -> None:
+    """The account stays paused; a ``replay`` (sent because its oldest parked change is past
+    the age limit) drops the expired change with an ``event.rejected`` and keeps the rest."""
+    w = World(status="reauthorization_required")
+    await w.handle(w.message(1, event={"subject": "Plan", "start": START, "end": END}))
+    await w.handle(w.message(2, event={"subject": "Plan 2", "start": START, "end": END}))
+    old, recent = sorted(w.links.parked.values(), key=lambda d: d["revision"])
+    old["parked_at"] = datetime.now(UTC) - timedelta(days=15)
+    recent["parked_at"] = datetime.now(UTC) - timedelta(days=1)
+    replay = FakeDelivery({"schema": OUTBOUND_SCHEMA, "kind": "replay", "account_id": ACCOUNT})
+    await w.handle(replay)
+    assert replay.outcome == Outcome.ack()
+    assert [d["revision"] for d in w.links.parked.values()] == [2]
+    [rejected] = [m for m in w.publisher.messages if m.routing_key == "event.rejected"]
+    assert rejected.body["revision"] == 1
+    assert "waited more than 14 days" in rejected.body["reason"]
+    assert w.graph.calls == []
 
 
 async def test_parked_changes_are_replayed_once_the_account_is_back() -> None:
