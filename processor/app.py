@@ -175,6 +175,7 @@ async def build_runtime(
         ),
         store=store.token_caches,
     )
+    store.keys.on_key_replaced(tokens.forget)
     graph = GraphClient(
         session=http,
         graph_url=settings.graph_url,

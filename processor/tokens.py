@@ -227,6 +227,11 @@ class MsalTokenProvider:
         if held is not None:
             self._held[account_id] = _Held(held.token, float("-inf"))
 
+    def forget(self, account_id: str) -> None:
+        """The account was erased and connected again (perhaps as another Microsoft user):
+        the token held for the erased connection must never be served for the new one."""
+        self._held.pop(account_id, None)
+
     async def _acquire(self, account_id: str, stale: str | None) -> tuple[str, float]:
         ours: tuple[str, float] | None = None  # a token we got but lost the race to save
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,24 +48,45 @@ class KeyRepository:
     ) -> None:
         self.keyring = keyring
         self._on_key_unreadable = on_key_unreadable
-        self._ciphers = cipher_cache or CipherCache()
+        self._ciphers = cipher_cache if cipher_cache is not None else CipherCache()
         self.collection = db["data_keys"]
+        #: The generation of each account's key this process last used (outlives the
+        #: cache entry): a different one means the account was erased and connected again.
+        self._generations: dict[str, str] = {}
+        self._replaced_listeners: list[Callable[[str], None]] = []
+
+    def on_key_replaced(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(account_id)`` when this process finds that an account's key is
+        not the one it used before: whatever it holds for the erased connection (an access
+        token above all) must go."""
+        self._replaced_listeners.append(listener)
+
+    def _note_generation(self, account_id: str, generation: str) -> None:
+        previous = self._generations.get(account_id)
+        self._generations[account_id] = generation
+        if previous is not None and previous != generation:
+            log.info("keys.key_replaced", account_id=account_id)
+            for listener in self._replaced_listeners:
+                listener(account_id)
 
     async def create(self, account_id: str) -> tuple[DataCipher, bool]:
         """A fresh data key for the account, or the existing one's cipher; True when created."""
         wrapped, cipher = self.keyring.new_data_key(account_id)
+        generation = uuid.uuid4().hex
         try:
             await self.collection.insert_one(
                 {
                     "_id": account_id,
                     "schema": SCHEMA_VERSION,
                     **wrapped.to_doc(),
+                    "generation": generation,
                     "created_at": utcnow(),
                 }
             )
         except DuplicateKeyError:
             return await self.cipher_for(account_id), False
         self._ciphers.put(account_id, cipher)
+        self._note_generation(account_id, generation)
         return cipher, True
 
     async def exists(self, account_id: str) -> bool:
@@ -85,10 +107,12 @@ class KeyRepository:
             if check is None or opens(cached, check):
                 return cached
             self._ciphers.evict(account_id)
-            log.info("keys.cached_key_replaced", account_id=account_id)
+            log.info("keys.cached_key_stale", account_id=account_id)
         doc = await self.collection.find_one({"_id": account_id})
         if doc is None:
             raise AccountUnavailable(account_id, "erased")
+        # Keys created before generations were recorded are told apart by creation time.
+        self._note_generation(account_id, str(doc.get("generation") or doc.get("created_at")))
         try:
             cipher: DataCipher | None = self.keyring.unwrap(account_id, WrappedKey.from_doc(doc))
         except DecryptionError:

@@ -7,7 +7,7 @@ import os
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from crypto import Hasher, KeyRing, generate_master_key_spec, parse_master_keys
+from crypto import CipherCache, Hasher, KeyRing, generate_master_key_spec, parse_master_keys
 from processor.repositories.base import ACCOUNT_DATA_COLLECTIONS
 from processor.repositories.renewals import RENEWAL_STATE_COLLECTION
 from processor.repositories.sync_state import SYNC_STATE
@@ -119,3 +119,38 @@ async def test_connecting_an_account_without_a_key_removes_what_an_erased_connec
 def test_the_collections_swept_on_create_are_the_ones_the_repositories_write() -> None:
     assert SYNC_STATE in ACCOUNT_DATA_COLLECTIONS
     assert RENEWAL_STATE_COLLECTION in ACCOUNT_DATA_COLLECTIONS
+
+
+async def test_a_process_learns_the_key_was_replaced_after_its_cache_entry_expired(
+    mongo_db: AsyncDatabase[dict[str, object]],
+) -> None:
+    """Process b's cache entry expired before the account was erased and connected again,
+    so it reads the new key without a stale one to fail; it still tells its listeners (its
+    token provider drops the access token of the erased connection). A key rotation or a
+    repeated read of the same key tells nobody."""
+    keyring = KeyRing(parse_master_keys(generate_master_key_spec("t1")))
+    hasher = Hasher(os.urandom(32))
+    clock = [0.0]
+    a = Store(db=mongo_db, keyring=keyring, hasher=hasher)
+    b = Store(
+        db=mongo_db,
+        keyring=keyring,
+        hasher=hasher,
+        cipher_cache=CipherCache(ttl_s=300.0, clock=lambda: clock[0]),
+    )
+    replaced: list[str] = []
+    b.keys.on_key_replaced(replaced.append)
+    await seed_account(a, ACCOUNT)
+    await b.keys.cipher_for(ACCOUNT)
+    clock[0] += 301.0
+    await b.keys.cipher_for(ACCOUNT)
+    await a.keys.rotate()
+    clock[0] += 301.0
+    await b.keys.cipher_for(ACCOUNT)
+    assert replaced == []
+
+    await erase(a, ACCOUNT)
+    await seed_account(a, ACCOUNT)
+    clock[0] += 301.0
+    await b.keys.cipher_for(ACCOUNT)
+    assert replaced == [ACCOUNT]
