@@ -43,6 +43,10 @@ class Announcer:
         self._events = events
         self._metrics = metrics
         self._timeout_s = timeout_s
+        #: Accounts whose last flush here failed: their next flush sweeps the outbox, so
+        #: what a broker outage left unannounced goes out with the account's next batch
+        #: rather than when the relay finds it (marks older than a minute, every 30 s).
+        self._unflushed: set[str] = set()
 
     def message_for(self, change: Change) -> OutgoingMessage:
         """The announcement of one change (its id is stable, so a re-send is recognisable)."""
@@ -66,7 +70,7 @@ class Announcer:
     ) -> int:
         """Announce ``changes`` (plus the account's whole outbox if asked); returns how many."""
         todo = {c.event_key: c for c in changes}
-        if sweep_outbox:
+        if sweep_outbox or account_id in self._unflushed:
             for pending in await self._events.pending_announcements(account_id):
                 todo.setdefault(pending.event_key, pending)
         announced = 0
@@ -75,9 +79,11 @@ class Announcer:
                 await self._publisher.publish(self.message_for(change), timeout_s=self._timeout_s)
             except PublishError:
                 log.warning("announce.publish_failed", account_id=account_id, pending=len(todo))
+                self._unflushed.add(account_id)
                 return announced
             await self._events.clear_announcement(change)
             announced += 1
+        self._unflushed.discard(account_id)
         return announced
 
 
