@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
-from crypto import CipherCache, DataCipher, Hasher, KeyCheck, KeyRing
+from crypto import CipherCache, DataCipher, Hasher, KeyRing
 from handlers.records import Account
 from processor.repositories.accounts import AccountRepository, identity_check
 from processor.repositories.base import Document
@@ -98,12 +98,10 @@ class Store:
         """:meth:`AccountRepository.identity`."""
         return await self.accounts.identity(account_id)
 
-    async def cipher_for(
-        self, account_id: str, account: Account | None = None, *, check: KeyCheck | None = None
-    ) -> DataCipher:
-        """:meth:`KeyRepository.cipher_for`, checked against ``account``'s sealed identity
-        (or ``check``)."""
-        if check is None and account is not None and account.sealed_identity is not None:
+    async def cipher_for(self, account_id: str, account: Account | None = None) -> DataCipher:
+        """:meth:`KeyRepository.cipher_for`, checked against ``account``'s sealed identity."""
+        check = None
+        if account is not None and account.sealed_identity is not None:
             check = identity_check(account_id, account.sealed_identity[0])
         return await self.keys.cipher_for(account_id, check=check)
 

@@ -105,11 +105,8 @@ class AccountRepository:
 
     async def bind_identity(self, account_id: str, *, user_id: str, tenant_id: str) -> None:
         """Record the Microsoft user and tenant the account is connected as."""
-        bound = await self.collection.find_one({"_id": account_id}, {"user_ct": 1})
-        check = (
-            identity_check(account_id, bound["user_ct"]) if bound and "user_ct" in bound else None
-        )
-        cipher = await self._keys.cipher_for(account_id, check=check)
+        # Called right after create(), which leaves the current key in the cache.
+        cipher = await self._keys.cipher_for(account_id)
         await self.collection.update_one(
             {"_id": account_id},
             {

@@ -84,6 +84,9 @@ class KeyRepository:
                 }
             )
         except DuplicateKeyError:
+            # The stored key, not a cached one: another process may have created it after
+            # an erasure that this process's cache does not know of.
+            self._ciphers.evict(account_id)
             return await self.cipher_for(account_id), False
         self._ciphers.put(account_id, cipher)
         self._note_generation(account_id, generation)

@@ -73,7 +73,7 @@ async def test_concurrent_posts_share_one_confirmed_message_per_shard(
     settings = Settings(shard_count=2, receiver_group_window_ms=5000, receiver_group_max_items=8)
     app = build_app(
         settings=settings, lookup=store.subscriptions, publisher=publisher, hasher=store.hasher,
-        ciphers=store, readiness=_ready, metrics=Metrics(),
+        ciphers=store.keys, readiness=_ready, metrics=Metrics(),
     )  # fmt: skip
     server = TestServer(app)
     await server.start_server()
@@ -125,7 +125,7 @@ async def test_every_post_of_a_refused_flush_gets_503(
     )
     app = build_app(
         settings=settings, lookup=store.subscriptions, publisher=publisher, hasher=store.hasher,
-        ciphers=store, readiness=_ready, metrics=Metrics(),
+        ciphers=store.keys, readiness=_ready, metrics=Metrics(),
     )  # fmt: skip
     server = TestServer(app)
     await server.start_server()

@@ -71,7 +71,7 @@ async def test_a_thousand_distinct_unknown_ids_cost_a_bounded_number_of_lookups_
         lookup=counting,
         publisher=publisher,
         hasher=store.hasher,
-        ciphers=store,
+        ciphers=store.keys,
         readiness=readiness,
         metrics=Metrics(),
         clock=lambda: datetime.now(UTC),
